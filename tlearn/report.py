@@ -1,0 +1,114 @@
+"""What a person reads: history.csv, curves.png, the skipped-files list and the printed tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt
+
+from tlearn.data import Skipped
+from tlearn.fileio import atomic_path, atomic_write_text
+from tlearn.train import History
+
+
+def write_history_csv(history: History, path: Path) -> None:
+    keys = list(history.history)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["epoch", *keys])
+    for i, epoch in enumerate(history.epoch):
+        writer.writerow([epoch, *(f"{history.history[k][i]:.6f}" for k in keys)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_curves(history: History, path: Path, title: str = "") -> None:
+    """Accuracy and loss, train vs validation, per epoch; the best epoch is marked."""
+    h = history.history
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        ax.plot(history.epoch, h[key], "o-", ms=3, label=f"training {key}")
+        ax.plot(history.epoch, h[f"val_{key}"], "s-", ms=3, label=f"validation {key}")
+        ax.axvline(history.best_epoch, color="grey", ls=":", lw=1, label=f"best epoch ({history.best_epoch})")
+        ax.set(xlabel="epoch", ylabel=key, title=f"Training and validation {key}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_skipped_csv(skipped: list[Skipped], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    for s in skipped:
+        writer.writerow([str(s.path), s.reason])
+    atomic_write_text(path, buf.getvalue())
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """A plain fixed-width text table."""
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(c: Any) -> str:
+    return f"{c:.4f}" if isinstance(c, float) else str(c)
+
+
+def format_metrics(metrics: dict[str, Any], split: str) -> str:
+    rows = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in metrics["per_class"].items()]
+    head = f"{split}: accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['n']} images"
+    cm = metrics["confusion_matrix"]
+    names = metrics["classes"]
+    cm_rows = [[f"true {names[i]}", *cm[i]] for i in range(len(names))]
+    return "\n\n".join([head, table(rows, ["class", "precision", "recall", "f1", "support"]),
+                        "confusion matrix (rows: true, columns: predicted)",
+                        table(cm_rows, ["", *names])])
+
+
+def format_counts(counts: dict[str, dict[str, int]]) -> str:
+    splits = list(counts)
+    classes = list(next(iter(counts.values())))
+    rows = [[c, *(counts[s][c] for s in splits)] for c in classes]
+    rows.append(["total", *(sum(counts[s].values()) for s in splits)])
+    return table(rows, ["class", *splits])
+
+
+def format_predictions(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['path']}: skipped: {r['error']}")
+            continue
+        top = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+        lines.append(f"{r['path']}: {top}")
+    return "\n".join(lines)
+
+
+def enable_logging() -> None:
+    """Show tlearn's progress messages on stderr (once), as plain lines."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("tlearn")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
