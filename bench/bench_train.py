@@ -1,0 +1,63 @@
+"""Wall time of `tlearn train` (mode features) on the shared datasets, with a cold and then a warm feature cache.
+
+Usage: python bench/bench_train.py [--datasets ../shared/datasets] [--backbone efficientnet_lite0]
+
+Each run is the real command in a subprocess; its peak RSS comes from wait4(). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def run_train(data: Path, out: Path, cache: Path, backbone: str) -> dict:
+    cmd = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--backbone", backbone, "--out", str(out),
+           "--cache-dir", str(cache)]
+    log = out.with_suffix(".log")
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # reap it ourselves to get its peak RSS
+    wall = time.perf_counter() - start
+    stderr = log.read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr}")
+    m = re.search(r"features: (\d+) images, (\d+) from cache, (\d+) extracted(?: \(([\d.]+) img/s\))?", stderr)
+    metrics = json.loads((out / "metrics.json").read_text())
+    split = "test" if "test" in metrics else "validation"
+    return {"images": int(m[1]), "extracted": int(m[3]), "img_s": float(m[4]) if m[4] else None, "wall": wall,
+            "split": split, "accuracy": metrics[split]["accuracy"], "rss_mb": usage.ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "datasets")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| dataset | cache | images | extracted | extraction img/s | wall s | accuracy | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("hymenoptera", "oxford17_flowers"):
+            cache = Path(tmp) / f"cache-{name}"
+            for label in ("cold", "warm"):
+                r = run_train(args.datasets / name, Path(tmp) / f"{name}-{label}", cache, args.backbone)
+                rate = f"{r['img_s']:.1f}" if r["img_s"] else "-"
+                print(f"| {name} | {label} | {r['images']} | {r['extracted']} | {rate} | {r['wall']:.1f} | "
+                      f"{r['accuracy']:.4f} ({r['split']}) | {r['rss_mb']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

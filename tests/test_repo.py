@@ -1,0 +1,18 @@
+"""The README's promises that CI relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text().splitlines()
+    block = readme[readme.index("```bash") + 1: readme.index("```")]
+    commands = [line for line in block if line and not line.startswith("#")]
+    assert len(commands) == 2, "the README opens with two commands: the example, then the tests"
+    example, tests = commands
+    assert "tlearn train examples/" in example and "pytest" in tests
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert tests in ci
