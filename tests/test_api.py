@@ -61,7 +61,7 @@ def test_save_load_gives_identical_predictions(trained, tmp_path: Path) -> None:
     errors = {Path(r["path"]).name: r["error"] for r in after if "error" in r}
     assert set(errors) == {"broken.jpg", "nope.png"}
     assert after[0]["predictions"][0]["class"] == "red"
-    assert loaded.evaluate() == {**clf.evaluate(), "skipped": {}}
+    assert loaded.evaluate() == clf.evaluate()
 
 
 def test_evaluate_on_a_folder(trained, tmp_path: Path) -> None:
@@ -137,3 +137,25 @@ def test_logreg_head_runs_end_to_end(tmp_path: Path) -> None:
     clf.fit(data, out=tmp_path / "run")
     loaded = ImageClassifier.load(tmp_path / "run", verbose=False)
     assert loaded.evaluate()["accuracy"] == clf.evaluate()["accuracy"] >= 0.5
+
+
+def test_moved_backbone_weights_file_is_named_and_can_be_given_again(tmp_path: Path) -> None:
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_efficientnet").state_dict(), tmp_path / "w.safetensors")
+    data = make_folder(tmp_path / "photos", per_class=8)
+    clf = ImageClassifier(backbone="test_efficientnet", weights=str(tmp_path / "w.safetensors"), verbose=False)
+    clf.fit(data, out=tmp_path / "run")
+    expected = clf.predict([data / "red"])
+    (tmp_path / "w.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(TlearnError, match=r"trained with: --weights .*w\.safetensors does not exist"):
+        ImageClassifier.load(tmp_path / "run", verbose=False).predict([data / "red"])
+    moved = ImageClassifier.load(tmp_path / "run", weights=str(tmp_path / "moved.safetensors"), verbose=False)
+    assert moved.predict([data / "red"]) == expected
+    save_file({k: v + 1 for k, v in timm.create_model("test_efficientnet").state_dict().items()
+               if v.is_floating_point()}, tmp_path / "other.safetensors")
+    other = ImageClassifier.load(tmp_path / "run", weights=str(tmp_path / "other.safetensors"), verbose=False)
+    with pytest.raises(TlearnError, match="differ from the ones this model was trained with"):
+        other.predict([data / "red"])

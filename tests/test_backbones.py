@@ -76,6 +76,7 @@ def test_local_weights_file_loads_for_any_architecture(tiny_weights: dict, file:
         assert torch.equal(v, tiny_weights["sd"][k]), k
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_local_weights_file_never_unpickles_objects(tmp_path: Path) -> None:
     class Evil:
         def __reduce__(self):

@@ -74,7 +74,12 @@ class ImageClassifier:
     def backbone(self) -> Backbone:
         """The frozen base, loaded on first use; for a loaded model, checked against the saved weights identity."""
         if self._backbone is None:
-            bb = load_backbone(self.backbone_config)
+            try:
+                bb = load_backbone(self.backbone_config)
+            except TlearnError as e:
+                if not self._spec:
+                    raise
+                raise TlearnError(f"cannot load the backbone this model was trained with: {e}") from e
             if self._spec and bb.weights_id != self._spec.weights_id:
                 raise TlearnError(
                     f"the backbone weights now available ({bb.weights_source}) differ from the ones this model was "
@@ -113,9 +118,12 @@ class ImageClassifier:
         bb = self.backbone
         self.head, self.history = fit_head(X_train, y_train, X_val, y_val, len(folder.classes), self.train_config)
         self.classes, self.data = folder.classes, folder
-        self._spec = ModelSpec(folder.classes, self.backbone_config, bb.arch, bb.weights_id, bb.preprocessing,
-                               bb.num_features, self.train_config.hidden if self.train_config.head == "dense" else 0,
-                               self.train_config.dropout if self.train_config.head == "dense" else 0.0)
+        weights = self.backbone_config.weights and str(Path(self.backbone_config.weights).expanduser().resolve())
+        dense = self.train_config.head == "dense"  # a logreg head is saved as a plain Linear layer
+        self._spec = ModelSpec(folder.classes, dataclasses.replace(self.backbone_config, weights=weights), bb.arch,
+                               bb.weights_id, bb.preprocessing, bb.num_features,
+                               hidden=self.train_config.hidden if dense else 0,
+                               dropout=self.train_config.dropout if dense else 0.0)
         h = self.history.history
         i = self.history.best_epoch - 1
         log.info(f"head: best epoch {self.history.best_epoch} of {len(self.history.epoch)}: "
@@ -173,7 +181,10 @@ class ImageClassifier:
         if not kept:
             raise TlearnError("none of the images to evaluate on could be decoded")
         X, y = self._xy(kept, feats.X, {p: i for i, p in enumerate(paths)})
-        return {**self._metrics(X, y), "skipped": {str(p): r for p, r in feats.failed.items()}}
+        metrics = self._metrics(X, y)
+        if feats.failed:
+            metrics["skipped"] = {str(p): r for p, r in feats.failed.items()}
+        return metrics
 
     def predict(self, inputs: str | Path | list[str | Path], top_k: int = 3) -> list[dict[str, Any]]:
         """Top-k classes with probabilities for image files and the images in folders.
@@ -211,10 +222,12 @@ class ImageClassifier:
         return run_dir
 
     @classmethod
-    def load(cls, run_dir: str | Path, *, verbose: bool = True, **runtime_options: Any) -> ImageClassifier:
-        """Load a saved model; its backbone weights are loaded (and checked) on first use."""
+    def load(cls, run_dir: str | Path, *, weights: str | None = None, verbose: bool = True,
+             **runtime_options: Any) -> ImageClassifier:
+        """Load a saved model; its backbone weights are loaded on first use and must match the ones it was
+        trained with (by SHA-256). ``weights`` points to the weights file when it has moved since training."""
         spec, head, config = load_model(Path(run_dir))
-        clf = cls(spec.backbone.backbone, verbose=verbose, weights=spec.backbone.weights,
+        clf = cls(spec.backbone.backbone, verbose=verbose, weights=weights or spec.backbone.weights,
                   pretrained=spec.backbone.pretrained, **runtime_options)
         if "train" in config:
             (clf.train_config,) = _options((TrainConfig,), config["train"])

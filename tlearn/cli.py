@@ -36,7 +36,7 @@ def evaluate(args: argparse.Namespace) -> None:
     """Evaluate a trained run on its test split, or on DATA (class sub-folders, or a split folder's test/)."""
     from tlearn.api import ImageClassifier
 
-    clf = ImageClassifier.load(args.run, verbose=not args.json, **_runtime(args))
+    clf = ImageClassifier.load(args.run, weights=args.weights, verbose=not args.json, **_runtime(args))
     metrics = clf.evaluate(args.data)
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -53,7 +53,7 @@ def predict(args: argparse.Namespace) -> None:
     else:
         if len(args.paths) < 2:
             raise TlearnError("usage: tlearn predict RUN IMAGE [IMAGE ...] (or tlearn predict --imagenet IMAGE ...)")
-        clf = ImageClassifier.load(args.paths[0], verbose=not args.json, **_runtime(args))
+        clf = ImageClassifier.load(args.paths[0], weights=args.weights, verbose=not args.json, **_runtime(args))
         results = clf.predict(args.paths[1:], top_k=args.top_k)
     print(json.dumps(results, indent=2) if args.json else report.format_predictions(results))
     if results and all("error" in r for r in results):
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`")
     p.add_argument("data", metavar="DATA", nargs="?", help="folder to evaluate on (default: the run's test split)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
     _add_fields(p, RuntimeConfig)
 
     p = verb(predict)

@@ -50,9 +50,7 @@ class FeatureCache:
     def get(self, digest: str) -> np.ndarray | None:
         try:
             feat = np.load(self._path(digest), allow_pickle=False)
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError, EOFError):  # damaged entry: extract again
+        except (OSError, ValueError, EOFError):  # missing or damaged: extract (again)
             return None
         return feat if feat.shape == (self.dim,) and feat.dtype == np.float32 else None
 
