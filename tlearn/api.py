@@ -215,7 +215,9 @@ class ImageClassifier:
             report.write_skipped_csv(self.data.skipped, run_dir / "skipped.csv")
         if self.history:
             report.write_history_csv(self.history, run_dir / "history.csv")
-            report.plot_curves(self.history, run_dir / "curves.png", title=f"{self._spec.backbone.backbone} head")
+            data_name = f" on {self.data.root.name}" if self.data else ""
+            title = f"{self._spec.backbone.backbone} + {self.train_config.head} head{data_name}"
+            report.plot_curves(self.history, run_dir / "curves.png", title=title)
         if self.metrics:
             atomic_write_text(run_dir / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")
         save_model(run_dir, self._spec, self.head, extra)
