@@ -117,7 +117,7 @@ def test_damaged_artifacts_give_clear_errors(trained, tmp_path: Path) -> None:
 def test_loading_with_different_backbone_weights_is_refused(trained) -> None:
     _, _, data, run = trained
     clf = ImageClassifier.load(run, verbose=False)
-    clf._spec.weights_id = "sha256:something-else"
+    clf.spec.weights_id = "sha256:something-else"
     with pytest.raises(TlearnError, match="differ from the ones this model was trained with"):
         clf.predict([data / "red"])
 

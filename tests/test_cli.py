@@ -49,8 +49,8 @@ def test_errors_are_one_line_with_status_2(tmp_path: Path, capsys: pytest.Captur
     code, _, err = cli("train", tmp_path / "missing", *TINY_FLAGS, capsys=capsys)
     assert code == 2
     assert err.strip() == f"tlearn train: error: data folder {tmp_path / 'missing'} does not exist or is not a folder"
-    code, _, err = cli("train", tmp_path, "--val", "0.9", "--test", "0.2", "--epochs", "0", capsys=capsys)
-    assert code == 2 and "--val and --test must add up" in err and "--epochs must be at least 1" in err
+    code, _, err = cli("train", tmp_path, "--val", "0.9", "--test", "0.2", "--batch-size", "0", capsys=capsys)
+    assert code == 2 and "--val and --test must add up" in err and "--batch-size must be at least 1" in err
     assert "Traceback" not in err
     code, _, err = cli("evaluate", tmp_path, capsys=capsys)
     assert code == 2 and "not a tlearn model folder" in err

@@ -1,4 +1,4 @@
-"""The Python API: ``ImageClassifier`` runs the pipeline folder → features → head → evaluation → saved run."""
+"""The Python API: ``ImageClassifier`` runs the pipeline folder → model → evaluation → saved run."""
 
 from __future__ import annotations
 
@@ -12,18 +12,34 @@ from typing import Any
 import numpy as np
 import torch
 from timm.data import ImageNetInfo
+from torch import nn
 
 from tlearn import report
 from tlearn.artifact import ModelSpec, load_model, save_model
 from tlearn.backbones import Backbone, load_backbone
-from tlearn.config import BackboneConfig, DataConfig, RuntimeConfig, TlearnError, TrainConfig, to_dict, validate
+from tlearn.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from tlearn.config import (
+    AugmentConfig,
+    BackboneConfig,
+    DataConfig,
+    RuntimeConfig,
+    TlearnError,
+    TrainConfig,
+    from_dict,
+    to_dict,
+    validate,
+)
 from tlearn.data import ImageFolder, Sample, expand_inputs, scan, scan_labelled, write_manifest
 from tlearn.evaluate import classification_metrics
 from tlearn.features import FeatureCache, Features, eval_transform, extract
 from tlearn.fileio import atomic_write_text
-from tlearn.train import History, fit_head
+from tlearn.models import base_parameters, parameter_counts
+from tlearn.modes import Job, Trained, run_mode
+from tlearn.strategy import Decision, choose
+from tlearn.train import History, Precision, resolve_precision
 
 log = logging.getLogger("tlearn")
+CONFIGS = (BackboneConfig, TrainConfig, AugmentConfig, RuntimeConfig)
 
 
 def _options(configs: tuple[type, ...], options: dict[str, Any]) -> list[Any]:
@@ -36,10 +52,10 @@ def _options(configs: tuple[type, ...], options: dict[str, Any]) -> list[Any]:
 
 
 class ImageClassifier:
-    """An image classifier on a pretrained convolutional base.
+    """An image classifier trained by transfer learning (or from scratch, as a baseline).
 
-    Options are the fields of :class:`BackboneConfig`, :class:`TrainConfig` and :class:`RuntimeConfig`
-    (the same names as the CLI flags), e.g. ``hidden=256``, ``head="logreg"``, ``cache_dir="..."``.
+    Options are the fields of :class:`BackboneConfig`, :class:`TrainConfig`, :class:`AugmentConfig` and
+    :class:`RuntimeConfig`, with the CLI flags' names: ``mode="finetune"``, ``hidden=256``, ``epochs=5``, ...
 
     >>> clf = ImageClassifier(backbone="efficientnet_lite0")        # doctest: +SKIP
     >>> history = clf.fit("photos/")                                # doctest: +SKIP
@@ -51,107 +67,179 @@ class ImageClassifier:
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", *, verbose: bool = True, **options: Any):
-        self.backbone_config, self.train_config, self.runtime = _options(
-            (BackboneConfig, TrainConfig, RuntimeConfig), {"backbone": backbone, **options})
-        validate(self.backbone_config, self.train_config, self.runtime)
+        self.backbone_config, self.train_config, self.augment_config, self.runtime = _options(
+            CONFIGS, {"backbone": backbone, **options})
+        validate(self.backbone_config, self.train_config, self.augment_config, self.runtime)
+        self.verbose = verbose
         if verbose:
             report.enable_logging()
         self.classes: list[str] = []
-        self.head: torch.nn.Module | None = None
+        self.model: nn.Module | None = None  # a head, a fine-tuned base + head, or a scratch network
+        self.spec: ModelSpec | None = None
         self.history: History | None = None
+        self.decision: Decision | None = None
         self.data: ImageFolder | None = None
         self.data_config: DataConfig | None = None
         self.metrics: dict[str, dict[str, Any]] = {}
-        self._spec: ModelSpec | None = None
+        self.params: dict[str, int] = {}
+        self.train_seconds = 0.0
         self._backbone: Backbone | None = None
-        self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # split -> (X, y) of the fitted data
+        self._run: Precision | None = None
         self._run_dir: Path | None = None  # where a loaded model came from
         self._run_config: dict[str, Any] = {}
 
-    # --- stages ------------------------------------------------------------------------------------------
+    # --- services the stages use ---------------------------------------------------------------------------
+
+    @property
+    def run(self) -> Precision:
+        if self._run is None:
+            self._run = resolve_precision(self.train_config)
+        return self._run
 
     @property
     def backbone(self) -> Backbone:
-        """The frozen base, loaded on first use; for a loaded model, checked against the saved weights identity."""
+        """The frozen pretrained base, loaded on first use; for a loaded model, checked against the weights
+        identity it was trained with."""
         if self._backbone is None:
             try:
                 bb = load_backbone(self.backbone_config)
             except TlearnError as e:
-                if not self._spec:
+                if not self.spec:
                     raise
                 raise TlearnError(f"cannot load the backbone this model was trained with: {e}") from e
-            if self._spec and bb.weights_id != self._spec.weights_id:
+            if self.spec and bb.weights_id != self.spec.weights_id:
                 raise TlearnError(
                     f"the backbone weights now available ({bb.weights_source}) differ from the ones this model was "
-                    f"trained with ({self._spec.weights_id}); pass the original file with --weights")
+                    f"trained with ({self.spec.weights_id}); pass the original file with --weights")
+            bb.model.to(self.run.device)
             self._backbone = bb
         return self._backbone
 
     def _extract(self, paths: list[Path]) -> Features:
-        bb = self.backbone
-        cache = FeatureCache(self.runtime.cache_dir, bb)
-        feats = extract(paths, bb.features, transform=eval_transform(bb.preprocessing), dim=bb.num_features,
-                        cache=cache, batch_size=self.runtime.extract_batch_size, workers=self.runtime.workers)
+        """Cached pooled features of the frozen pretrained base."""
+        bb, device = self.backbone, self.run.device
+        feats = extract(paths, lambda x: bb.features(x.to(device)), transform=eval_transform(bb.preprocessing),
+                        dim=bb.num_features, cache=FeatureCache(self.runtime.cache_dir, bb),
+                        batch_size=self.runtime.extract_batch_size, workers=self.runtime.workers,
+                        progress=self.verbose)
         rate = f" ({feats.extracted / feats.seconds:.1f} img/s)" if feats.extracted else ""
         log.info(f"features: {len(paths)} images, {feats.cached} from cache, {feats.extracted} extracted{rate}, "
                  f"{len(feats.failed)} skipped, {feats.seconds:.1f} s")
         return feats
 
+    # --- training ------------------------------------------------------------------------------------------
+
     def fit(self, data: str | Path, *, out: str | Path | None = None, **data_options: Any) -> History:
-        """Split ``data``, extract (or reuse) features, and train the head; with ``out``, evaluate on the test
-        split and write the whole run there. ``data_options`` are :class:`DataConfig` fields (val, test, seed,
-        split_manifest). Returns the per-epoch history."""
+        """Split ``data`` and train in the configured mode; with ``out``, evaluate on the validation and test
+        splits and write the whole run there (checkpointing each epoch, so ``resume=out`` can continue it).
+        ``data_options`` are :class:`DataConfig` fields (val, test, seed, split_manifest). Returns the history."""
+        resume = self._resume_state(Path(self.runtime.resume)) if self.runtime.resume else None
+        if resume:
+            out = self.runtime.resume
+            data_options = {**data_options, "split_manifest": str(Path(out) / "split.csv")}
         (self.data_config,) = _options((DataConfig,), {"path": str(data), **data_options})
         validate(self.data_config)
         start = time.perf_counter()
         folder = scan(self.data_config)
+        n_train = len(folder.split("train"))
+        self.decision = choose(n_train, len(folder.classes), self.train_config)
         log.info(f"data: {folder.root} ({folder.layout}), {len(folder.classes)} classes\n"
-                 f"{report.format_counts(folder.counts())}")
-        paths = [s.path for s in folder.samples]
-        feats = self._extract(paths)
-        folder.drop(feats.failed)
-        for path, reason in feats.failed.items():
+                 f"{report.format_counts(folder.counts())}\nmode: {self.decision.mode} ({self.decision.reason})")
+        if out is not None:
+            write_manifest(folder, Path(out) / "split.csv")  # before training, so an interrupted run can resume
+        job = Job(folder, self.decision, self.train_config, self.augment_config, self.runtime, self.run,
+                  lambda: self.backbone, self._extract, progress=self.verbose, resume=resume,
+                  checkpoint=self._checkpointer(Path(out)) if out is not None else None)
+        trained = run_mode(job)
+        folder.drop(trained.skipped)
+        for path, reason in trained.skipped.items():
             log.warning(f"skipped {path}: {reason}")
-        row = {p: i for i, p in enumerate(paths)}
-        self._features = {split: self._xy(folder.split(split), feats.X, row) for split in folder.counts()}
-        (X_train, y_train), (X_val, y_val) = self._features["train"], self._features["validation"]
-        bb = self.backbone
-        self.head, self.history = fit_head(X_train, y_train, X_val, y_val, len(folder.classes), self.train_config)
-        self.classes, self.data = folder.classes, folder
-        weights = self.backbone_config.weights and str(Path(self.backbone_config.weights).expanduser().resolve())
-        dense = self.train_config.head == "dense"  # a logreg head is saved as a plain Linear layer
-        self._spec = ModelSpec(folder.classes, dataclasses.replace(self.backbone_config, weights=weights), bb.arch,
-                               bb.weights_id, bb.preprocessing, bb.num_features,
-                               hidden=self.train_config.hidden if dense else 0,
-                               dropout=self.train_config.dropout if dense else 0.0)
-        h = self.history.history
-        i = self.history.best_epoch - 1
-        log.info(f"head: best epoch {self.history.best_epoch} of {len(self.history.epoch)}: "
+        self._adopt(trained, folder)
+        self.train_seconds = time.perf_counter() - start
+        h, i = self.history.history, self.history.best_epoch - 1
+        log.info(f"trained: best epoch {self.history.best_epoch} of {len(self.history.epoch)}: "
                  f"val_accuracy {h['val_accuracy'][i]:.4f}, val_loss {h['val_loss'][i]:.4f} "
-                 f"({time.perf_counter() - start:.1f} s in all)")
+                 f"({self.train_seconds:.1f} s in all)")
         self.metrics = {}
         if out is not None:
             for split in ("validation", "test"):
-                if split in self._features:
-                    self.metrics[split] = self._metrics(*self._features[split])
+                if folder.split(split):
+                    self.metrics[split] = self._evaluate_samples(folder.split(split))
             self.save(out)
+            (Path(out) / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete
         return self.history
 
-    @staticmethod
-    def _xy(samples: list[Sample], X: np.ndarray, row: dict[Path, int]) -> tuple[np.ndarray, np.ndarray]:
-        idx = [row[s.path] for s in samples]
-        return X[idx], np.array([s.label for s in samples], dtype=np.int64)
+    def _adopt(self, trained: Trained, folder: ImageFolder) -> None:
+        """Take the trained model as this classifier's own, with its spec and parameter counts."""
+        self.classes, self.data, self.model, self.history = folder.classes, folder, trained.model, trained.history
+        n_classes = len(folder.classes)
+        if trained.kind == "scratch":
+            self.spec = ModelSpec(folder.classes, "scratch", trained.arch, trained.preprocessing)
+            trainable, total = parameter_counts(trained.model)
+        else:
+            bb, tc = self.backbone, self.train_config
+            weights = self.backbone_config.weights and str(Path(self.backbone_config.weights).expanduser().resolve())
+            dense = tc.head == "dense"  # a logreg head is saved as a plain Linear layer
+            self.spec = ModelSpec(folder.classes, trained.kind, bb.arch, bb.preprocessing,
+                                  dataclasses.replace(self.backbone_config, weights=weights), bb.weights_id,
+                                  bb.num_features, tc.hidden if dense else 0, tc.dropout if dense else 0.0)
+            head = trained.model.head if trained.kind == "finetuned" else trained.model
+            head_params = sum(p.numel() for p in head.parameters())
+            trainable = parameter_counts(trained.model)[0] if trained.kind == "finetuned" else head_params
+            total = base_parameters(bb.model) + head_params
+        self.params = {"trainable": int(trainable), "total": int(total), "classes": n_classes}
+
+    def _checkpointer(self, run_dir: Path):
+        configs = {"backbone": to_dict(self.backbone_config), "train": to_dict(self.train_config),
+                   "augment": to_dict(self.augment_config)}
+
+        def checkpoint(state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
+            if state.pop("done"):
+                return  # the final save follows; an interrupted save leaves the last epoch's checkpoint
+            save_checkpoint(run_dir / CHECKPOINT_FILE, state, configs, rng)
+
+        return checkpoint
+
+    def _resume_state(self, run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        state, configs, rng = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        where = str(run_dir / CHECKPOINT_FILE)
+        self.backbone_config = from_dict(BackboneConfig, configs["backbone"], where)
+        self.train_config = from_dict(TrainConfig, configs["train"], where)
+        self.augment_config = from_dict(AugmentConfig, configs["augment"], where)
+        self._run = self._backbone = None
+        log.info(f"resuming {run_dir} after epoch {state['epoch']} of stage {state['stage']}, with its saved settings")
+        return state, rng
+
+    # --- using the model -----------------------------------------------------------------------------------
 
     def _require_fitted(self) -> None:
-        if self.head is None:
+        if self.model is None:
             raise TlearnError("this classifier is not trained yet: call fit(DATA) or ImageClassifier.load(RUN)")
 
-    def _proba(self, X: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.softmax(self.head(torch.from_numpy(X)), dim=1).numpy()
+    def _logits(self, paths: list[Path]) -> tuple[np.ndarray, dict[Path, str]]:
+        """(N, C) logits for ``paths`` (rows of unreadable files are zero and listed with their reason)."""
+        if self.spec.kind == "head":
+            feats = self._extract(paths)
+            with torch.no_grad():
+                return self.model.eval()(torch.from_numpy(feats.X)).numpy(), feats.failed
+        device = self.run.device
+        net = self.model.to(device).eval()
+        feats = extract(paths, lambda x: net(x.to(device)), transform=eval_transform(self.spec.preprocessing),
+                        dim=len(self.classes), batch_size=self.runtime.extract_batch_size,
+                        workers=self.runtime.workers, progress=self.verbose)
+        return feats.X, feats.failed
 
-    def _metrics(self, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        return classification_metrics(y, self._proba(X), self.classes)
+    def _evaluate_samples(self, samples: list[Sample]) -> dict[str, Any]:
+        paths = [s.path for s in samples]
+        logits, failed = self._logits(paths)
+        keep = [i for i, p in enumerate(paths) if p not in failed]
+        if not keep:
+            raise TlearnError("none of the images to evaluate on could be decoded")
+        proba = torch.softmax(torch.from_numpy(logits[keep]), 1).numpy()
+        metrics = classification_metrics(np.array([samples[i].label for i in keep]), proba, self.classes)
+        if failed:
+            metrics["skipped"] = {str(p): r for p, r in failed.items()}
+        return metrics
 
     def evaluate(self, data: str | Path | None = None) -> dict[str, Any]:
         """Metrics on ``data`` (a folder of class sub-folders, or a split folder's test/). With no argument: the
@@ -160,10 +248,7 @@ class ImageClassifier:
         if data is not None:
             folder = scan_labelled(data, self.classes)
             return {"split": str(data), **self._evaluate_samples(folder.samples)}
-        if self._features:
-            split = "test" if "test" in self._features else "validation"
-            return {"split": split, **self._metrics(*self._features[split])}
-        folder = self._recorded_split()
+        folder = self.data or self._recorded_split()
         split = "test" if folder.split("test") else "validation"
         return {"split": split, **self._evaluate_samples(folder.split(split))}
 
@@ -174,20 +259,8 @@ class ImageClassifier:
             raise TlearnError("no data split is recorded with this model; pass the folder to evaluate on")
         return scan(DataConfig(path=summary["root"], split_manifest=str(manifest)))
 
-    def _evaluate_samples(self, samples: list[Sample]) -> dict[str, Any]:
-        paths = [s.path for s in samples]
-        feats = self._extract(paths)
-        kept = [s for s in samples if s.path not in feats.failed]
-        if not kept:
-            raise TlearnError("none of the images to evaluate on could be decoded")
-        X, y = self._xy(kept, feats.X, {p: i for i, p in enumerate(paths)})
-        metrics = self._metrics(X, y)
-        if feats.failed:
-            metrics["skipped"] = {str(p): r for p, r in feats.failed.items()}
-        return metrics
-
     def predict(self, inputs: str | Path | list[str | Path], top_k: int = 3) -> list[dict[str, Any]]:
-        """Top-k classes with probabilities for image files and the images in folders.
+        """Top-k classes with probabilities for image files and the images in folders, in order.
 
         Each result is ``{"path", "predictions": [{"class", "probability"}, ...]}``, or ``{"path", "error"}``
         for a file that could not be read.
@@ -196,17 +269,23 @@ class ImageClassifier:
         paths = expand_inputs(inputs if isinstance(inputs, list) else [inputs])
         if not paths:
             return []
-        feats = self._extract(paths)
-        return _top_k(paths, feats, self._proba(feats.X), self.classes, top_k)
+        logits, failed = self._logits(paths)
+        return _top_k(paths, failed, torch.softmax(torch.from_numpy(logits), 1).numpy(), self.classes, top_k)
 
-    # --- files -------------------------------------------------------------------------------------------
+    # --- files ---------------------------------------------------------------------------------------------
 
     def save(self, run_dir: str | Path) -> Path:
         """Write the model (``model.safetensors`` + ``config.json``) and whatever the run produced: history.csv,
         curves.png, metrics.json, the split manifest and the skipped-files list."""
         self._require_fitted()
         run_dir = Path(run_dir)
-        extra: dict[str, Any] = {"backbone": to_dict(self.backbone_config), "train": to_dict(self.train_config)}
+        extra: dict[str, Any] = {"backbone": to_dict(self.backbone_config), "train": to_dict(self.train_config),
+                                 "augment": to_dict(self.augment_config)}
+        if self.decision:
+            extra["decision"] = dataclasses.asdict(self.decision)
+        if self.params:
+            extra["params"] = self.params
+            extra["train_seconds"] = round(self.train_seconds, 2)
         if self.data_config and self.data:
             extra["data"] = to_dict(self.data_config)
             extra["data_summary"] = {"root": str(self.data.root), "layout": self.data.layout,
@@ -216,24 +295,34 @@ class ImageClassifier:
         if self.history:
             report.write_history_csv(self.history, run_dir / "history.csv")
             data_name = f" on {self.data.root.name}" if self.data else ""
-            title = f"{self._spec.backbone.backbone} + {self.train_config.head} head{data_name}"
-            report.plot_curves(self.history, run_dir / "curves.png", title=title)
+            report.plot_curves(self.history, run_dir / "curves.png", title=f"{self.describe()}{data_name}")
         if self.metrics:
             atomic_write_text(run_dir / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")
-        save_model(run_dir, self._spec, self.head, extra)
+        save_model(run_dir, self.spec, self.model, extra)
         return run_dir
+
+    def describe(self) -> str:
+        """A short name: backbone and mode, or the scratch model."""
+        if self.spec and self.spec.kind == "scratch":
+            return self.spec.arch
+        mode = self.decision.mode if self.decision else self.spec.kind if self.spec else self.train_config.mode
+        return f"{self.backbone_config.backbone}:{mode}"
 
     @classmethod
     def load(cls, run_dir: str | Path, *, weights: str | None = None, verbose: bool = True,
              **runtime_options: Any) -> ImageClassifier:
-        """Load a saved model; its backbone weights are loaded on first use and must match the ones it was
-        trained with (by SHA-256). ``weights`` points to the weights file when it has moved since training."""
-        spec, head, config = load_model(Path(run_dir))
-        clf = cls(spec.backbone.backbone, verbose=verbose, weights=weights or spec.backbone.weights,
-                  pretrained=spec.backbone.pretrained, **runtime_options)
+        """Load a saved model. A head on a pretrained base loads that base on first use, which must have the
+        weights it was trained with (by SHA-256); ``weights`` points to the file if it has moved."""
+        spec, model, config = load_model(Path(run_dir))
+        backbone = spec.backbone or BackboneConfig()
+        clf = cls(backbone.backbone, verbose=verbose, weights=weights or backbone.weights,
+                  pretrained=backbone.pretrained, **runtime_options)
+        where = str(Path(run_dir) / "config.json")
         if "train" in config:
-            (clf.train_config,) = _options((TrainConfig,), config["train"])
-        clf.classes, clf.head, clf._spec = spec.classes, head, spec
+            clf.train_config = from_dict(TrainConfig, config["train"], where)
+        if "decision" in config:
+            clf.decision = Decision(**config["decision"])
+        clf.classes, clf.model, clf.spec = spec.classes, model, spec
         clf._run_dir, clf._run_config = Path(run_dir), config
         return clf
 
@@ -251,16 +340,16 @@ def predict_imagenet(inputs: list[str | Path], backbone: str = "efficientnet_lit
     feats = extract(paths, bb.model, transform=eval_transform(bb.preprocessing), dim=1000)  # (N, 1000) logits
     proba = torch.softmax(torch.from_numpy(feats.X), 1).numpy()
     info = ImageNetInfo()
-    return _top_k(paths, feats, proba, [info.index_to_description(i) for i in range(1000)], top_k)
+    return _top_k(paths, feats.failed, proba, [info.index_to_description(i) for i in range(1000)], top_k)
 
 
-def _top_k(paths: list[Path], feats: Features, proba: np.ndarray, names: list[str],
+def _top_k(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, names: list[str],
            top_k: int) -> list[dict[str, Any]]:
     """One result per path, in order: its ``top_k`` classes, or the reason it could not be read."""
     results: list[dict[str, Any]] = []
     for i, path in enumerate(paths):
-        if path in feats.failed:
-            results.append({"path": str(path), "error": feats.failed[path]})
+        if path in failed:
+            results.append({"path": str(path), "error": failed[path]})
             continue
         order = np.argsort(-proba[i])[:top_k]
         results.append({"path": str(path),

@@ -21,6 +21,7 @@ from torch import nn
 from tlearn import __version__
 from tlearn.config import BackboneConfig, TlearnError, from_dict
 from tlearn.fileio import atomic_path, atomic_write_text
+from tlearn.models import SCRATCH, Classifier
 from tlearn.train import make_head
 
 FORMAT = "tlearn-model"
@@ -28,26 +29,40 @@ FORMAT_VERSION = 1
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
+KINDS = ("head", "finetuned", "scratch")
+
+
 @dataclass
 class ModelSpec:
-    """Everything needed to rebuild a trained classifier around its tensors."""
+    """Everything needed to rebuild a trained classifier around its tensors.
+
+    ``kind`` is 'head' (a head on the pretrained base, whose weights come from ``backbone`` and must match
+    ``weights_id``), 'finetuned' (base and head both saved) or 'scratch' (``arch`` names a scratch model).
+    """
 
     classes: list[str]
-    backbone: BackboneConfig
+    kind: str
     arch: str
-    weights_id: str
     preprocessing: dict[str, Any]
-    num_features: int
-    hidden: int
-    dropout: float
+    backbone: BackboneConfig | None = None
+    weights_id: str = ""
+    num_features: int = 0
+    hidden: int = 0
+    dropout: float = 0.0
 
-    def build_head(self) -> nn.Sequential:
-        return make_head(self.num_features, len(self.classes), self.hidden, self.dropout)
+    def build(self) -> nn.Module:
+        """The untrained module whose state_dict ``model.safetensors`` holds."""
+        if self.kind == "scratch":
+            return SCRATCH[self.arch].build(len(self.classes))
+        head = make_head(self.num_features, len(self.classes), self.hidden, self.dropout)
+        if self.kind == "head":
+            return head
+        return Classifier(timm.create_model(self.arch, pretrained=False), head)
 
 
-def save_model(run_dir: Path, spec: ModelSpec, head: nn.Module, extra: dict[str, Any]) -> None:
+def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str, Any]) -> None:
     """Write the tensors and the config atomically; ``extra`` adds sections (data, train, ...) to config.json."""
-    tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(run_dir / MODEL_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -71,18 +86,26 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     return config
 
 
-def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Sequential, dict[str, Any]]:
+def _spec(config: dict[str, Any], where: Path) -> ModelSpec:
+    try:
+        m = dict(config["model"])
+        if m.get("backbone") is not None:
+            m["backbone"] = from_dict(BackboneConfig, m["backbone"], str(where))
+        spec = ModelSpec(**m)
+    except (KeyError, TypeError) as e:
+        raise TlearnError(f"{where} has an incomplete or unknown \"model\" section ({e}); retrain") from e
+    if spec.kind not in KINDS or (spec.kind == "scratch" and spec.arch not in SCRATCH):
+        raise TlearnError(f"{where}: unknown model kind {spec.kind!r} / architecture {spec.arch!r}")
+    if len(spec.classes) < 2 or len(set(spec.classes)) != len(spec.classes):
+        raise TlearnError(f"{where}: \"classes\" must list at least two distinct names")
+    return spec
+
+
+def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
     """Read a saved model back, checking every tensor name and shape against its config."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    try:
-        m = dict(config["model"])
-        m["backbone"] = from_dict(BackboneConfig, m["backbone"], str(run_dir / CONFIG_FILE))
-        spec = ModelSpec(**m)
-    except (KeyError, TypeError) as e:
-        raise TlearnError(f"{run_dir / CONFIG_FILE} has an incomplete \"model\" section ({e}); retrain") from e
-    if len(spec.classes) < 2 or len(set(spec.classes)) != len(spec.classes):
-        raise TlearnError(f"{run_dir / CONFIG_FILE}: \"classes\" must list at least two distinct names")
+    spec = _spec(config, run_dir / CONFIG_FILE)
     path = run_dir / MODEL_FILE
     if not path.is_file():
         raise TlearnError(f"{path} is missing; the run did not finish saving, so retrain it")
@@ -90,15 +113,15 @@ def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Sequential, dict[str, Any]]
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise TlearnError(f"{path} is damaged ({e}); retrain or restore the run") from e
-    head = spec.build_head()
-    expected = {f"head.{k}": v.shape for k, v in head.state_dict().items()}
-    got = {k: v.shape for k, v in tensors.items() if k.startswith("head.")}
+    model = spec.build()
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    got = {k: v.shape for k, v in tensors.items()}
     if set(expected) != set(got):
-        raise TlearnError(f"{path} does not match {CONFIG_FILE}: missing {sorted(set(expected) - set(got))}, "
-                          f"unexpected {sorted(set(got) - set(expected))}")
+        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        raise TlearnError(f"{path} does not match {CONFIG_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, shape in expected.items():
         if got[k] != shape:
             raise TlearnError(f"{path}: tensor {k} has shape {tuple(got[k])} but {CONFIG_FILE} "
                               f"({len(spec.classes)} classes, {spec.num_features} features) needs {tuple(shape)}")
-    head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
-    return spec, head.eval(), config
+    model.load_state_dict(tensors)
+    return spec, model.eval(), config

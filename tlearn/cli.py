@@ -12,24 +12,57 @@ from pathlib import Path
 from typing import Any
 
 from tlearn import report
-from tlearn.config import BackboneConfig, DataConfig, RuntimeConfig, TlearnError, TrainConfig, validate
+from tlearn.config import AugmentConfig, BackboneConfig, DataConfig, RuntimeConfig, TlearnError, TrainConfig, validate
 
 
 def train(args: argparse.Namespace) -> None:
     """Train a classifier on a folder of images and write the run (model, metrics, curves) to --out."""
     from tlearn.api import ImageClassifier
 
-    data, bb, tr, rt = (_config(cls, args) for cls in (DataConfig, BackboneConfig, TrainConfig, RuntimeConfig))
-    tr.seed = data.seed  # one --seed for the split, the initialisation and the shuffling
-    validate(data, bb, tr, rt)
-    out = Path(args.out or f"runs/{Path(data.path).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    clf = ImageClassifier(**dataclasses.asdict(bb), **dataclasses.asdict(tr), **dataclasses.asdict(rt))
-    options = dataclasses.asdict(data)
-    clf.fit(options.pop("path"), out=out, **options)
+    data, options = _train_options(args)
+    out = Path(args.resume or args.out or _default_out(data))
+    clf = ImageClassifier(**options)
+    clf.fit(data.pop("path"), out=out, **data)
     for split, metrics in clf.metrics.items():
         print(report.format_metrics(metrics, split), end="\n\n")
     skipped = len(clf.data.skipped)
     print(f"run written to {out}" + (f" ({skipped} file(s) skipped: see {out / 'skipped.csv'})" if skipped else ""))
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Train several models on one split and compare them (e.g. --models small-cnn,efficientnet_lite0:features)."""
+    from tlearn.compare import compare as run_compare
+
+    data, options = _train_options(args)
+    for name in ("mode", "model", "backbone", "resume"):
+        options.pop(name)
+    out = Path(args.out or _default_out(data, "compare"))
+    run_compare(data.pop("path"), args.models, out, options, data)
+    print((out / "compare.md").read_text())
+    print(f"comparison written to {out} (compare.csv, compare.md, compare.png)")
+
+
+def augment_preview(args: argparse.Namespace) -> None:
+    """Draw a grid of augmented versions of an image, to see what an --augment setting does."""
+    from tlearn.augment import preview
+    from tlearn.backbones import entry
+
+    augment = _config(AugmentConfig, args)
+    validate(augment)
+    if args.model:
+        from tlearn.models import SCRATCH
+
+        preprocessing = SCRATCH[args.model].preprocessing()
+    else:
+        import timm
+
+        cfg = timm.get_pretrained_cfg(entry(args.backbone).arch)
+        preprocessing = {"input_size": list(cfg.input_size), "interpolation": cfg.interpolation,
+                         "mean": list(cfg.mean), "std": list(cfg.std), "crop_pct": cfg.crop_pct}
+    if not Path(args.image).is_file():
+        raise TlearnError(f"image {args.image} does not exist")
+    out = preview(Path(args.image), preprocessing, augment, args.n, Path(args.out), seed=args.seed)
+    print(f"preview written to {out}")
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -84,6 +117,21 @@ def backbones(args: argparse.Namespace) -> None:
     print("\nAny other timm model name also works, with hub weights (online) or --weights FILE.")
 
 
+def _train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The data options and the ImageClassifier options from the flags, validated together."""
+    data, bb, tr, aug, rt = (_config(cls, args) for cls in (DataConfig, BackboneConfig, TrainConfig, AugmentConfig,
+                                                            RuntimeConfig))
+    tr.seed = data.seed  # one --seed for the split, the initialisation and the shuffling
+    validate(data, bb, tr, aug, rt)
+    options = {**dataclasses.asdict(bb), **dataclasses.asdict(tr), **dataclasses.asdict(aug), **dataclasses.asdict(rt)}
+    return dataclasses.asdict(data), options
+
+
+def _default_out(data: dict[str, Any], kind: str = "") -> str:
+    name = Path(data["path"]).resolve().name
+    return f"runs/{name}{'-' + kind if kind else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 # --- flags from dataclass fields ------------------------------------------------------------------------
 
 
@@ -125,16 +173,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(fn: Callable) -> argparse.ArgumentParser:
         doc = fn.__doc__.strip()
-        sub = verbs.add_parser(fn.__name__, help=doc.split("\n")[0], description=doc)
+        sub = verbs.add_parser(fn.__name__.replace("_", "-"), help=doc.split("\n")[0], description=doc)
         sub.set_defaults(func=fn)
         return sub
 
-    p = verb(train)
-    _add_fields(p, DataConfig)
-    _add_fields(p, BackboneConfig)
-    _add_fields(p, TrainConfig, skip=("seed",))
-    _add_fields(p, RuntimeConfig)
-    p.add_argument("--out", help="run folder to write (default: runs/<data folder>-<date>-<time>)")
+    for fn in (train, compare):
+        p = verb(fn)
+        _add_fields(p, DataConfig)
+        if fn is compare:
+            p.add_argument("--models", required=True, help="comma-separated models: small-cnn, alexnet, "
+                           "logreg-pixels, or BACKBONE:MODE with MODE features, frozen or finetune")
+        _add_fields(p, BackboneConfig)
+        _add_fields(p, TrainConfig, skip=("seed",))
+        _add_fields(p, AugmentConfig)
+        _add_fields(p, RuntimeConfig)
+        p.add_argument("--out", help="folder to write (default: runs/<data folder>-<date>-<time>)")
+
+    p = verb(augment_preview)
+    p.add_argument("image", metavar="IMAGE", help="an image file")
+    p.add_argument("--n", type=int, default=8, help="how many augmented versions (default: 8)")
+    p.add_argument("--out", default="augment_preview.png", help="PNG file to write (default: augment_preview.png)")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="preprocess for this backbone's input")
+    p.add_argument("--model", choices=("small-cnn", "alexnet"), help="preprocess for this scratch model instead")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random augmentations (default: 0)")
+    _add_fields(p, AugmentConfig)
 
     p = verb(evaluate)
     p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`")

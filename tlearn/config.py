@@ -62,34 +62,68 @@ class BackboneConfig:
 
 
 HEADS = ("dense", "logreg")
-MODES = ("features",)
+MODES = ("auto", "features", "frozen", "finetune", "scratch")
+SCRATCH_MODELS = ("small-cnn", "alexnet", "logreg-pixels")
+OPTIMIZERS = ("adamw", "sgd", "rmsprop")
+CLASS_WEIGHTS = ("auto", "balanced", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
 class TrainConfig:
-    """How the classifier head is trained."""
+    """How the model is trained."""
 
-    mode: str = _f("features", "training mode: 'features' trains a head on cached features of the frozen base")
+    mode: str = _f("auto", "'features' (head on cached features), 'frozen' (frozen base + augmentation), "
+                   "'finetune' (then unfreeze the top stages), 'scratch' (--model from random weights), or 'auto' "
+                   "(chosen from the training-set size)")
+    model: str = _f("small-cnn", "architecture for --mode scratch: small-cnn, alexnet or logreg-pixels")
     head: str = _f("dense", "'dense' (Dropout + Linear, optional hidden layer) or 'logreg' "
-                   "(scikit-learn, C=1 on standardised features)")
+                   "(scikit-learn, C=1 on standardised features; mode features only)")
     hidden: int = _f(0, "width of an optional hidden ReLU layer in the dense head (0 for none, e.g. 256)")
     dropout: float = _f(0.2, "dropout before each Linear layer of the dense head")
-    epochs: int = _f(100, "maximum number of epochs")
-    batch_size: int = _f(64, "mini-batch size for the head")
-    lr: float = _f(1e-3, "learning rate (AdamW)")
-    weight_decay: float = _f(1e-4, "AdamW weight decay of the dense head")
+    epochs: int = _f(0, "maximum number of epochs (0: 100 for a head on features, 10 for frozen/finetune, "
+                     "50 for scratch)")
+    head_epochs: int = _f(100, "finetune: most epochs of the first stage, the head on cached features (early stopping)")
+    unfreeze: str = _f("1", "finetune: how many of the base's top stages to train, or 'all'")
+    lr: float = _f(1e-3, "learning rate of the head (and of scratch models)")
+    lr_mult: str = _f("0.1,0.01", "finetune: learning-rate factors of the top unfrozen stage and of deeper ones")
+    optimizer: str = _f("adamw", "adamw, sgd (momentum 0.9) or rmsprop")
+    weight_decay: float = _f(1e-4, "weight decay")
+    batch_size: int = _f(32, "mini-batch size")
+    warmup_epochs: float = _f(1.0, "image modes: epochs of linear learning-rate warm-up before the cosine decay")
     patience: int = _f(10, "stop after this many epochs without a better validation loss; the best epoch is kept")
+    class_weight: str = _f("auto", "weight the loss by inverse class frequency: 'balanced', 'none', or 'auto' "
+                           "(balanced when the largest class has over 1.5x the images of the smallest)")
+    precision: str = _f("auto", "fp32, bf16 (autocast, on CPUs and GPUs that support it), fp16 (CUDA), or auto "
+                        "(bf16 or fp16 mixed precision on CUDA, fp32 on CPU)")
+    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
+    auto_small: int = _f(1000, "auto: below this many training images, train a head on features")
+    auto_large: int = _f(10000, "auto: from this many training images, fine-tune every stage at lr/10")
     seed: int = _f(0, "seed of weight initialisation and shuffling")
 
     def problems(self) -> list[str]:
         out = []
-        if self.mode not in MODES:
-            out.append(f"--mode must be one of {', '.join(MODES)}. Received: mode={self.mode!r}")
-        if self.head not in HEADS:
-            out.append(f"--head must be one of {', '.join(HEADS)}. Received: head={self.head!r}")
-        for name in ("epochs", "batch_size", "patience"):
+        choices = (("mode", MODES), ("model", SCRATCH_MODELS), ("head", HEADS), ("optimizer", OPTIMIZERS),
+                   ("class_weight", CLASS_WEIGHTS), ("precision", PRECISIONS))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                out.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}. "
+                           f"Received: {name}={getattr(self, name)!r}")
+        for name in ("batch_size", "patience", "head_epochs"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be at least 1. Received: {name}={getattr(self, name)}")
+        if self.epochs < 0:
+            out.append(f"--epochs must be 0 (the mode's default) or more. Received: epochs={self.epochs}")
+        if self.unfreeze != "all" and not (self.unfreeze.isdigit() and int(self.unfreeze) >= 1):
+            out.append("--unfreeze must be a number of stages (1 or more) or 'all'. "
+                       f"Received: unfreeze={self.unfreeze!r}")
+        try:
+            if min(parse_lr_mult(self.lr_mult)) <= 0:
+                raise ValueError
+        except ValueError:
+            out.append(f"--lr-mult must be two positive numbers, e.g. 0.1,0.01. Received: lr_mult={self.lr_mult!r}")
+        if self.head == "logreg" and self.mode not in ("features", "auto"):
+            out.append(f"--head logreg works with --mode features only. Received: mode={self.mode!r}")
         if self.hidden < 0:
             out.append(f"--hidden must be 0 or more. Received: hidden={self.hidden}")
         if not 0 <= self.dropout < 1:
@@ -98,6 +132,61 @@ class TrainConfig:
             out.append(f"--lr must be positive. Received: lr={self.lr}")
         if self.weight_decay < 0:
             out.append(f"--weight-decay must be 0 or more. Received: weight_decay={self.weight_decay}")
+        if self.warmup_epochs < 0:
+            out.append(f"--warmup-epochs must be 0 or more. Received: warmup_epochs={self.warmup_epochs}")
+        if not 0 < self.auto_small <= self.auto_large:
+            out.append(f"--auto-small must be positive and at most --auto-large. "
+                       f"Received: auto_small={self.auto_small}, auto_large={self.auto_large}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            out.append(f"--device must be auto, cpu, cuda or cuda:N. Received: device={self.device!r}")
+        return out
+
+    def max_epochs(self, mode: str) -> int:
+        return self.epochs or {"features": 100, "scratch": 50}.get(mode, 10)
+
+
+FILL_MODES = ("nearest", "reflect", "constant", "wrap")
+AUGMENT_PRESETS = ("none", "light", "default", "strong")
+
+
+@dataclass
+class AugmentConfig:
+    """Data augmentation for the image modes, with the parameters of Keras's ImageDataGenerator. Each parameter
+    left unset takes the value of the --augment preset."""
+
+    augment: str = _f("default", "preset: none, light, default (Deep Learning with Python's values) or strong")
+    rotation_range: float | None = _f(None, "random rotation in degrees, up to this many either way")
+    width_shift_range: float | None = _f(None, "random horizontal shift, as a fraction of the width")
+    height_shift_range: float | None = _f(None, "random vertical shift, as a fraction of the height")
+    shear_range: float | None = _f(None, "random shear angle in degrees, up to this many either way")
+    zoom_range: float | None = _f(None, "random zoom in [1 - z, 1 + z]")
+    horizontal_flip: bool | None = _f(None, "flip half of the images left to right")
+    vertical_flip: bool | None = _f(None, "flip half of the images upside down")
+    brightness_range: str | None = _f(None, "random brightness factor range, e.g. 0.8,1.2")
+    fill_mode: str | None = _f(None, "how to fill pixels moved in from outside: nearest, reflect, constant, wrap")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.augment not in AUGMENT_PRESETS:
+            out.append(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}. Received: augment={self.augment!r}")
+        if self.fill_mode is not None and self.fill_mode not in FILL_MODES:
+            out.append(f"--fill-mode must be one of {', '.join(FILL_MODES)}. Received: fill_mode={self.fill_mode!r}")
+        for name in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                out.append(f"--{name.replace('_', '-')} must be 0 or more. Received: {name}={v}")
+        for name in ("width_shift_range", "height_shift_range", "zoom_range"):
+            v = getattr(self, name)
+            if v is not None and v >= 1:
+                out.append(f"--{name.replace('_', '-')} must be below 1. Received: {name}={v}")
+        if self.brightness_range is not None:
+            try:
+                lo, hi = (float(v) for v in self.brightness_range.split(","))
+                if not 0 < lo <= hi:
+                    raise ValueError
+            except ValueError:
+                out.append(f"--brightness-range must be two factors lo,hi with 0 < lo <= hi, e.g. 0.8,1.2. "
+                           f"Received: brightness_range={self.brightness_range!r}")
         return out
 
 
@@ -107,6 +196,7 @@ class RuntimeConfig:
 
     cache_dir: str | None = _f(None, "feature cache folder (default: $TLEARN_CACHE_DIR or ~/.cache/tlearn)")
     extract_batch_size: int = _f(32, "images per forward pass of the frozen base")
+    resume: str | None = _f(None, "continue the interrupted run in this folder from its last completed epoch")
     workers: int | None = _f(None, "image-decoding worker processes (default: one per CPU core, 0 for none)")
 
     def problems(self) -> list[str]:
@@ -116,6 +206,12 @@ class RuntimeConfig:
         if self.workers is not None and self.workers < 0:
             out.append(f"--workers must be 0 or more. Received: workers={self.workers}")
         return out
+
+
+def parse_lr_mult(text: str) -> tuple[float, float]:
+    """'0.1,0.01' -> (0.1, 0.01): the learning-rate factors of the top unfrozen stage and of deeper ones."""
+    top, deeper = (float(v) for v in text.split(","))
+    return top, deeper
 
 
 def validate(*configs: Any) -> None:

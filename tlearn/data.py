@@ -65,8 +65,9 @@ class ImageFolder:
 
     def drop(self, bad: dict[Path, str]) -> None:
         """Remove samples whose files could not be decoded, keeping them in ``skipped`` with the reason."""
+        present = {s.path for s in self.samples}
+        self.skipped += [Skipped(p, r) for p, r in bad.items() if p in present]
         self.samples = [s for s in self.samples if s.path not in bad]
-        self.skipped += [Skipped(p, r) for p, r in bad.items()]
         _check_nonempty(self)
 
 

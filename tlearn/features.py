@@ -59,7 +59,7 @@ class FeatureCache:
             np.save(f, np.ascontiguousarray(feat, dtype=np.float32), allow_pickle=False)
 
 
-class _ImageFiles(Dataset):
+class ImageFiles(Dataset):
     """Decoded, preprocessed images; a file that fails to decode yields its reason instead of a tensor."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable):
@@ -75,7 +75,7 @@ class _ImageFiles(Dataset):
             return i, None, str(e)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None,
+def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None,
                                                                         list[tuple[int, str]]]:
     ok = [(i, x) for i, x, _ in items if x is not None]
     failed = [(i, reason) for i, x, reason in items if x is None]
@@ -124,10 +124,10 @@ def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tenso
             X[row] = feat
     cached = len(paths) - len(failed) - sum(len(r) for r in todo.values())
     digests = list(todo)
-    files = _ImageFiles([paths[todo[d][0]] for d in digests], transform)
+    files = ImageFiles([paths[todo[d][0]] for d in digests], transform)
     if workers is None:
         workers = min(os.cpu_count() or 1, 4) if len(files) >= 4 * batch_size else 0
-    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     n_bad = 0
     with tqdm(total=len(files), unit="img", desc="extracting features", disable=not progress or None,
               leave=False) as bar, torch.inference_mode():
@@ -137,7 +137,7 @@ def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tenso
                 for row in todo[digests[i]]:
                     failed[Path(paths[row])] = reason
             if batch is not None:
-                feats = forward(batch).float().numpy()  # (B, F)
+                feats = forward(batch).float().cpu().numpy()  # (B, F)
                 for i, feat in zip(ok, feats, strict=True):
                     X[todo[digests[i]]] = feat
                     if cache:

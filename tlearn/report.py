@@ -21,20 +21,23 @@ def write_history_csv(history: History, path: Path) -> None:
     keys = list(history.history)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["epoch", *keys])
+    writer.writerow(["epoch", "stage", *keys])
     for i, epoch in enumerate(history.epoch):
-        writer.writerow([epoch, *(f"{history.history[k][i]:.6f}" for k in keys)])
+        writer.writerow([epoch, history.stage[i], *(f"{history.history[k][i]:.6f}" for k in keys)])
     atomic_write_text(path, buf.getvalue())
 
 
 def plot_curves(history: History, path: Path, title: str = "") -> None:
-    """Accuracy and loss, train vs validation, per epoch; the best epoch is marked."""
+    """Accuracy and loss, train vs validation, per epoch; the best epoch and stage boundaries are marked."""
     h = history.history
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         ax.plot(history.epoch, h[key], "o-", ms=3, label=f"training {key}")
         ax.plot(history.epoch, h[f"val_{key}"], "s-", ms=3, label=f"validation {key}")
         ax.axvline(history.best_epoch, color="grey", ls=":", lw=1, label=f"best epoch ({history.best_epoch})")
+        for i in range(1, len(history.stage)):
+            if history.stage[i] != history.stage[i - 1]:
+                ax.axvline(i + 0.5, color="tab:red", ls="--", lw=1, label=f"{history.stage[i]} starts")
         ax.set(xlabel="epoch", ylabel=key, title=f"Training and validation {key}")
         ax.grid(alpha=0.3)
         ax.legend()

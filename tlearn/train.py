@@ -1,10 +1,20 @@
-"""Train a classifier head on cached features: a visible loop with early stopping, or scikit-learn's
-logistic regression folded into the same Linear head."""
+"""Training: one visible loop for every mode, over batches of cached features or of augmented images.
+
+``fit`` runs epochs of ``train_one_epoch`` and ``evaluate``, keeps the weights of the epoch with the lowest
+validation loss, stops early after ``patience`` epochs without improvement, and hands its full state to a
+checkpoint callback after each epoch so an interrupted run can resume.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,8 +22,12 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
+from tqdm import tqdm
 
-from tlearn.config import TrainConfig
+from tlearn.config import TlearnError, TrainConfig
+
+log = logging.getLogger("tlearn")
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (x, y) batches per call
 
 
 def make_head(num_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.2) -> nn.Sequential:
@@ -28,92 +42,258 @@ def make_head(num_features: int, num_classes: int, hidden: int = 0, dropout: flo
 @dataclass
 class History:
     """Per-epoch metrics in Keras's vocabulary: ``history["loss"]``, ``["accuracy"]``, ``["val_loss"]``,
-    ``["val_accuracy"]``; ``best_epoch`` is the epoch whose weights were kept."""
+    ``["val_accuracy"]``. ``stage`` names each epoch's training stage; ``best_epoch`` is the epoch whose
+    weights were kept."""
 
     epoch: list[int] = field(default_factory=list)
     history: dict[str, list[float]] = field(
         default_factory=lambda: {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []})
+    stage: list[str] = field(default_factory=list)
     best_epoch: int = 0
 
-    def append(self, epoch: int, **metrics: float) -> None:
-        self.epoch.append(epoch)
+    def append(self, stage: str, **metrics: float) -> None:
+        self.epoch.append(len(self.epoch) + 1)
+        self.stage.append(stage)
         for k, v in metrics.items():
             self.history[k].append(float(v))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "history": self.history, "stage": self.stage, "best_epoch": self.best_epoch}
 
-def train_one_epoch(head: nn.Module, X: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-                    batch_size: int, generator: torch.Generator) -> tuple[float, float]:
-    """One pass over shuffled mini-batches of (N, F) features; returns mean loss and accuracy."""
-    head.train()
-    total_loss, correct = 0.0, 0
-    for idx in torch.randperm(len(X), generator=generator).split(batch_size):
-        logits = head(X[idx])  # (B, C)
-        loss = F.cross_entropy(logits, y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        total_loss += loss.item() * len(idx)
-        correct += (logits.argmax(1) == y[idx]).sum().item()
-    return total_loss / len(X), correct / len(X)
+
+@dataclass
+class Precision:
+    """Where and in which precision the loop runs; ``autocast()`` wraps a forward pass."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None  # None: fp32
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def resolve_precision(config: TrainConfig) -> Precision:
+    """The device (CUDA when present, unless --device says otherwise) and the autocast dtype."""
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TlearnError(f"--device {config.device}: no CUDA device is available here; use --device cpu")
+    precision = config.precision
+    if precision == "auto":
+        precision = "fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise TlearnError("--precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Precision(device, dtype)
+
+
+def class_weights(y: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+    """Inverse-frequency loss weights (scikit-learn's 'balanced'), or None. 'auto' weighs only when the largest
+    class has more than 1.5 times the images of the smallest."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    if mode == "none" or (mode == "auto" and counts.max() <= 1.5 * counts.min()):
+        return None
+    return torch.tensor(len(y) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                  total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 10 % of each group's lr, then cosine decay to 0, stepped once per iteration."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.1 + 0.9 * step / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    opt: torch.optim.Optimizer, run: Precision, weight: torch.Tensor | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    scaler: torch.amp.GradScaler | None = None,
+                    progress: tqdm | None = None) -> tuple[float, float]:
+    """One pass over the batches; returns mean loss and accuracy."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        with run.autocast():
+            logits = model(x)  # (B, C)
+            loss = F.cross_entropy(logits.float(), y, weight=weight)
+        opt.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if scheduler:
+            scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        if progress is not None:
+            progress.update(len(y))
+            progress.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
 @torch.no_grad()
-def evaluate(head: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean loss and accuracy of ``head`` on (N, F) features, in eval mode."""
-    head.eval()
-    logits = head(X)
-    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], run: Precision,
+             weight: torch.Tensor | None = None) -> tuple[float, float]:
+    """Mean loss and accuracy in eval mode."""
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(run.device), y.to(run.device)
+        with run.autocast():
+            logits = model(x).float()
+        total_loss += F.cross_entropy(logits, y, weight=weight, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def tensor_batches(X: np.ndarray, y: np.ndarray, batch_size: int,
+                   generator: torch.Generator | None = None) -> Batches:
+    """Batches of in-memory features; shuffled each pass when a generator is given."""
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y).long()
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(Xt), generator=generator) if generator is not None else torch.arange(len(Xt))
+        for idx in order.split(batch_size):
+            yield Xt[idx], yt[idx]
+
+    return batches
+
+
+@dataclass
+class Stage:
+    """One training stage: what to train, on what, for how long."""
+
+    name: str
+    model: nn.Module  # trained on ``train``
+    groups: list[dict]  # optimizer parameter groups, each with its own lr
+    train: Batches
+    val: Batches
+    epochs: int
+    steps_per_epoch: int
+    val_model: nn.Module | None = None  # evaluated on ``val`` (default: ``model``)
+    schedule: bool = True  # warm-up + cosine; off for a head on features
+    images_per_epoch: int = 0  # for the progress bar
+    generator: torch.Generator | None = None  # the shuffling RNG, whose state goes into checkpoints
+
+
+def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor | None, history: History,
+        best: dict[str, Any] | None = None, resume: dict[str, Any] | None = None,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``stage`` and return the best state ``{"loss", "epoch", "weights"}`` (``best`` carries a previous
+    stage's best in, so a stage that never improves on it leaves the weights as they were)."""
+    model, val_model = stage.model, stage.val_model or stage.model
+    opt = make_optimizer(stage.groups, config)
+    total = stage.epochs * stage.steps_per_epoch
+    warmup = round(config.warmup_epochs * stage.steps_per_epoch)
+    scheduler = warmup_cosine(opt, warmup, total) if stage.schedule else None
+    scaler = torch.amp.GradScaler() if run.dtype == torch.float16 else None
+    best = best or {"loss": float("inf"), "epoch": 0, "weights": copy.deepcopy(model.state_dict())}
+    first, waited = 1, 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        if scheduler:
+            scheduler.load_state_dict(resume["scheduler"])
+        best, first, waited = resume["best"], resume["epoch"] + 1, resume["waited"]
+    for epoch in range(first, stage.epochs + 1):
+        start = time.perf_counter()
+        with tqdm(total=stage.images_per_epoch or None, unit="img", leave=False, disable=not progress or None,
+                  desc=f"{stage.name} epoch {epoch}/{stage.epochs}") as bar:
+            loss, acc = train_one_epoch(model, stage.train(), opt, run, weight, scheduler, scaler, bar)
+        val_loss, val_acc = evaluate(val_model, stage.val(), run)  # unweighted, comparable across runs
+        history.append(stage.name, loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
+        seconds = time.perf_counter() - start
+        if stage.images_per_epoch:
+            log.info(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {loss:.4f}, accuracy {acc:.4f}, "
+                     f"val_loss {val_loss:.4f}, val_accuracy {val_acc:.4f} ({stage.steps_per_epoch} iterations of "
+                     f"{config.batch_size}, {seconds:.1f} s, {stage.images_per_epoch / seconds:.1f} img/s)")
+        if val_loss < best["loss"]:
+            best, waited = {"loss": val_loss, "epoch": len(history.epoch),
+                            "weights": copy.deepcopy(model.state_dict())}, 0
+        else:
+            waited += 1
+        history.best_epoch = best["epoch"]
+        stop = waited >= config.patience
+        if checkpoint:
+            checkpoint({"stage": stage.name, "epoch": epoch, "waited": waited, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict() if scheduler else {},
+                        "best": best, "history": history, "done": stop or epoch == stage.epochs})
+        if stop:
+            break
+    model.load_state_dict(best["weights"])
+    return best
 
 
 def fit_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, num_classes: int,
-             config: TrainConfig, on_epoch=None) -> tuple[nn.Sequential, History]:
-    """Train a head on features; the weights of the epoch with the lowest validation loss are restored."""
-    Xt, yt = torch.from_numpy(X_train), torch.from_numpy(y_train).long()
-    Xv, yv = torch.from_numpy(X_val), torch.from_numpy(y_val).long()
+             config: TrainConfig, *, epochs: int | None = None, history: History | None = None,
+             weight: torch.Tensor | None = None, progress: bool = False) -> tuple[nn.Sequential, History, dict]:
+    """Train a head on cached features (mode features, and the first stage of finetune)."""
+    history = history if history is not None else History()
     if config.head == "logreg":
         head = _logreg_head(X_train, y_train, num_classes, config)
-        history = History(best_epoch=1)
-        loss, acc = evaluate(head, Xt, yt)
-        val_loss, val_acc = evaluate(head, Xv, yv)
-        history.append(1, loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
-        return head, history
-
+        run = Precision(torch.device("cpu"))
+        loss, acc = evaluate(head, tensor_batches(X_train, y_train, 4096)(), run)
+        val_loss, val_acc = evaluate(head, tensor_batches(X_val, y_val, 4096)(), run)
+        history.append("head", loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
+        history.best_epoch = len(history.epoch)
+        return head, history, {"loss": val_loss, "epoch": history.best_epoch, "weights": head.state_dict()}
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    head = make_head(Xt.shape[1], num_classes, config.hidden, config.dropout)
-    opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    history, best_loss, best_state, waited = History(), float("inf"), None, 0
-    for epoch in range(1, config.epochs + 1):
-        loss, acc = train_one_epoch(head, Xt, yt, opt, config.batch_size, generator)
-        val_loss, val_acc = evaluate(head, Xv, yv)
-        history.append(epoch, loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
-        if on_epoch:
-            on_epoch(epoch, history)
-        if val_loss < best_loss:
-            best_loss, best_state, history.best_epoch, waited = val_loss, copy.deepcopy(head.state_dict()), epoch, 0
-        else:
-            waited += 1
-            if waited >= config.patience:
-                break
-    head.load_state_dict(best_state)
-    return head.eval(), history
+    head = make_head(X_train.shape[1], num_classes, config.hidden, config.dropout)
+    n_epochs = epochs or config.max_epochs("features")
+    stage = Stage("head", head, [{"params": list(head.parameters()), "lr": config.lr}],
+                  tensor_batches(X_train, y_train, config.batch_size, generator),
+                  tensor_batches(X_val, y_val, 4096), n_epochs, math.ceil(len(X_train) / config.batch_size),
+                  schedule=False)
+    best = fit(stage, config, Precision(torch.device("cpu")), weight, history, progress=progress)
+    return head.eval(), history, best
 
 
 def _logreg_head(X: np.ndarray, y: np.ndarray, num_classes: int, config: TrainConfig) -> nn.Sequential:
     """scikit-learn's multinomial logistic regression on standardised features, folded into one Linear layer
     so that it is saved, loaded and served exactly like the dense head."""
+    linear = fold_logreg(X, y, num_classes, config.seed, balanced=config.class_weight == "balanced")
+    head = make_head(X.shape[1], num_classes, hidden=0, dropout=0.0)
+    head[1].load_state_dict(linear.state_dict())
+    return head.eval()
+
+
+def fold_logreg(X: np.ndarray, y: np.ndarray, num_classes: int, seed: int, balanced: bool = False) -> nn.Linear:
+    """Fit scikit-learn's LogisticRegression (C=1) on standardised ``X`` and return the equivalent nn.Linear."""
     scaler = StandardScaler().fit(X)
-    clf = LogisticRegression(max_iter=2000, random_state=config.seed)
+    clf = LogisticRegression(max_iter=2000, random_state=seed, class_weight="balanced" if balanced else None)
     clf.fit(scaler.transform(X), y)
     coef, bias = clf.coef_, clf.intercept_
     if coef.shape[0] == 1:  # binary: sklearn keeps one logit z for class 1; softmax([0, z]) == sigmoid(z)
         coef, bias = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, bias[0]])
-    if clf.classes_.tolist() != list(range(num_classes)):
-        raise ValueError("logistic regression saw only some classes")  # a split without a class is caught earlier
+    assert clf.classes_.tolist() == list(range(num_classes)), "every class is in the training split"
     # (x - mean) / scale @ W.T + b  ==  x @ (W / scale).T + (b - W @ (mean / scale))
     weight = coef / scaler.scale_
-    head = make_head(X.shape[1], num_classes, hidden=0, dropout=0.0)
+    linear = nn.Linear(X.shape[1], num_classes)
     with torch.no_grad():
-        head[1].weight.copy_(torch.from_numpy(weight))
-        head[1].bias.copy_(torch.from_numpy(bias - weight @ scaler.mean_))
-    return head.eval()
+        linear.weight.copy_(torch.from_numpy(weight))
+        linear.bias.copy_(torch.from_numpy(bias - weight @ scaler.mean_))
+    return linear

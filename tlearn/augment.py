@@ -1,0 +1,139 @@
+"""Data augmentation with Keras's ImageDataGenerator parameters, built on torchvision.transforms.v2.
+
+The training transform is the evaluation transform (resize, centre crop, normalise) with random geometry and
+colour inserted before the crop, so the crop usually sees real pixels rather than fill.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from torch import nn
+
+from tlearn.config import AugmentConfig
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"rotation_range": 0.0, "width_shift_range": 0.0, "height_shift_range": 0.0, "shear_range": 0.0,
+             "zoom_range": 0.0, "horizontal_flip": False, "vertical_flip": False, "brightness_range": None,
+             "fill_mode": "nearest"},
+    "light": {"rotation_range": 10.0, "width_shift_range": 0.1, "height_shift_range": 0.1, "shear_range": 0.0,
+              "zoom_range": 0.1, "horizontal_flip": True, "vertical_flip": False, "brightness_range": None,
+              "fill_mode": "nearest"},
+    # Deep Learning with Python, 5.2.5; its shear_range=0.2 was radians in the Keras of the time: 11.5 degrees.
+    "default": {"rotation_range": 40.0, "width_shift_range": 0.2, "height_shift_range": 0.2, "shear_range": 11.5,
+                "zoom_range": 0.2, "horizontal_flip": True, "vertical_flip": False, "brightness_range": None,
+                "fill_mode": "nearest"},
+    "strong": {"rotation_range": 40.0, "width_shift_range": 0.25, "height_shift_range": 0.25, "shear_range": 20.0,
+               "zoom_range": 0.3, "horizontal_flip": True, "vertical_flip": False, "brightness_range": "0.7,1.3",
+               "fill_mode": "reflect"},
+}
+
+_PAD_MODES = {"nearest": "replicate", "reflect": "reflect", "wrap": "circular"}
+
+
+def resolve(config: AugmentConfig) -> dict[str, Any]:
+    """The preset's parameters with every parameter set in ``config`` taking its place."""
+    params = dict(PRESETS[config.augment])
+    params.update({k: v for k, v in vars(config).items() if k != "augment" and v is not None})
+    return params
+
+
+class KerasAffine(nn.Module):
+    """Random rotation, shift, shear and (isotropic) zoom of a float (C, H, W) tensor, with Keras's fill modes.
+
+    torchvision's affine fills only with a constant, so for nearest, reflect and wrap the image is first padded
+    with that mode, transformed, and cropped back to its size.
+    """
+
+    def __init__(self, rotation: float, width_shift: float, height_shift: float, shear: float, zoom: float,
+                 fill_mode: str):
+        super().__init__()
+        self.rotation, self.width_shift, self.height_shift = rotation, width_shift, height_shift
+        self.shear, self.zoom, self.fill_mode = shear, zoom, fill_mode
+
+    def _uniform(self, bound: float) -> float:
+        return (torch.rand(()).item() * 2 - 1) * bound
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if not any((self.rotation, self.width_shift, self.height_shift, self.shear, self.zoom)):
+            return img
+        h, w = img.shape[-2:]
+        angle, shear = self._uniform(self.rotation), self._uniform(self.shear)
+        tx, ty = self._uniform(self.width_shift) * w, self._uniform(self.height_shift) * h
+        scale = 1.0 + self._uniform(self.zoom)
+        pad = 0 if self.fill_mode == "constant" else min(h, w) // 2
+        if pad:
+            img = F.pad(img[None], (pad, pad, pad, pad), mode=_PAD_MODES[self.fill_mode])[0]
+        img = TF.affine(img, angle=angle, translate=[tx, ty], scale=scale, shear=[shear, 0.0],
+                        interpolation=T.InterpolationMode.BILINEAR, fill=0.0)
+        return img[..., pad:pad + h, pad:pad + w] if pad else img
+
+    def extra_repr(self) -> str:
+        return (f"rotation={self.rotation}, shift=({self.width_shift}, {self.height_shift}), shear={self.shear}, "
+                f"zoom={self.zoom}, fill_mode={self.fill_mode}")
+
+
+class _Clamp(nn.Module):
+    """Keep pixel values in [0, 1] after interpolation and brightness changes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0, 1)
+
+
+def train_transform(preprocessing: dict[str, Any], config: AugmentConfig, normalize: bool = True) -> T.Compose:
+    """Augmented training transform: PIL image → normalised (3, H, W) float tensor of the model's input size."""
+    p = resolve(config)
+    size = preprocessing["input_size"][-1]
+    interpolation = T.InterpolationMode(preprocessing.get("interpolation", "bilinear"))
+    steps: list[nn.Module] = [
+        T.Resize(math.floor(size / preprocessing.get("crop_pct", 1.0)), interpolation=interpolation),
+        T.ToImage(), T.ToDtype(torch.float32, scale=True),
+        KerasAffine(p["rotation_range"], p["width_shift_range"], p["height_shift_range"], p["shear_range"],
+                    p["zoom_range"], p["fill_mode"]),
+    ]
+    if p["horizontal_flip"]:
+        steps.append(T.RandomHorizontalFlip())
+    if p["vertical_flip"]:
+        steps.append(T.RandomVerticalFlip())
+    if p["brightness_range"]:
+        lo, hi = (float(v) for v in str(p["brightness_range"]).split(","))
+        steps.append(T.ColorJitter(brightness=(lo, hi)))
+    steps += [T.CenterCrop(size), _Clamp()]
+    if normalize:
+        steps.append(T.Normalize(preprocessing["mean"], preprocessing["std"]))
+    return T.Compose(steps)
+
+
+def preview(image: Path, preprocessing: dict[str, Any], config: AugmentConfig, n: int, out: Path,
+            seed: int = 0) -> Path:
+    """Save a grid of the image and ``n`` augmented versions of it, like the classic tutorial's preview."""
+    import matplotlib.pyplot as plt
+
+    from tlearn.data import load_image
+    from tlearn.fileio import atomic_path
+
+    torch.manual_seed(seed)
+    picture = load_image(image)
+    transform = train_transform(preprocessing, config, normalize=False)
+    plain = train_transform(preprocessing, AugmentConfig(augment="none"), normalize=False)
+    tiles = [("original", plain(picture))] + [(f"augmented {i + 1}", transform(picture)) for i in range(n)]
+    cols = min(len(tiles), 5)
+    rows = math.ceil(len(tiles) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, x) in zip(axes.flat, tiles, strict=False):
+        ax.imshow(x.permute(1, 2, 0).numpy())
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{image.name}: --augment {config.augment}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return out

@@ -1,0 +1,79 @@
+"""Resumable training state in one safetensors file: tensors (model, best weights, optimizer, RNG) plus a JSON
+header (epoch, history, optimizer hyperparameters, scheduler, configs) in the file's own metadata.
+
+One file, written atomically, so tensors and state can never disagree after a crash. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from tlearn.config import TlearnError
+from tlearn.fileio import atomic_path
+from tlearn.train import History
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, values in state["state"].items():
+        plain["state"][str(idx)] = {}
+        for k, v in values.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{idx}.{k}"] = v
+            else:
+                plain["state"][str(idx)][k] = v
+    return tensors, plain
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in plain["state"].items()}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)  # "<param index>.<state name>"
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], configs: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
+    """Write the state that ``train.fit`` hands its checkpoint callback, with the run's configs and RNG states."""
+    opt_tensors, opt_plain = _split_optimizer(state["optimizer"])
+    tensors = {f"model.{k}": v for k, v in state["model"].items()}
+    tensors |= {f"best.{k}": v for k, v in state["best"]["weights"].items()}
+    tensors |= opt_tensors | {f"rng.{k}": v for k, v in rng.items()}
+    header = {"stage": state["stage"], "epoch": state["epoch"], "waited": state["waited"],
+              "best": {"loss": state["best"]["loss"], "epoch": state["best"]["epoch"]},
+              "optimizer": opt_plain, "scheduler": state["scheduler"], "history": state["history"].to_dict(),
+              "configs": configs}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "tlearn-checkpoint", "state": json.dumps(header)})
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a checkpoint back as (state for ``train.fit(resume=...)``, configs, RNG states)."""
+    if not path.is_file():
+        raise TlearnError(f"{path.parent} has no {CHECKPOINT_FILE} to resume from: the run finished, or never "
+                          "completed an epoch; start it again without --resume")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise TlearnError(f"{path} is damaged ({e}); start the run again without --resume") from e
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+    history = History(**{k: header["history"][k] for k in ("epoch", "history", "stage", "best_epoch")})
+    state = {"stage": header["stage"], "epoch": header["epoch"], "waited": header["waited"],
+             "model": part("model."), "optimizer": _join_optimizer(part("optimizer."), header["optimizer"]),
+             "scheduler": header["scheduler"], "history": history,
+             "best": {**header["best"], "weights": part("best.")}}
+    return state, header["configs"], part("rng.")

@@ -1,0 +1,110 @@
+"""Compare several models on one dataset and one split: a table (CSV and Markdown) and a bar chart.
+
+A model is named as ``small-cnn``, ``alexnet`` or ``logreg-pixels`` (from scratch), or ``BACKBONE:MODE`` with a
+mode of features, frozen or finetune (e.g. ``efficientnet_lite0:finetune``). Every model trains on the split
+the first one made, and the backbone modes share the feature cache.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+from tlearn.config import TlearnError
+from tlearn.fileio import atomic_path, atomic_write_text
+from tlearn.models import SCRATCH
+
+log = logging.getLogger("tlearn")
+BACKBONE_MODES = ("features", "frozen", "finetune")
+
+
+def parse_models(text: str) -> list[dict[str, str]]:
+    """'logreg-pixels,efficientnet_lite0:features' -> the ImageClassifier options of each model."""
+    models = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item in SCRATCH:
+            models.append({"mode": "scratch", "model": item})
+            continue
+        backbone, _, mode = item.partition(":")
+        mode = mode or "features"
+        if mode not in BACKBONE_MODES:
+            raise TlearnError(f"--models entry {item!r}: the mode after ':' must be one of "
+                              f"{', '.join(BACKBONE_MODES)}; scratch models are {', '.join(SCRATCH)}")
+        models.append({"backbone": backbone, "mode": mode})
+    if not models:
+        raise TlearnError("--models must name at least one model, e.g. logreg-pixels,efficientnet_lite0:features")
+    return models
+
+
+def compare(data: str, models: str, out: Path, options: dict[str, Any],
+            data_options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train each model into ``out/<name>`` on one split and write ``compare.csv``, ``compare.md`` and
+    ``compare.png``. Returns one row per model."""
+    from tlearn.api import ImageClassifier
+
+    rows = []
+    manifest = data_options.get("split_manifest")
+    for spec in parse_models(models):
+        name = spec.get("model") or f"{spec['backbone']}:{spec['mode']}"
+        log.info(f"--- {name} ---")
+        clf = ImageClassifier(**{**options, **spec})
+        run_dir = out / name.replace(":", "-")
+        clf.fit(data, out=run_dir, **{**data_options, "split_manifest": manifest})
+        manifest = manifest or str(run_dir / "split.csv")  # the next models reuse this split
+        split = "test" if "test" in clf.metrics else "validation"
+        m = clf.metrics[split]
+        rows.append({"model": name, "split": split, "accuracy": m["accuracy"], "loss": m["loss"],
+                     "train_seconds": clf.train_seconds, "trainable_params": clf.params["trainable"],
+                     "total_params": clf.params["total"], "epochs": len(clf.history.epoch), "run": str(run_dir)})
+    chance = 1 / len(clf.classes)
+    write_table(rows, out, chance)
+    plot(rows, out / "compare.png", chance)
+    return rows
+
+
+COLUMNS = ("model", "split", "accuracy", "loss", "train_seconds", "trainable_params", "total_params", "epochs")
+
+
+def _cell(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def markdown(rows: list[dict[str, Any]], chance: float) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + f"\n\nChance level: {chance:.4f}\n"
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, chance: float) -> None:
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, "run"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "compare.csv", buf.getvalue())
+    atomic_write_text(out / "compare.md", markdown(rows, chance))
+
+
+def plot(rows: list[dict[str, Any]], path: Path, chance: float) -> None:
+    """Test accuracy and training time per model, side by side, with the chance level marked."""
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in rows]
+    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2))
+    bars = ax_acc.barh(names, [r["accuracy"] for r in rows], color="tab:blue")
+    ax_acc.bar_label(bars, labels=[f"{r['accuracy']:.1%}" for r in rows], padding=3)
+    ax_acc.axvline(chance, color="grey", ls=":", label=f"chance ({chance:.0%})")
+    ax_acc.set(xlim=(0, 1.12), xlabel=f"{rows[0]['split']} accuracy", title="Accuracy")
+    ax_acc.legend(loc="lower right")
+    ax_acc.invert_yaxis()
+    bars = ax_time.barh(names, [r["train_seconds"] for r in rows], color="tab:orange")
+    ax_time.bar_label(bars, labels=[f"{r['train_seconds']:.0f} s" for r in rows], padding=3)
+    ax_time.set(xlabel="training time (s)", title="Training time")
+    ax_time.invert_yaxis()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,153 @@
+"""Trainable networks: a pretrained base with a new head, and the from-scratch baselines.
+
+A ``Classifier`` keeps its base in inference mode at all times, so BatchNorm statistics of the pretrained base
+are never updated (the mistake Keras users keep hitting), whether its weights are frozen or fine-tuned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Classifier(nn.Module):
+    """Images → logits through a timm base and a head. (B, 3, H, W) -> (B, F) -> (B, C)."""
+
+    def __init__(self, base: nn.Module, head: nn.Module):
+        super().__init__()
+        self.base, self.head = base, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.base.forward_head(self.base.forward_features(x), pre_logits=True))
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        self.base.eval()  # pretrained BatchNorm statistics and stochastic depth stay as they are
+        return self
+
+
+def stages(model: nn.Module) -> list[list[str]]:
+    """Parameter names of the base grouped by its own reduction stages (timm's ``feature_info``), stem first.
+
+    Stage i holds every parameter registered after stage i-1's module and up to the end of stage i's module;
+    anything after the last stage module (e.g. EfficientNet's conv_head) joins the last stage. The classifier
+    is left out.
+    """
+    names = [n for n, _ in model.named_modules()]
+    position = {n: i for i, n in enumerate(names)}
+    ends = []
+    for info in model.feature_info:
+        prefix = info["module"]
+        ends.append(max(i for n, i in position.items() if n == prefix or n.startswith(prefix + ".")))
+    classifier = model.pretrained_cfg.get("classifier", "classifier")
+    groups: list[list[str]] = [[] for _ in ends]
+    for name, _ in model.named_parameters():
+        if name.startswith(classifier + "."):
+            continue
+        owner = position[name.rsplit(".", 1)[0]] if "." in name else 0
+        stage = next((i for i, end in enumerate(ends) if owner <= end), len(ends) - 1)
+        groups[stage].append(name)
+    return [g for g in groups if g]
+
+
+def unfreeze_groups(model: nn.Module, unfreeze: str, lr: float, lr_mults: tuple[float, float]) -> list[dict]:
+    """Make the top ``unfreeze`` stages trainable and return their optimizer groups: the top stage at
+    ``lr * lr_mults[0]``, deeper unfrozen stages at ``lr * lr_mults[1]``; the rest stays frozen."""
+    groups = stages(model)
+    n = len(groups) if unfreeze == "all" else min(int(unfreeze), len(groups))
+    params = dict(model.named_parameters())
+    model.requires_grad_(False)
+    out = []
+    for depth, names in enumerate(reversed(groups[-n:])):
+        for name in names:
+            params[name].requires_grad_(True)
+        out.append({"params": [params[name] for name in names], "lr": lr * lr_mults[0 if depth == 0 else 1],
+                    "name": f"base stage {len(groups) - depth}/{len(groups)}"})
+    return out
+
+
+# --- from-scratch baselines -----------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    """Deep Learning with Python's convnet: four conv/max-pool blocks (32-64-128-128), dropout 0.5, dense 512.
+    (B, 3, 150, 150) -> (B, C)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for c_in, c_out in ((3, 32), (32, 64), (64, 128), (128, 128)):
+            blocks += [nn.Conv2d(c_in, c_out, 3), nn.ReLU(), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*blocks)  # 150 -> 148 -> 74 -> 72 -> 36 -> 34 -> 17 -> 15 -> 7
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(128 * 7 * 7, 512), nn.ReLU(),
+                                        nn.Linear(512, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class AlexNet(nn.Module):
+    """AlexNet at 227 px with BatchNorm on the input. (B, 3, 227, 227) -> (B, C)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.BatchNorm2d(3),
+            nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(), nn.MaxPool2d(3, 2),            # 227 -> 55 -> 27
+            nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),          # 27 -> 13
+            nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),         # 13 -> 6
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4096, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class PixelLinear(nn.Module):
+    """Logistic regression on downscaled pixels: (B, 3, 32, 32) -> (B, 3072) -> (B, C)."""
+
+    def __init__(self, num_classes: int, size: int = 32):
+        super().__init__()
+        self.linear = nn.Linear(3 * size * size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+@dataclass(frozen=True)
+class ScratchEntry:
+    build: Callable[[int], nn.Module]
+    size: int
+    about: str
+
+    def preprocessing(self) -> dict[str, Any]:
+        """Plain [0, 1] pixels (Keras's ``rescale=1./255``), resized with the aspect ratio kept, centre-cropped."""
+        return {"input_size": [3, self.size, self.size], "interpolation": "bilinear", "mean": [0.0, 0.0, 0.0],
+                "std": [1.0, 1.0, 1.0], "crop_pct": 1.0, "crop_mode": "center"}
+
+
+SCRATCH: dict[str, ScratchEntry] = {
+    "small-cnn": ScratchEntry(SmallCNN, 150, "Deep Learning with Python's convnet, 150 px"),
+    "alexnet": ScratchEntry(AlexNet, 227, "AlexNet with input BatchNorm, 227 px"),
+    "logreg-pixels": ScratchEntry(PixelLinear, 32, "logistic regression on 32x32 pixels (scikit-learn)"),
+}
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def base_parameters(model: nn.Module) -> int:
+    """Parameters of a timm base without its ImageNet classifier."""
+    classifier = model.get_classifier()
+    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in classifier.parameters())
