@@ -91,3 +91,11 @@ def test_hymenoptera_end_to_end_with_real_weights(tmp_path: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["weights_id"].startswith("sha256:")
     assert config["data_summary"]["counts"]["train"] == {"ants": 124, "bees": 121}
+
+
+def test_boolean_flags_parse_as_booleans() -> None:
+    from tlearn.cli import build_parser
+
+    args = build_parser().parse_args(["train", "d", "--no-horizontal-flip", "--vertical-flip", "--no-pretrained"])
+    assert args.horizontal_flip is False and args.vertical_flip is True and args.pretrained is False
+    assert build_parser().parse_args(["train", "d"]).horizontal_flip is None  # the preset decides

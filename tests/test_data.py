@@ -100,7 +100,7 @@ def test_non_images_hidden_files_and_stray_files_are_listed_not_used(tmp_path: P
     data = scan(DataConfig(path=str(root)))
     reasons = {p.path.name: p.reason for p in data.skipped}
     assert reasons["notes.txt"].startswith("not an image extension")
-    assert reasons[".DS_Store"] == "hidden file"
+    assert reasons[".DS_Store"] == "hidden or system file"
     assert reasons["README.md"] == "not inside a class sub-folder"
     assert reasons["dangling.png"] == "broken symbolic link"
     assert len(data.samples) == 10

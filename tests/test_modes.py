@@ -92,10 +92,13 @@ def test_scratch_models_train_save_and_load(photos: Path, tmp_path: Path, model:
 
 
 def test_finetuned_model_saves_its_base_and_reloads(photos: Path, tmp_path: Path) -> None:
-    clf = ImageClassifier(**TINY, mode="finetune", epochs=1, head_epochs=3, **FAST)
+    clf = ImageClassifier(**TINY, mode="finetune", epochs=2, head_epochs=2, lr=0.01, **FAST)
     clf.fit(photos, out=tmp_path / "run")
     loaded = ImageClassifier.load(tmp_path / "run", verbose=False)
     assert loaded.spec.kind == "finetuned"
+    tuned, pretrained = clf.model.base.state_dict(), clf.backbone.model.state_dict()
+    assert any(not torch.equal(tuned[k], pretrained[k]) for k in tuned), "fine-tuning changed the base"
+    assert all(torch.equal(v, tuned[k]) for k, v in loaded.model.base.state_dict().items()), "the base is saved"
     assert loaded.evaluate() == clf.evaluate()
     assert 0 < clf.params["trainable"] < clf.params["total"]
 

@@ -17,6 +17,7 @@ from torch import nn
 from tlearn import report
 from tlearn.artifact import ModelSpec, load_model, save_model
 from tlearn.backbones import Backbone, load_backbone
+from tlearn.check import Finding, quick_check
 from tlearn.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from tlearn.config import (
     AugmentConfig,
@@ -81,6 +82,7 @@ class ImageClassifier:
         self.data: ImageFolder | None = None
         self.data_config: DataConfig | None = None
         self.metrics: dict[str, dict[str, Any]] = {}
+        self.findings: list[Finding] = []  # duplicates, leakage and conflicting labels found by fit
         self.params: dict[str, int] = {}
         self.train_seconds = 0.0
         self._backbone: Backbone | None = None
@@ -141,6 +143,10 @@ class ImageClassifier:
         validate(self.data_config)
         start = time.perf_counter()
         folder = scan(self.data_config)
+        self.findings = quick_check(folder)
+        for f in self.findings:
+            if f.severity == "error":
+                log.warning(f"{f.kind}: {f.path}: {f.detail}")
         n_train = len(folder.split("train"))
         self.decision = choose(n_train, len(folder.classes), self.train_config)
         log.info(f"data: {folder.root} ({folder.layout}), {len(folder.classes)} classes\n"
@@ -292,6 +298,8 @@ class ImageClassifier:
                                      "counts": self.data.counts()}
             write_manifest(self.data, run_dir / "split.csv")
             report.write_skipped_csv(self.data.skipped, run_dir / "skipped.csv")
+            findings = [dataclasses.asdict(f) for f in self.findings]
+            atomic_write_text(run_dir / "check.json", json.dumps({"findings": findings}, indent=2) + "\n")
         if self.history:
             report.write_history_csv(self.history, run_dir / "history.csv")
             data_name = f" on {self.data.root.name}" if self.data else ""

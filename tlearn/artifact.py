@@ -2,20 +2,23 @@
 
 ``config.json`` holds the model spec (classes, backbone and its weights identity, preprocessing, head shape)
 next to the data, backbone and training configs that produced it, so a run can be read, reloaded and repeated.
+The same config is also stored inside ``model.safetensors``'s metadata: that one file, written atomically, is
+always a complete model, even if a save is killed between the two files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from tlearn import __version__
@@ -24,6 +27,7 @@ from tlearn.fileio import atomic_path, atomic_write_text
 from tlearn.models import SCRATCH, Classifier
 from tlearn.train import make_head
 
+log = logging.getLogger("tlearn")
 FORMAT = "tlearn-model"
 FORMAT_VERSION = 1
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -63,22 +67,24 @@ class ModelSpec:
 def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str, Any]) -> None:
     """Write the tensors and the config atomically; ``extra`` adds sections (data, train, ...) to config.json."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(run_dir / MODEL_FILE) as tmp:
-        save_file(tensors, tmp, metadata={"format": FORMAT})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "versions": {"tlearn": __version__, "torch": torch.__version__, "timm": timm.__version__},
               "model": dataclasses.asdict(spec), **extra}
-    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    text = json.dumps(config, indent=2) + "\n"
+    with atomic_path(run_dir / MODEL_FILE) as tmp:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "config": text})
+    atomic_write_text(run_dir / CONFIG_FILE, text)
 
 
-def read_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
+def read_config(run_dir: Path, text: str | None = None) -> dict[str, Any]:
+    """The run's config from ``config.json``, or from ``text`` (the copy inside model.safetensors)."""
+    path = run_dir / (CONFIG_FILE if text is None else MODEL_FILE)
+    if text is None and not path.is_file():
         raise TlearnError(f"{run_dir} is not a tlearn model folder: {CONFIG_FILE} is missing")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8") if text is None else text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TlearnError(f"{path} is damaged (not valid JSON: {e}); retrain or restore the run") from e
+        raise TlearnError(f"{path} is damaged (its config is not valid JSON: {e}); retrain or restore the run") from e
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise TlearnError(f"{path} is not a tlearn model config (no \"format\": \"{FORMAT}\")")
     if config.get("format_version", 0) > FORMAT_VERSION:
@@ -104,15 +110,27 @@ def _spec(config: dict[str, Any], where: Path) -> ModelSpec:
 def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
     """Read a saved model back, checking every tensor name and shape against its config."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    spec = _spec(config, run_dir / CONFIG_FILE)
     path = run_dir / MODEL_FILE
     if not path.is_file():
-        raise TlearnError(f"{path} is missing; the run did not finish saving, so retrain it")
+        what = "the run did not finish saving, so retrain it" if (run_dir / CONFIG_FILE).is_file() else \
+            "is this a run folder written by `tlearn train`?"
+        raise TlearnError(f"{path} is missing: {what}")
     try:
-        tensors = load_file(path)
+        with safe_open(str(path), framework="pt") as f:
+            embedded = (f.metadata() or {}).get("config")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise TlearnError(f"{path} is damaged ({e}); retrain or restore the run") from e
+    config = read_config(run_dir, embedded) if embedded else read_config(run_dir)
+    if embedded and (run_dir / CONFIG_FILE).is_file():
+        try:
+            on_disk = read_config(run_dir)
+        except TlearnError:
+            on_disk = None
+        if on_disk != config:
+            log.warning(f"{run_dir / CONFIG_FILE} differs from the config saved inside {MODEL_FILE} (an interrupted "
+                        f"save, or an edit); using the one inside {MODEL_FILE}")
+    spec = _spec(config, path)
     model = spec.build()
     expected = {k: v.shape for k, v in model.state_dict().items()}
     got = {k: v.shape for k, v in tensors.items()}

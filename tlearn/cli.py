@@ -65,6 +65,36 @@ def augment_preview(args: argparse.Namespace) -> None:
     print(f"preview written to {out}")
 
 
+def check(args: argparse.Namespace) -> None:
+    """Inspect every file of an image folder: undecodable, odd and duplicate files, leakage, class balance."""
+    import csv
+    import io
+
+    from tlearn.check import check as run_check
+    from tlearn.check import format_report, quarantine_rows
+    from tlearn.fileio import atomic_write_text
+
+    data = _config(DataConfig, args)
+    validate(data)
+    min_size = 0
+    if args.backbone:
+        import timm
+
+        from tlearn.backbones import entry
+
+        min_size = timm.get_pretrained_cfg(entry(args.backbone).arch).input_size[-1]
+    report = run_check(data, min_size=min_size, near_threshold=args.near_threshold, progress=not args.json)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    if args.fix_report:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path", "reason"])
+        writer.writerows(quarantine_rows(report))
+        atomic_write_text(Path(args.fix_report), buf.getvalue())
+    if args.strict and report.blocking():
+        raise TlearnError(f"{len(report.blocking())} blocking finding(s) (--strict)")
+
+
 def evaluate(args: argparse.Namespace) -> None:
     """Evaluate a trained run on its test split, or on DATA (class sub-folders, or a split folder's test/)."""
     from tlearn.api import ImageClassifier
@@ -146,7 +176,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        if kind == "bool":
+        if kind.startswith("bool"):  # bool, or bool | None where None means "the preset decides"
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                help=help_text)
         else:
@@ -189,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_fields(p, RuntimeConfig)
         p.add_argument("--out", help="folder to write (default: runs/<data folder>-<date>-<time>)")
 
+    p = verb(check)
+    _add_fields(p, DataConfig)
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--strict", action="store_true", help="exit with status 2 when there are blocking findings")
+    p.add_argument("--fix-report", metavar="CSV", help="write the files worth setting aside to this CSV (nothing is "
+                   "moved)")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="flag images smaller than this backbone's input")
+    p.add_argument("--near-threshold", type=int, default=4, help="largest difference-hash distance (of 64 bits) "
+                   "between near duplicates (default: 4)")
+
     p = verb(augment_preview)
     p.add_argument("image", metavar="IMAGE", help="an image file")
     p.add_argument("--n", type=int, default=8, help="how many augmented versions (default: 8)")
@@ -225,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report.enable_logging()
+    if hasattr(sys.stdout, "reconfigure"):  # file names that are not valid UTF-8 print as escapes, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         args.func(args)
     except TlearnError as e:

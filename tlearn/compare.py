@@ -56,7 +56,7 @@ def compare(data: str, models: str, out: Path, options: dict[str, Any],
         split = "test" if "test" in clf.metrics else "validation"
         m = clf.metrics[split]
         rows.append({"model": name, "split": split, "accuracy": m["accuracy"], "loss": m["loss"],
-                     "train_seconds": clf.train_seconds, "trainable_params": clf.params["trainable"],
+                     "train_seconds": round(clf.train_seconds, 1), "trainable_params": clf.params["trainable"],
                      "total_params": clf.params["total"], "epochs": len(clf.history.epoch), "run": str(run_dir)})
     chance = 1 / len(clf.classes)
     write_table(rows, out, chance)
@@ -96,9 +96,8 @@ def plot(rows: list[dict[str, Any]], path: Path, chance: float) -> None:
     fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2))
     bars = ax_acc.barh(names, [r["accuracy"] for r in rows], color="tab:blue")
     ax_acc.bar_label(bars, labels=[f"{r['accuracy']:.1%}" for r in rows], padding=3)
-    ax_acc.axvline(chance, color="grey", ls=":", label=f"chance ({chance:.0%})")
-    ax_acc.set(xlim=(0, 1.12), xlabel=f"{rows[0]['split']} accuracy", title="Accuracy")
-    ax_acc.legend(loc="lower right")
+    ax_acc.axvline(chance, color="grey", ls=":")
+    ax_acc.set(xlim=(0, 1.12), xlabel=f"{rows[0]['split']} accuracy (dotted: chance, {chance:.0%})", title="Accuracy")
     ax_acc.invert_yaxis()
     bars = ax_time.barh(names, [r["train_seconds"] for r in rows], color="tab:orange")
     ax_time.bar_label(bars, labels=[f"{r['train_seconds']:.0f} s" for r in rows], padding=3)

@@ -9,10 +9,12 @@ Two layouts are understood:
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
 import shutil
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,9 @@ from tlearn.config import DataConfig, TlearnError
 from tlearn.fileio import atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+# Pillow's threshold for a decompression bomb (about 89 megapixels); larger images are refused from the header.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+SYSTEM_FILES = {"Thumbs.db", "desktop.ini"}  # besides hidden (dot) files such as .DS_Store
 SPLITS = ("train", "validation", "test")
 _SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
 
@@ -37,8 +42,11 @@ class Sample:
 
 @dataclass(frozen=True)
 class Skipped:
+    """A file left out, with the reason shown to the user and a short ``kind`` (e.g. 'hidden', 'link-loop')."""
+
     path: Path
     reason: str
+    kind: str = "undecodable"
 
 
 @dataclass
@@ -78,15 +86,23 @@ def list_images(folder: Path, skipped: list[Skipped]) -> list[Path]:
     """All image files under ``folder`` (recursive, sorted); other files go to ``skipped`` with a reason."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        skipped += [Skipped(Path(dirpath) / d, "hidden folder", "hidden") for d in dirnames if d.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if name.startswith("."):
-                skipped.append(Skipped(path, "hidden file"))
+            if name.startswith(".") or name in SYSTEM_FILES:
+                skipped.append(Skipped(path, "hidden or system file", "hidden"))
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append(Skipped(path, f"not an image extension (accepted: {' '.join(IMAGE_EXTENSIONS)})"))
+                skipped.append(Skipped(path, f"not an image extension (accepted: {' '.join(IMAGE_EXTENSIONS)})",
+                                       "not-an-image"))
             elif not path.exists():
-                skipped.append(Skipped(path, "broken symbolic link"))
+                try:
+                    path.stat()
+                    loop = False
+                except OSError as e:
+                    loop = e.errno == errno.ELOOP
+                skipped.append(Skipped(path, "symbolic link loop", "link-loop") if loop
+                               else Skipped(path, "broken symbolic link", "broken-link"))
             else:
                 found.append(path)
     return found
@@ -103,7 +119,7 @@ def _class_folders(folder: Path, skipped: list[Skipped]) -> dict[str, list[Path]
         if entry.is_dir():
             classes[entry.name] = list_images(entry, skipped)
         else:
-            skipped.append(Skipped(entry, "not inside a class sub-folder"))
+            skipped.append(Skipped(entry, "not inside a class sub-folder", "outside-classes"))
     return classes
 
 
@@ -172,7 +188,7 @@ def _scan_split_folders(root: Path, split_dirs: dict[str, Path], config: DataCon
                               f"{split_dirs['train']}; every class needs training images")
     for entry in sorted(root.iterdir()):
         if entry not in split_dirs.values() and not entry.name.startswith("."):
-            skipped.append(Skipped(entry, "not a train/, validation/ (or val/) or test/ folder"))
+            skipped.append(Skipped(entry, "not a train/, validation/ (or val/) or test/ folder", "outside-classes"))
     if "validation" not in listed:  # e.g. train/ + test/: hold out part of train/ for validation
         data = _split_classes(root, train, DataConfig(path=str(root), val=config.val, test=0, seed=config.seed),
                               skipped)
@@ -213,7 +229,7 @@ def _split_classes(root: Path, by_class: dict[str, list[Path]], config: DataConf
 
 
 def _stable_key(seed: int, relpath: Path) -> str:
-    return hashlib.sha256(f"{seed}:{relpath.as_posix()}".encode()).hexdigest()
+    return hashlib.sha256(f"{seed}:{relpath.as_posix()}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _check_nonempty(data: ImageFolder) -> None:
@@ -274,7 +290,7 @@ def read_manifest(path: Path, root: Path) -> ImageFolder:
     """Read a ``path,class,split`` manifest whose paths are relative to ``root``."""
     if not path.is_file():
         raise TlearnError(f"--split-manifest {path} does not exist")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0] != ["path", "class", "split"]:
         raise TlearnError(f"--split-manifest {path}: the first line must be 'path,class,split'")
@@ -295,7 +311,7 @@ def read_manifest(path: Path, root: Path) -> ImageFolder:
     listed = {p for p, _, _ in entries}
     skipped: list[Skipped] = []
     unlisted = [p for c in _class_folders(root, skipped).values() for p in c if p not in listed]
-    skipped = [Skipped(p, "not in the split manifest") for p in unlisted]
+    skipped = [Skipped(p, "not in the split manifest", "unlisted") for p in unlisted]
     return ImageFolder(root, classes, samples, skipped, layout=f"split manifest {path.name}")
 
 
@@ -337,7 +353,12 @@ def load_image(path: Path | str) -> Image.Image:
     """Decode any Pillow-readable image to RGB: EXIF orientation applied, first frame of an animation,
     transparency composited on white, 16-bit scaled to 8-bit."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with a reason
+            im = Image.open(path)
+        with im:
+            if im.width * im.height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, over the {MAX_PIXELS:,} limit")
             im.seek(0)
             im.load()
             im = ImageOps.exif_transpose(im)

@@ -50,7 +50,9 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8; file names that are not valid UTF-8 (surrogate escapes from os.walk) are written back as their
+    original bytes, so they round-trip."""
+    atomic_write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
 
 
 def file_sha256(path: Path | str) -> str:

@@ -152,11 +152,16 @@ def _fit_images(job: Job, stage: Stage, history: History, weight: torch.Tensor |
         resume, rng = job.resume
         generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and job.run.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], job.run.device)
         history.__dict__.update(resume["history"].__dict__)
 
     def checkpoint(state: dict[str, Any]) -> None:
         if job.checkpoint:
-            job.checkpoint(state, {"generator": generator.get_state(), "torch": torch.get_rng_state()})
+            rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+            if job.run.device.type == "cuda":  # dropout on the GPU draws from the device's own generator
+                rng["cuda"] = torch.cuda.get_rng_state(job.run.device)
+            job.checkpoint(state, rng)
 
     fit(stage, job.train, job.run, weight, history, best=best, resume=resume, checkpoint=checkpoint,
         progress=job.progress)
