@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.conftest import TINY, make_folder, make_image
 from tlearn import ImageClassifier
@@ -64,6 +64,9 @@ def build_corpus(root: Path) -> dict[str, str]:
     put("tiny.png", "small", image=photo((16, 16), seed=12))
     put("banner.png", "aspect", image=photo((400, 40), seed=13))
     put("bomb.png", "bomb", image=Image.new("1", (10_000, 9_000)))
+    placeholder = Image.new("RGB", (300, 300), (238, 238, 238))
+    ImageDraw.Draw(placeholder).text((60, 140), "WE'RE SORRY, THIS IMAGE COULD NOT BE FOUND", fill=(80, 80, 80))
+    put("imageNotFound.gif", "low-information", image=placeholder)
     put("notes.txt", "not-an-image", b"a note")
     put(".DS_Store", "hidden", b"\0\0\0\1Bud1")
     put("Thumbs.db", "hidden", b"\xd0\xcf\x11\xe0")
@@ -193,3 +196,23 @@ def test_train_warns_about_leakage_and_records_it(tmp_path: Path) -> None:
     findings = json.loads((tmp_path / "run" / "check.json").read_text())["findings"]
     pairs = [(f["kind"], {Path(f["path"]).name, Path(f["other"]).name}) for f in findings]
     assert pairs == [("leakage", {"red_000.png", "also_in_val.png"})]
+
+
+def test_unreadable_files_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run as root here, where chmod 000 does not stop reads, so the permission error is injected."""
+    import errno
+
+    import tlearn.check as check_module
+
+    path = make_image(tmp_path / "locked.png", (10, 200, 10), 0)
+    real = check_module.file_sha256
+
+    def locked(p):
+        if Path(p).name == "locked.png":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(p)
+
+    monkeypatch.setattr(check_module, "file_sha256", locked)
+    findings, info = check_module.inspect_file(path)
+    assert [(f.kind, f.detail) for f in findings] == [("unreadable", "cannot read: Permission denied")]
+    assert not info.usable

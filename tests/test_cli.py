@@ -53,7 +53,7 @@ def test_errors_are_one_line_with_status_2(tmp_path: Path, capsys: pytest.Captur
     assert code == 2 and "--val and --test must add up" in err and "--batch-size must be at least 1" in err
     assert "Traceback" not in err
     code, _, err = cli("evaluate", tmp_path, capsys=capsys)
-    assert code == 2 and "not a tlearn model folder" in err
+    assert code == 2 and "model.safetensors is missing: is this a run folder" in err
 
 
 def test_backbones_lists_offline_weights(capsys: pytest.CaptureFixture) -> None:

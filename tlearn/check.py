@@ -10,6 +10,7 @@ exact duplicates (content hash) and near duplicates (a 64-bit difference hash), 
 from __future__ import annotations
 
 import errno
+import os
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from tlearn.config import DataConfig, TlearnError
 from tlearn.data import MAX_PIXELS, ImageFolder, Skipped, list_images, scan
 from tlearn.fileio import file_sha256
 
+LOW_COLOURS = 64  # in a 64x64 thumbnail, a photo has hundreds to thousands of distinct colours
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
            ".tif": "TIFF", ".tiff": "TIFF"}
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -135,7 +137,13 @@ def _inspect_pixels(path: Path, min_size: int, info: FileInfo) -> list[Finding]:
                 note("aspect", WARNING, f"{w}x{h}: an aspect ratio over 3:1; the centre crop loses most of it")
             im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading every byte
             im.load()
-            small = ImageOps.exif_transpose(im).convert("L").resize((9, 8), Image.Resampling.BILINEAR)
+            upright = ImageOps.exif_transpose(im)
+            small = upright.convert("L").resize((9, 8), Image.Resampling.BILINEAR)
+            thumb = upright.convert("RGB").resize((64, 64), Image.Resampling.NEAREST)
+        colours = len(np.unique(np.asarray(thumb).reshape(-1, 3), axis=0))
+        if colours < LOW_COLOURS:
+            note("low-information", WARNING, f"only {colours} distinct colours: a placeholder (\"image not found\"), "
+                 "a blank or a drawing rather than a photo?")
         px = np.asarray(small, dtype=np.int16)
         bits = (px[:, 1:] > px[:, :-1]).flatten()
         info.dhash = int("".join("1" if b else "0" for b in bits), 2)
@@ -291,8 +299,9 @@ def format_report(report: Report, details: int = 50) -> str:
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     shown = sorted(report.findings, key=lambda f: (order[f.severity], f.kind, f.path))[:details]
     if shown:
-        lines += ["", "details:"] + [f"  {f.severity:7} {f.kind}: {_short(f.path, report.root)}: {f.detail}"
-                                     for f in shown]
+        prefix = f"{report.root}{os.sep}"
+        lines += ["", "details:"] + [f"  {f.severity:7} {f.kind}: {_short(f.path, report.root)}: "
+                                     f"{f.detail.replace(prefix, '')}" for f in shown]
         if len(report.findings) > details:
             lines.append(f"  ... and {len(report.findings) - details} more (--json lists them all)")
     return "\n".join(lines)
