@@ -117,13 +117,15 @@ class ImageClassifier:
             self._backbone = bb
         return self._backbone
 
-    def _extract(self, paths: list[Path]) -> Features:
-        """Cached pooled features of the frozen pretrained base."""
+    def _extract(self, paths: list[Path], announce: bool = True) -> Features:
+        """Cached pooled features of the frozen pretrained base; ``announce=False`` reports only real work."""
         bb, device = self.backbone, self.run.device
         feats = extract(paths, lambda x: bb.features(x.to(device)), transform=eval_transform(bb.preprocessing),
                         dim=bb.num_features, cache=FeatureCache(self.runtime.cache_dir, bb),
                         batch_size=self.runtime.extract_batch_size, workers=self.runtime.workers,
                         progress=self.verbose)
+        if not announce and not feats.extracted and not feats.failed:
+            return feats
         rate = f" ({feats.extracted / feats.seconds:.1f} img/s)" if feats.extracted else ""
         log.info(f"features: {len(paths)} images, {feats.cached} from cache, {feats.extracted} extracted{rate}, "
                  f"{len(feats.failed)} skipped, {feats.seconds:.1f} s")
@@ -225,7 +227,7 @@ class ImageClassifier:
     def _logits(self, paths: list[Path]) -> tuple[np.ndarray, dict[Path, str]]:
         """(N, C) logits for ``paths`` (rows of unreadable files are zero and listed with their reason)."""
         if self.spec.kind == "head":
-            feats = self._extract(paths)
+            feats = self._extract(paths, announce=False)
             with torch.no_grad():
                 return self.model.eval()(torch.from_numpy(feats.X)).numpy(), feats.failed
         device = self.run.device
