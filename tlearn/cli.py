@@ -67,12 +67,9 @@ def augment_preview(args: argparse.Namespace) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """Inspect every file of an image folder: undecodable, odd and duplicate files, leakage, class balance."""
-    import csv
-    import io
-
     from tlearn.check import check as run_check
     from tlearn.check import format_report, quarantine_rows
-    from tlearn.fileio import atomic_write_text
+    from tlearn.fileio import atomic_write_csv
 
     data = _config(DataConfig, args)
     validate(data)
@@ -86,11 +83,7 @@ def check(args: argparse.Namespace) -> None:
     report = run_check(data, min_size=min_size, near_threshold=args.near_threshold, progress=not args.json)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     if args.fix_report:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["path", "reason"])
-        writer.writerows(quarantine_rows(report))
-        atomic_write_text(Path(args.fix_report), buf.getvalue())
+        atomic_write_csv(Path(args.fix_report), ["path", "reason"], quarantine_rows(report))
     if args.strict and report.blocking():
         raise TlearnError(f"{len(report.blocking())} blocking finding(s) (--strict)")
 

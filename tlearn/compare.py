@@ -7,13 +7,12 @@ the first one made, and the backbone modes share the feature cache.
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Any
 
 from tlearn.config import TlearnError
-from tlearn.fileio import atomic_path, atomic_write_text
+from tlearn.fileio import atomic_path, atomic_write_csv, atomic_write_text
 from tlearn.models import SCRATCH
 
 log = logging.getLogger("tlearn")
@@ -78,13 +77,8 @@ def markdown(rows: list[dict[str, Any]], chance: float) -> str:
 
 
 def write_table(rows: list[dict[str, Any]], out: Path, chance: float) -> None:
-    import csv
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, "run"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "compare.csv", buf.getvalue())
+    columns = [*COLUMNS, "run"]
+    atomic_write_csv(out / "compare.csv", columns, ([r[c] for c in columns] for r in rows))
     atomic_write_text(out / "compare.md", markdown(rows, chance))
 
 

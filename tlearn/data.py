@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
-import io
 import os
 import shutil
 import warnings
@@ -23,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from tlearn.config import DataConfig, TlearnError
-from tlearn.fileio import atomic_write_text
+from tlearn.fileio import atomic_write_csv
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 # Pillow's threshold for a decompression bomb (about 89 megapixels); larger images are refused from the header.
@@ -278,12 +277,8 @@ def expand_inputs(inputs: list[Path | str]) -> list[Path]:
 
 
 def write_manifest(data: ImageFolder, path: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "class", "split"])
-    for s in data.samples:
-        writer.writerow([s.path.relative_to(data.root).as_posix(), data.classes[s.label], s.split])
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, ["path", "class", "split"],
+                     ([s.path.relative_to(data.root).as_posix(), data.classes[s.label], s.split] for s in data.samples))
 
 
 def read_manifest(path: Path, root: Path) -> ImageFolder:

@@ -6,11 +6,14 @@ A crash or kill at any moment leaves either the old file or the new one, never a
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tlearn.config import TlearnError
 
@@ -55,10 +58,27 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
 
 
+def atomic_write_csv(path: Path | str, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+_digests: dict[tuple[str, int, int, int], str] = {}
+
+
 def file_sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks. Remembered for the life of the process while the
+    file's size, modification time and inode stay the same, so checking, extracting and evaluating the same
+    folder read each file once."""
+    st = os.stat(path)
+    key = (os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _digests[key] = h.hexdigest()
+    return _digests[key]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +11,15 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 
 from tlearn.data import Skipped
-from tlearn.fileio import atomic_path, atomic_write_text
+from tlearn.fileio import atomic_path, atomic_write_csv
 from tlearn.train import History
 
 
 def write_history_csv(history: History, path: Path) -> None:
     keys = list(history.history)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["epoch", "stage", *keys])
-    for i, epoch in enumerate(history.epoch):
-        writer.writerow([epoch, history.stage[i], *(f"{history.history[k][i]:.6f}" for k in keys)])
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, ["epoch", "stage", *keys],
+                     ([epoch, history.stage[i], *(f"{history.history[k][i]:.6f}" for k in keys)]
+                      for i, epoch in enumerate(history.epoch)))
 
 
 def plot_curves(history: History, path: Path, title: str = "") -> None:
@@ -50,12 +45,7 @@ def plot_curves(history: History, path: Path, title: str = "") -> None:
 
 
 def write_skipped_csv(skipped: list[Skipped], path: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    for s in skipped:
-        writer.writerow([str(s.path), s.reason])
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, ["path", "reason"], ([str(s.path), s.reason] for s in skipped))
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
