@@ -113,14 +113,14 @@ class ImageClassifier:
                 raise TlearnError(
                     f"the backbone weights now available ({bb.weights_source}) differ from the ones this model was "
                     f"trained with ({self.spec.weights_id}); pass the original file with --weights")
-            bb.model.to(self.run.device)
+            bb.model.to(self.run.device, memory_format=torch.channels_last)  # see Precision.prepare
             self._backbone = bb
         return self._backbone
 
     def _extract(self, paths: list[Path], announce: bool = True) -> Features:
         """Cached pooled features of the frozen pretrained base; ``announce=False`` reports only real work."""
-        bb, device = self.backbone, self.run.device
-        feats = extract(paths, lambda x: bb.features(x.to(device)), transform=eval_transform(bb.preprocessing),
+        bb, run = self.backbone, self.run
+        feats = extract(paths, lambda x: bb.features(run.prepare(x)), transform=eval_transform(bb.preprocessing),
                         dim=bb.num_features, cache=FeatureCache(self.runtime.cache_dir, bb),
                         batch_size=self.runtime.extract_batch_size, workers=self.runtime.workers,
                         progress=self.verbose)
@@ -230,9 +230,9 @@ class ImageClassifier:
             feats = self._extract(paths, announce=False)
             with torch.no_grad():
                 return self.model.eval()(torch.from_numpy(feats.X)).numpy(), feats.failed
-        device = self.run.device
-        net = self.model.to(device).eval()
-        feats = extract(paths, lambda x: net(x.to(device)), transform=eval_transform(self.spec.preprocessing),
+        run = self.run
+        net = self.model.to(run.device, memory_format=torch.channels_last).eval()
+        feats = extract(paths, lambda x: net(run.prepare(x)), transform=eval_transform(self.spec.preprocessing),
                         dim=len(self.classes), batch_size=self.runtime.extract_batch_size,
                         workers=self.runtime.workers, progress=self.verbose)
         return feats.X, feats.failed
@@ -347,7 +347,10 @@ def predict_imagenet(inputs: list[str | Path], backbone: str = "efficientnet_lit
     paths = expand_inputs(inputs)
     if not paths:
         return []
-    feats = extract(paths, bb.model, transform=eval_transform(bb.preprocessing), dim=1000)  # (N, 1000) logits
+    cpu = Precision(torch.device("cpu"))
+    model = bb.model.to(memory_format=torch.channels_last)
+    feats = extract(paths, lambda x: model(cpu.prepare(x)), transform=eval_transform(bb.preprocessing),
+                    dim=1000)  # (N, 1000) logits
     proba = torch.softmax(torch.from_numpy(feats.X), 1).numpy()
     info = ImageNetInfo()
     return _top_k(paths, feats.failed, proba, [info.index_to_description(i) for i in range(1000)], top_k)

@@ -136,7 +136,7 @@ def _image_stage(job: Job, name: str, model: nn.Module, groups: list[dict], prep
     train = job.data.split("train")
     if val is None:
         val = _image_batches(job, job.data.split("validation"), eval_transform(preprocessing), failed)
-    stage = Stage(name, model.to(job.run.device), groups,
+    stage = Stage(name, model.to(job.run.device, memory_format=torch.channels_last), groups,
                   _image_batches(job, train, train_transform(preprocessing, job.augment), failed, generator),
                   val, job.train.max_epochs(job.decision.mode), math.ceil(len(train) / job.train.batch_size),
                   val_model=val_model, images_per_epoch=len(train), generator=generator)
