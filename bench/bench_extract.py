@@ -23,6 +23,7 @@ import numpy as np
 ROWS = {
     "tutorial": "tutorial-style: PIL full decode, resize, centre crop, eager fp32 NCHW, batch 32, one process",
     "tlearn": "tlearn extract(): decoding workers, channels-last, batch 32",
+    "tlearn-bf16": "the same with bf16 autocast (candidate, not a default yet)",
 }
 
 
@@ -43,16 +44,20 @@ def tutorial(paths: list[Path], bb) -> np.ndarray:
     return np.concatenate(out)
 
 
-def tlearn_path(paths: list[Path], bb) -> np.ndarray:
+def tlearn_path(paths: list[Path], bb, bf16: bool = False) -> np.ndarray:
     import torch
 
     from tlearn.features import eval_transform, extract
     from tlearn.train import Precision
 
-    run = Precision(torch.device("cpu"))
+    run = Precision(torch.device("cpu"), torch.bfloat16 if bf16 else None)
     bb.model.to(memory_format=torch.channels_last)
-    return extract(paths, lambda x: bb.features(run.prepare(x)), transform=eval_transform(bb.preprocessing),
-                   dim=bb.num_features, progress=False).X
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with run.autocast():
+            return bb.features(run.prepare(x))
+
+    return extract(paths, forward, transform=eval_transform(bb.preprocessing), dim=bb.num_features,
+                   progress=False).X
 
 
 def run_row(row: str, data: Path, backbone: str, out: Path) -> None:
@@ -65,7 +70,7 @@ def run_row(row: str, data: Path, backbone: str, out: Path) -> None:
     paths = [s.path for s in folder.samples]
     bb = load_backbone(BackboneConfig(backbone=backbone))
     start = time.perf_counter()
-    X = tutorial(paths, bb) if row == "tutorial" else tlearn_path(paths, bb)
+    X = tutorial(paths, bb) if row == "tutorial" else tlearn_path(paths, bb, bf16=row == "tlearn-bf16")
     seconds = time.perf_counter() - start
     np.save(out.with_suffix(".npy"), X)
     out.write_text(json.dumps({"seconds": seconds, "n": len(paths), "labels": [s.label for s in folder.samples],
@@ -116,7 +121,8 @@ def main() -> None:
             rates[row] = info["n"] / info["seconds"]
             print(f"| {about} | {rates[row]:.1f} | {info['seconds']:.1f} | {usage.ru_maxrss / 1024:.0f} | "
                   f"{acc:.4f} ({split}) |", flush=True)
-    print(f"\ntlearn / tutorial: {rates['tlearn'] / rates['tutorial']:.2f}x")
+    ratios = [f"{row} / tutorial: {rates[row] / rates['tutorial']:.2f}x" for row in ROWS if row != "tutorial"]
+    print("\n" + ", ".join(ratios))
 
 
 if __name__ == "__main__":
