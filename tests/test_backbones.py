@@ -24,6 +24,8 @@ def test_every_registered_backbone_has_a_timm_architecture_and_preprocessing(nam
     assert timm.is_model(e.arch)
     cfg = timm.get_pretrained_cfg(e.arch)
     assert cfg is not None and cfg.mean and cfg.std and cfg.crop_pct
+    pre = backbones.preprocessing_of(name)
+    assert (pre["input_size"], pre["mean"], pre["crop_pct"]) == (list(cfg.input_size), list(cfg.mean), cfg.crop_pct)
     assert e.package is None or packaged_weights_file(e) is not None, f"{e.package} should be installed"
 
 

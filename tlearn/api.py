@@ -197,9 +197,13 @@ class ImageClassifier:
             total = base_parameters(bb.model) + head_params
         self.params = {"trainable": int(trainable), "total": int(total), "classes": n_classes}
 
+    def _config_sections(self) -> dict[str, Any]:
+        """The configs a run is saved with (config.json) and resumed from (checkpoints)."""
+        return {"backbone": to_dict(self.backbone_config), "train": to_dict(self.train_config),
+                "augment": to_dict(self.augment_config)}
+
     def _checkpointer(self, run_dir: Path):
-        configs = {"backbone": to_dict(self.backbone_config), "train": to_dict(self.train_config),
-                   "augment": to_dict(self.augment_config)}
+        configs = self._config_sections()
 
         def checkpoint(state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
             if state.pop("done"):
@@ -287,8 +291,7 @@ class ImageClassifier:
         curves.png, metrics.json, the split manifest and the skipped-files list."""
         self._require_fitted()
         run_dir = Path(run_dir)
-        extra: dict[str, Any] = {"backbone": to_dict(self.backbone_config), "train": to_dict(self.train_config),
-                                 "augment": to_dict(self.augment_config)}
+        extra: dict[str, Any] = self._config_sections()
         if self.decision:
             extra["decision"] = dataclasses.asdict(self.decision)
         if self.params:

@@ -83,7 +83,16 @@ def packaged_weights_file(e: BackboneEntry) -> Path | None:
 
 def preprocessing(model: nn.Module) -> dict[str, Any]:
     """timm's data config of ``model``: input_size, interpolation, mean, std, crop_pct, crop_mode."""
-    cfg = timm.data.resolve_model_data_config(model)
+    return _plain(timm.data.resolve_model_data_config(model))
+
+
+def preprocessing_of(name: str) -> dict[str, Any]:
+    """The same for a backbone name, from timm's pretrained cfg alone (no model is built)."""
+    cfg = timm.get_pretrained_cfg(entry(name).arch)
+    return _plain(timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg else {}))
+
+
+def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
@@ -192,9 +201,8 @@ def describe() -> list[dict[str, Any]]:
     """One row per registered backbone for ``tlearn backbones``."""
     rows = []
     for e in REGISTRY.values():
-        cfg = timm.get_pretrained_cfg(e.arch)
-        size = cfg.input_size[-1] if cfg else "?"
-        rows.append({"name": e.name, "timm": e.arch, "input": size, "offline": packaged_weights_file(e) is not None,
+        rows.append({"name": e.name, "timm": e.arch, "input": preprocessing_of(e.name)["input_size"][-1],
+                     "offline": packaged_weights_file(e) is not None,
                      "weights": f"package {e.package.replace('_', '-')}" if e.package else "hub", "about": e.about})
     return rows
 

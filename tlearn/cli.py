@@ -45,7 +45,7 @@ def compare(args: argparse.Namespace) -> None:
 def augment_preview(args: argparse.Namespace) -> None:
     """Draw a grid of augmented versions of an image, to see what an --augment setting does."""
     from tlearn.augment import preview
-    from tlearn.backbones import entry
+    from tlearn.backbones import preprocessing_of
 
     augment = _config(AugmentConfig, args)
     validate(augment)
@@ -54,11 +54,7 @@ def augment_preview(args: argparse.Namespace) -> None:
 
         preprocessing = SCRATCH[args.model].preprocessing()
     else:
-        import timm
-
-        cfg = timm.get_pretrained_cfg(entry(args.backbone).arch)
-        preprocessing = {"input_size": list(cfg.input_size), "interpolation": cfg.interpolation,
-                         "mean": list(cfg.mean), "std": list(cfg.std), "crop_pct": cfg.crop_pct}
+        preprocessing = preprocessing_of(args.backbone)
     if not Path(args.image).is_file():
         raise TlearnError(f"image {args.image} does not exist")
     out = preview(Path(args.image), preprocessing, augment, args.n, Path(args.out), seed=args.seed)
@@ -75,11 +71,9 @@ def check(args: argparse.Namespace) -> None:
     validate(data)
     min_size = 0
     if args.backbone:
-        import timm
+        from tlearn.backbones import preprocessing_of
 
-        from tlearn.backbones import entry
-
-        min_size = timm.get_pretrained_cfg(entry(args.backbone).arch).input_size[-1]
+        min_size = preprocessing_of(args.backbone)["input_size"][-1]
     report = run_check(data, min_size=min_size, near_threshold=args.near_threshold, progress=not args.json)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     if args.fix_report:

@@ -29,6 +29,11 @@ from tlearn.fileio import atomic_path, atomic_write_text, file_sha256
 PIPELINE_VERSION = "pil-1"
 
 
+def default_workers() -> int:
+    """Decoding worker processes when --workers is not given: one per core, at most 4."""
+    return min(os.cpu_count() or 1, 4)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TLEARN_CACHE_DIR") or Path.home() / ".cache" / "tlearn").expanduser()
 
@@ -126,7 +131,7 @@ def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tenso
     digests = list(todo)
     files = ImageFiles([paths[todo[d][0]] for d in digests], transform)
     if workers is None:
-        workers = min(os.cpu_count() or 1, 4) if len(files) >= 4 * batch_size else 0
+        workers = default_workers() if len(files) >= 4 * batch_size else 0  # small jobs: no start-up cost
     loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     n_bad = 0
     with tqdm(total=len(files), unit="img", desc="extracting features", disable=not progress or None,

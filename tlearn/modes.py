@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from tlearn.augment import train_transform
 from tlearn.backbones import Backbone
 from tlearn.config import AugmentConfig, RuntimeConfig, TrainConfig, parse_lr_mult
 from tlearn.data import ImageFolder, Sample
-from tlearn.features import Features, ImageFiles, collate, eval_transform, extract
+from tlearn.features import Features, ImageFiles, collate, default_workers, eval_transform, extract
 from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
 from tlearn.strategy import Decision
 from tlearn.train import (
@@ -83,18 +82,23 @@ def run_mode(job: Job) -> Trained:
     return recipe(job)
 
 
-def _xy(job: Job, split: str, feats: Features, rows: dict[Path, int]) -> tuple[np.ndarray, np.ndarray]:
-    samples = job.data.split(split)
-    return feats.X[[rows[s.path] for s in samples]], np.array([s.label for s in samples], dtype=np.int64)
+def _by_split(job: Job, paths: list[Path], feats: Features) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(X, y) of the train and validation splits from rows aligned with ``paths``; undecodable files are
+    dropped from the data first."""
+    job.data.drop(feats.failed)
+    rows = {p: i for i, p in enumerate(paths)}
+    out = {}
+    for split in ("train", "validation"):
+        samples = job.data.split(split)
+        out[split] = feats.X[[rows[s.path] for s in samples]], np.array([s.label for s in samples], dtype=np.int64)
+    return out
 
 
 def _cached_features(job: Job) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[Path, str]]:
-    """(X, y) per split from the feature cache; undecodable files are dropped from the data."""
+    """(X, y) per split from the feature cache, and the files that could not be decoded."""
     paths = [s.path for s in job.data.samples]
     feats = job.features(paths)
-    job.data.drop(feats.failed)
-    rows = {p: i for i, p in enumerate(paths)}
-    return {split: _xy(job, split, feats, rows) for split in ("train", "validation")}, feats.failed
+    return _by_split(job, paths, feats), feats.failed
 
 
 def _weight(job: Job, y_train: np.ndarray) -> torch.Tensor | None:
@@ -116,7 +120,7 @@ def _image_batches(job: Job, samples: list[Sample], transform: Callable, failed:
     given. Files that fail to decode are left out and recorded in ``failed``."""
     files = ImageFiles([s.path for s in samples], transform)
     labels = torch.tensor([s.label for s in samples])
-    workers = job.runtime.workers if job.runtime.workers is not None else min(os.cpu_count() or 1, 4)
+    workers = job.runtime.workers if job.runtime.workers is not None else default_workers()
     loader = DataLoader(files, batch_size=job.train.batch_size, shuffle=generator is not None, generator=generator,
                         num_workers=workers, collate_fn=collate, pin_memory=job.run.device.type == "cuda")
 
@@ -227,9 +231,8 @@ def _logreg_pixels(job: Job, preprocessing: dict[str, Any]) -> Trained:
     paths = [s.path for s in job.data.samples]
     pixels = extract(paths, lambda x: x.flatten(1), transform=eval_transform(preprocessing),
                      dim=3 * preprocessing["input_size"][-1] ** 2, progress=job.progress)
-    job.data.drop(pixels.failed)
-    rows = {p: i for i, p in enumerate(paths)}
-    (X, y), (Xv, yv) = (_xy(job, split, pixels, rows) for split in ("train", "validation"))
+    xy = _by_split(job, paths, pixels)
+    (X, y), (Xv, yv) = xy["train"], xy["validation"]
     model = PixelLinear(len(job.data.classes), preprocessing["input_size"][-1])
     model.linear.load_state_dict(fold_logreg(X, y, len(job.data.classes), job.train.seed,
                                              balanced=job.train.class_weight == "balanced").state_dict())
