@@ -1,8 +1,9 @@
 """JPEG files → pooled features: the tutorial-style pipeline against tlearn's, side by side on the same folder.
 
-Usage: python bench/bench_extract.py [--data ../shared/datasets/oxford17_flowers] [--backbone efficientnet_lite0]
+Usage: python bench/bench_extract.py [--data DIR ...] [--backbone efficientnet_lite0] [--rows torch-fp32,onnx-fp32]
 
-Each row runs in its own subprocess (no feature cache), so its peak RSS is its own. Accuracy: scikit-learn's
+Each row runs in its own subprocess with an empty cache folder (so the ONNX export is timed too), so its peak RSS
+is its own. Accuracy: scikit-learn's
 logistic regression fitted on the row's train-split features, scored on its validation/test split, so a faster
 path that changed the features for the worse would show here. Prints a Markdown table.
 """
@@ -21,20 +22,22 @@ from pathlib import Path
 import numpy as np
 
 ROWS = {
-    "tutorial": "tutorial-style: PIL full decode, resize, centre crop, eager fp32 NCHW, batch 32, one process",
-    "tlearn": "tlearn extract(): decoding workers, channels-last, batch 32",
-    "tlearn-bf16": "the same with bf16 autocast (candidate, not a default yet)",
+    "tutorial": "tutorial-style: PIL decode, timm's Resize(256) + CenterCrop(224), eager fp32 NCHW, batch 32, "
+                "one thread of control",
+    "torch-fp32": "tlearn, --runtime torch --precision fp32: one resampling, channels-last, a lane per core, batch 8",
+    "torch-bf16": "tlearn, --runtime torch --precision bf16 (autocast)",
+    "onnx-fp32": "tlearn default here (--runtime auto): ONNX Runtime fp32, a lane per core, batch 8",
+    "onnx-int8": "not offered: ONNX Runtime int8 (static, per-channel, 64 calibration images)",
 }
 
 
 def tutorial(paths: list[Path], bb) -> np.ndarray:
     """The reference, written plainly as the classic tutorials do it."""
+    import timm.data
     import torch
     from PIL import Image
 
-    from tlearn.features import eval_transform
-
-    transform = eval_transform(bb.preprocessing)
+    transform = timm.data.create_transform(**bb.preprocessing, is_training=False)
     model = bb.model.to(memory_format=torch.contiguous_format)
     out = []
     for i in range(0, len(paths), 32):
@@ -44,20 +47,50 @@ def tutorial(paths: list[Path], bb) -> np.ndarray:
     return np.concatenate(out)
 
 
-def tlearn_path(paths: list[Path], bb, bf16: bool = False) -> np.ndarray:
+def tlearn_path(paths: list[Path], bb, row: str) -> np.ndarray:
+    from tlearn.config import RuntimeConfig, TrainConfig
+    from tlearn.runtime import base_engine
+
+    name, precision = row.split("-")
+    engine = base_engine(bb, TrainConfig(precision=precision), RuntimeConfig(runtime=name))
+    assert (engine.runtime, engine.precision) == (name, precision), engine.describe()
+    return engine.extract(paths, progress=False).X
+
+
+def int8_path(paths: list[Path], bb, calibration: list[Path]) -> np.ndarray:
+    """Statically quantised ONNX model, calibrated on training images; run through the same lanes."""
+    import tempfile
+
+    import onnxruntime as ort
     import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from tlearn.features import eval_transform, extract
-    from tlearn.train import Precision
+    from tlearn.config import RuntimeConfig, TrainConfig
+    from tlearn.data import load_image
+    from tlearn.features import eval_transform
+    from tlearn.runtime import base_engine, export_onnx
 
-    run = Precision(torch.device("cpu"), torch.bfloat16 if bf16 else None)
-    bb.model.to(memory_format=torch.channels_last)
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with run.autocast():
-            return bb.features(run.prepare(x))
+    transform = eval_transform(bb.preprocessing)
+    batches = [torch.stack([transform(load_image(p)) for p in calibration[i:i + 8]]).numpy()
+               for i in range(0, len(calibration), 8)]
 
-    return extract(paths, forward, transform=eval_transform(bb.preprocessing), dim=bb.num_features,
-                   progress=False).X
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"image": b} for b in batches])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    engine = base_engine(bb, TrainConfig(), RuntimeConfig(runtime="onnx"))
+    with tempfile.TemporaryDirectory() as tmp:
+        quantised = Path(tmp) / "int8.onnx"
+        quantize_static(str(export_onnx(bb)), str(quantised), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = engine.threads
+        session = ort.InferenceSession(str(quantised), options, providers=["CPUExecutionProvider"])
+    engine.forward = lambda x: session.run(None, {"image": x.numpy()})[0]
+    return engine.extract(paths, progress=False).X
 
 
 def run_row(row: str, data: Path, backbone: str, out: Path) -> None:
@@ -70,7 +103,11 @@ def run_row(row: str, data: Path, backbone: str, out: Path) -> None:
     paths = [s.path for s in folder.samples]
     bb = load_backbone(BackboneConfig(backbone=backbone))
     start = time.perf_counter()
-    X = tutorial(paths, bb) if row == "tutorial" else tlearn_path(paths, bb, bf16=row == "tlearn-bf16")
+    if row == "onnx-int8":
+        train = [s.path for s in folder.samples if s.split == "train"]
+        X = int8_path(paths, bb, train[:: max(1, len(train) // 64)][:64])
+    else:
+        X = tutorial(paths, bb) if row == "tutorial" else tlearn_path(paths, bb, row)
     seconds = time.perf_counter() - start
     np.save(out.with_suffix(".npy"), X)
     out.write_text(json.dumps({"seconds": seconds, "n": len(paths), "labels": [s.label for s in folder.samples],
@@ -89,40 +126,43 @@ def accuracy(X: np.ndarray, labels: list[int], splits: list[str]) -> tuple[str, 
 
 
 def main() -> None:
+    shared = Path(__file__).resolve().parents[2] / "shared" / "datasets"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path,
-                        default=Path(__file__).resolve().parents[2] / "shared" / "datasets" / "oxford17_flowers")
+    parser.add_argument("--data", type=Path, nargs="+",
+                        default=[shared / "oxford17_flowers", shared / "hymenoptera"])
     parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
-        run_row(args.row, args.data, args.backbone, args.out)
+        run_row(args.row, args.data[0], args.backbone, args.out)
         return
     import tempfile
 
     import torch
 
-    print(f"{args.data.name}, {args.backbone}; {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}\n")
-    print("| pipeline | img/s | wall s | peak RSS MB | accuracy (logistic regression) |")
-    print("|---|---|---|---|---|")
-    rates = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for row, about in ROWS.items():
-            out = Path(tmp) / f"{row}.json"
-            proc = subprocess.Popen([sys.executable, __file__, "--row", row, "--data", str(args.data),
-                                     "--backbone", args.backbone, "--out", str(out)])
-            _, status, usage = os.wait4(proc.pid, 0)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise SystemExit(f"row {row} failed")
-            info = json.loads(out.read_text())
-            split, acc = accuracy(np.load(out.with_suffix(".npy")), info["labels"], info["splits"])
-            rates[row] = info["n"] / info["seconds"]
-            print(f"| {about} | {rates[row]:.1f} | {info['seconds']:.1f} | {usage.ru_maxrss / 1024:.0f} | "
-                  f"{acc:.4f} ({split}) |", flush=True)
-    ratios = [f"{row} / tutorial: {rates[row] / rates['tutorial']:.2f}x" for row in ROWS if row != "tutorial"]
-    print("\n" + ", ".join(ratios))
+    rows = ["tutorial", *[r for r in args.rows.split(",") if r != "tutorial"]]
+    print(f"{args.backbone}; {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    for data in args.data:
+        print(f"\n{data.name}\n")
+        print("| pipeline | img/s | vs tutorial | wall s | peak RSS MB | accuracy (logistic regression) |")
+        print("|---|---|---|---|---|---|")
+        rates: dict[str, float] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for row in rows:
+                out = Path(tmp) / f"{row}.json"
+                env = {**os.environ, "TLEARN_CACHE_DIR": str(Path(tmp) / row)}  # ONNX export included, no cache
+                proc = subprocess.Popen([sys.executable, __file__, "--row", row, "--data", str(data),
+                                         "--backbone", args.backbone, "--out", str(out)], env=env)
+                _, status, usage = os.wait4(proc.pid, 0)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    raise SystemExit(f"row {row} failed on {data}")
+                info = json.loads(out.read_text())
+                split, acc = accuracy(np.load(out.with_suffix(".npy")), info["labels"], info["splits"])
+                rates[row] = info["n"] / info["seconds"]
+                print(f"| {ROWS[row]} | {rates[row]:.1f} | {rates[row] / rates['tutorial']:.2f}x | "
+                      f"{info['seconds']:.1f} | {usage.ru_maxrss / 1024:.0f} | {acc:.4f} ({split}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def test_cache_key_includes_weights_and_preprocessing(tmp_path: Path, tiny) -> N
     b = FeatureCache(tmp_path / "c", other)
     other.weights_id = "sha256:other"
     c = FeatureCache(tmp_path / "c", other)
-    assert len({a.dir, b.dir, c.dir}) == 3
+    d = FeatureCache(tmp_path / "c", tiny, numerics="bf16")
+    assert len({a.dir, b.dir, c.dir, d.dir}) == 4
 
 
 def test_damaged_entries_are_extracted_again(tmp_path: Path, tiny) -> None:
@@ -113,12 +114,12 @@ def test_undecodable_files_are_reported_not_fatal(tmp_path: Path, tiny) -> None:
     assert not feats.X[paths.index(root / "red" / "fake.png")].any()
 
 
-def test_worker_processes_give_the_same_features(tmp_path: Path, tiny) -> None:
+def test_parallel_lanes_give_the_same_features(tmp_path: Path, tiny) -> None:
     paths = images(make_folder(tmp_path / "d", per_class=8))
     (paths[0].parent / "bad.png").write_bytes(b"xx")
     paths = images(paths[0].parents[1])
-    inline = run(paths, tiny, None, workers=0, batch_size=4)
-    pooled = run(paths, tiny, None, workers=2, batch_size=4)
+    inline = run(paths, tiny, None, lanes=1, batch_size=4)
+    pooled = run(paths, tiny, None, lanes=3, batch_size=3)
     np.testing.assert_allclose(inline.X, pooled.X, rtol=1e-5, atol=1e-6)
     assert inline.failed == pooled.failed
 
@@ -142,7 +143,7 @@ KILLABLE = textwrap.dedent("""
         time.sleep(0.3)
         return bb.features(x)
     extract(paths, slow, transform=eval_transform(bb.preprocessing), dim=bb.num_features,
-            cache=FeatureCache(sys.argv[2], bb), batch_size=2, workers=0, progress=False)
+            cache=FeatureCache(sys.argv[2], bb), batch_size=2, lanes=1, progress=False)
 """)
 
 

@@ -127,13 +127,13 @@ def test_class_weights_balance_only_when_imbalanced() -> None:
 
 
 def test_precision_choices() -> None:
-    assert resolve_precision(TrainConfig(device="cpu")).dtype is None
-    assert resolve_precision(TrainConfig(device="cpu", precision="bf16")).dtype == torch.bfloat16
+    assert resolve_precision("cpu").dtype is None
+    assert resolve_precision("cpu", "bf16").dtype == torch.bfloat16
     with pytest.raises(TlearnError, match="fp16 needs a CUDA device"):
-        resolve_precision(TrainConfig(device="cpu", precision="fp16"))
+        resolve_precision("cpu", "fp16")
     if not torch.cuda.is_available():
         with pytest.raises(TlearnError, match="no CUDA device"):
-            resolve_precision(TrainConfig(device="cuda"))
+            resolve_precision("cuda")
 
 
 def test_bf16_training_runs_on_cpu(photos: Path) -> None:

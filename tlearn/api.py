@@ -32,10 +32,11 @@ from tlearn.config import (
 )
 from tlearn.data import ImageFolder, Sample, expand_inputs, scan, scan_labelled, write_manifest
 from tlearn.evaluate import classification_metrics
-from tlearn.features import FeatureCache, Features, eval_transform, extract
+from tlearn.features import FeatureCache, Features
 from tlearn.fileio import atomic_write_text
 from tlearn.models import base_parameters, parameter_counts
 from tlearn.modes import Job, Trained, run_mode
+from tlearn.runtime import Engine, base_engine, net_engine
 from tlearn.strategy import Decision, choose
 from tlearn.train import History, Precision, resolve_precision
 
@@ -86,6 +87,7 @@ class ImageClassifier:
         self.params: dict[str, int] = {}
         self.train_seconds = 0.0
         self._backbone: Backbone | None = None
+        self._engine: Engine | None = None
         self._run: Precision | None = None
         self._run_dir: Path | None = None  # where a loaded model came from
         self._run_config: dict[str, Any] = {}
@@ -95,7 +97,7 @@ class ImageClassifier:
     @property
     def run(self) -> Precision:
         if self._run is None:
-            self._run = resolve_precision(self.train_config)
+            self._run = resolve_precision(self.train_config.device, self.train_config.precision)
         return self._run
 
     @property
@@ -117,13 +119,20 @@ class ImageClassifier:
             self._backbone = bb
         return self._backbone
 
-    def _extract(self, paths: list[Path], announce: bool = True) -> Features:
-        """Cached pooled features of the frozen pretrained base; ``announce=False`` reports only real work."""
-        bb, run = self.backbone, self.run
-        feats = extract(paths, lambda x: bb.features(run.prepare(x)), transform=eval_transform(bb.preprocessing),
-                        dim=bb.num_features, cache=FeatureCache(self.runtime.cache_dir, bb),
-                        batch_size=self.runtime.extract_batch_size, workers=self.runtime.workers,
-                        progress=self.verbose)
+    @property
+    def engine(self) -> Engine:
+        """What runs the frozen base for feature extraction (see ``tlearn.runtime``), chosen on first use."""
+        if self._engine is None:
+            self._engine = base_engine(self.backbone, self.train_config, self.runtime)
+            log.info(f"frozen base: {self._engine.describe()}")
+        return self._engine
+
+    def _extract(self, paths: list[Path], announce: bool = True, cache: bool = True) -> Features:
+        """Pooled features of the frozen pretrained base, through the feature cache unless ``cache`` is False;
+        ``announce=False`` reports only real work."""
+        engine = self.engine
+        store = FeatureCache(self.runtime.cache_dir, self.backbone, engine.precision) if cache else None
+        feats = engine.extract(paths, store, progress=self.verbose)
         if not announce and not feats.extracted and not feats.failed:
             return feats
         rate = f" ({feats.extracted / feats.seconds:.1f} img/s)" if feats.extracted else ""
@@ -218,7 +227,7 @@ class ImageClassifier:
         self.backbone_config = from_dict(BackboneConfig, configs["backbone"], where)
         self.train_config = from_dict(TrainConfig, configs["train"], where)
         self.augment_config = from_dict(AugmentConfig, configs["augment"], where)
-        self._run = self._backbone = None
+        self._run = self._backbone = self._engine = None
         log.info(f"resuming {run_dir} after epoch {state['epoch']} of stage {state['stage']}, with its saved settings")
         return state, rng
 
@@ -228,17 +237,15 @@ class ImageClassifier:
         if self.model is None:
             raise TlearnError("this classifier is not trained yet: call fit(DATA) or ImageClassifier.load(RUN)")
 
-    def _logits(self, paths: list[Path]) -> tuple[np.ndarray, dict[Path, str]]:
-        """(N, C) logits for ``paths`` (rows of unreadable files are zero and listed with their reason)."""
+    def _logits(self, paths: list[Path], cache: bool = True) -> tuple[np.ndarray, dict[Path, str]]:
+        """(N, C) logits for ``paths`` (rows of unreadable files are zero and listed with their reason). Features
+        of evaluation splits go through the cache; predictions don't, so serving leaves no files behind."""
         if self.spec.kind == "head":
-            feats = self._extract(paths, announce=False)
+            feats = self._extract(paths, announce=False, cache=cache)
             with torch.no_grad():
                 return self.model.eval()(torch.from_numpy(feats.X)).numpy(), feats.failed
-        run = self.run
-        net = self.model.to(run.device, memory_format=torch.channels_last).eval()
-        feats = extract(paths, lambda x: net(run.prepare(x)), transform=eval_transform(self.spec.preprocessing),
-                        dim=len(self.classes), batch_size=self.runtime.extract_batch_size,
-                        workers=self.runtime.workers, progress=self.verbose)
+        engine = net_engine(self.model, self.spec.preprocessing, len(self.classes), self.run, self.runtime)
+        feats = engine.extract(paths, progress=self.verbose)
         return feats.X, feats.failed
 
     def _evaluate_samples(self, samples: list[Sample]) -> dict[str, Any]:
@@ -281,7 +288,7 @@ class ImageClassifier:
         paths = expand_inputs(inputs if isinstance(inputs, list) else [inputs])
         if not paths:
             return []
-        logits, failed = self._logits(paths)
+        logits, failed = self._logits(paths, cache=False)
         return _top_k(paths, failed, torch.softmax(torch.from_numpy(logits), 1).numpy(), self.classes, top_k)
 
     # --- files ---------------------------------------------------------------------------------------------
@@ -350,10 +357,8 @@ def predict_imagenet(inputs: list[str | Path], backbone: str = "efficientnet_lit
     paths = expand_inputs(inputs)
     if not paths:
         return []
-    cpu = Precision(torch.device("cpu"))
-    model = bb.model.to(memory_format=torch.channels_last)
-    feats = extract(paths, lambda x: model(cpu.prepare(x)), transform=eval_transform(bb.preprocessing),
-                    dim=1000)  # (N, 1000) logits
+    engine = net_engine(bb.model, bb.preprocessing, 1000, Precision(torch.device("cpu")), RuntimeConfig())
+    feats = engine.extract(paths)  # (N, 1000) logits
     proba = torch.softmax(torch.from_numpy(feats.X), 1).numpy()
     info = ImageNetInfo()
     return _top_k(paths, feats.failed, proba, [info.index_to_description(i) for i in range(1000)], top_k)

@@ -67,6 +67,7 @@ SCRATCH_MODELS = ("small-cnn", "alexnet", "logreg-pixels")
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIMES = ("auto", "torch", "onnx")
 
 
 @dataclass
@@ -94,8 +95,9 @@ class TrainConfig:
     patience: int = _f(10, "stop after this many epochs without a better validation loss; the best epoch is kept")
     class_weight: str = _f("auto", "weight the loss by inverse class frequency: 'balanced', 'none', or 'auto' "
                            "(balanced when the largest class has over 1.5x the images of the smallest)")
-    precision: str = _f("auto", "fp32, bf16 (autocast, on CPUs and GPUs that support it), fp16 (CUDA), or auto "
-                        "(bf16 or fp16 mixed precision on CUDA, fp32 on CPU)")
+    precision: str = _f("auto", "fp32, bf16 (autocast, on CPUs and GPUs that support it), fp16 (CUDA), or auto: "
+                        "mixed precision on CUDA; on a CPU, fp32 training, and for the frozen base the fastest exact "
+                        "path (ONNX Runtime fp32, else bf16 where the CPU has it natively)")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
     auto_small: int = _f(1000, "auto: below this many training images, train a head on features")
     auto_large: int = _f(10000, "auto: from this many training images, fine-tune every stage at lr/10")
@@ -195,14 +197,19 @@ class RuntimeConfig:
     """Where the feature cache lives and how extraction runs. Not part of a model's identity."""
 
     cache_dir: str | None = _f(None, "feature cache folder (default: $TLEARN_CACHE_DIR or ~/.cache/tlearn)")
-    extract_batch_size: int = _f(32, "images per forward pass of the frozen base")
+    runtime: str = _f("auto", "what runs the frozen base: torch, onnx (ONNX Runtime, CPU, fp32), or auto "
+                      "(onnx on a CPU when onnxruntime is installed, torch on CUDA)")
+    extract_batch_size: int = _f(0, "images per forward pass of the frozen base (0: 8 on a CPU, 64 on CUDA)")
     resume: str | None = _f(None, "continue the interrupted run in this folder from its last completed epoch")
-    workers: int | None = _f(None, "image-decoding worker processes (default: one per CPU core, 0 for none)")
+    workers: int | None = _f(None, "parallel image decoding: threads (lanes) for feature extraction and "
+                             "prediction, processes for training (default: one per CPU core; 0: none)")
 
     def problems(self) -> list[str]:
         out = []
-        if self.extract_batch_size < 1:
-            out.append(f"--extract-batch-size must be at least 1. Received: {self.extract_batch_size}")
+        if self.runtime not in RUNTIMES:
+            out.append(f"--runtime must be one of {', '.join(RUNTIMES)}. Received: runtime={self.runtime!r}")
+        if self.extract_batch_size < 0:
+            out.append(f"--extract-batch-size must be 0 (automatic) or more. Received: {self.extract_batch_size}")
         if self.workers is not None and self.workers < 0:
             out.append(f"--workers must be 0 or more. Received: workers={self.workers}")
         return out

@@ -9,16 +9,21 @@ killed extraction leaves only complete entries, and an unreadable entry is simpl
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm.data
 import torch
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from tlearn.backbones import Backbone, identity_key
@@ -26,12 +31,17 @@ from tlearn.data import ImageDecodeError, load_image
 from tlearn.fileio import atomic_path, atomic_write_text, file_sha256
 
 # Bump when decoding or preprocessing code changes in a way that changes features.
-PIPELINE_VERSION = "pil-1"
+PIPELINE_VERSION = "pil-2"
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers() -> int:
-    """Decoding worker processes when --workers is not given: one per core, at most 4."""
-    return min(os.cpu_count() or 1, 4)
+    """Decoding worker processes of the training loaders when --workers is not given: one per core, at most 4."""
+    return min(cpu_cores(), 4)
 
 
 def default_cache_dir() -> Path:
@@ -41,8 +51,9 @@ def default_cache_dir() -> Path:
 class FeatureCache:
     """Pooled features on disk, one float32 ``.npy`` per image content hash, namespaced by backbone identity."""
 
-    def __init__(self, root: Path | str | None, backbone: Backbone):
-        identity = {**backbone.identity(), "pipeline": PIPELINE_VERSION}
+    def __init__(self, root: Path | str | None, backbone: Backbone, numerics: str = "fp32"):
+        # fp32 features agree across runtimes to about 1e-5, so they share entries; bf16/fp16 ones get their own
+        identity = {**backbone.identity(), "pipeline": PIPELINE_VERSION, "numerics": numerics}
         self.dir = Path(root or default_cache_dir()) / "features" / identity_key(identity)
         self.dim = backbone.num_features
         about = self.dir / "identity.json"
@@ -88,8 +99,50 @@ def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int
     return [i for i, _ in ok], batch, failed
 
 
-def eval_transform(preprocessing: dict) -> Callable:
-    """Resize, centre-crop and normalise as timm's pretrained cfg says (e.g. 256 → 224, bicubic)."""
+RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+            "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+
+
+class CropResize:
+    """timm's evaluation preprocessing (resize the shorter side to size / crop_pct, centre-crop, normalise) done as
+    one resampling of the crop box straight to the input size.
+
+    The filter and the pixel-centre mapping are the same as resizing the whole image and then cropping, so the
+    result matches ``timm.data.create_transform`` to within 2/255 at a few pixels; but the pixels the crop throws
+    away are never computed, which makes it about 1.8x faster.
+    """
+
+    def __init__(self, preprocessing: dict[str, Any]):
+        _, self.height, self.width = preprocessing["input_size"]
+        self.scale = math.floor(self.height / preprocessing["crop_pct"])  # timm's scale_size (square case)
+        self.resample = RESAMPLE[preprocessing["interpolation"]]
+        std = np.array(preprocessing["std"], dtype=np.float32)
+        self.gain = torch.from_numpy(1 / (255 * std)).view(3, 1, 1)  # ToTensor's /255, then Normalize
+        self.offset = torch.from_numpy(np.array(preprocessing["mean"], dtype=np.float32) / std).view(3, 1, 1)
+
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The crop, in source pixels, of torchvision's Resize(scale) (shorter side) + CenterCrop."""
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.scale * long / short)
+        new_w, new_h = (self.scale, new_long) if width <= height else (new_long, self.scale)
+        left, top = round((new_w - self.width) / 2), round((new_h - self.height) / 2)
+        sx, sy = width / new_w, height / new_h
+        return left * sx, top * sy, (left + self.width) * sx, (top + self.height) * sy
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.resize((self.width, self.height), self.resample, box=self.box(*image.size))
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        return pixels.float().mul_(self.gain).sub_(self.offset)
+
+
+def eval_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> normalised (3, H, W) tensor, as timm's pretrained cfg says (e.g. 256 -> centre 224, bicubic).
+    ``CropResize`` covers the usual square centre crop; other crop modes use timm's transform itself."""
+    square = preprocessing["input_size"][1] == preprocessing["input_size"][2]
+    if preprocessing.get("crop_mode", "center") == "center" and square and preprocessing.get("crop_pct") \
+            and preprocessing["interpolation"] in RESAMPLE:
+        return CropResize(preprocessing)
     return timm.data.create_transform(**preprocessing, is_training=False)
 
 
@@ -104,13 +157,27 @@ class Features:
     seconds: float = 0.0
 
 
-def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tensor], *, transform: Callable,
-            dim: int, cache: FeatureCache | None = None, batch_size: int = 32, workers: int | None = None,
-            progress: bool = True) -> Features:
+def in_order(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """``pool.map(fn, items)`` with at most ``ahead`` items in flight, so memory stays flat however many there are."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tensor | np.ndarray], *,
+            transform: Callable, dim: int, cache: FeatureCache | None = None, batch_size: int = 8,
+            lanes: int = 1, progress: bool = True) -> Features:
     """Outputs of ``forward`` for the images at ``paths``, from the cache where possible, computing only misses.
 
     ``transform`` turns a PIL image into a (3, H, W) tensor and ``forward`` maps a batch (B, 3, H, W) to
-    (B, ``dim``): pooled features for training, or logits for ImageNet prediction.
+    (B, ``dim``): pooled features for training, or logits for prediction. ``lanes`` threads each decode a batch
+    and run ``forward`` on it (decoding, resizing and the forward pass all release the GIL), so on a CPU with as
+    many lanes as cores, no core waits for another; ``forward`` must therefore be safe to call from several
+    threads at once.
     """
     start = time.perf_counter()
     X = np.zeros((len(paths), dim), dtype=np.float32)
@@ -129,23 +196,33 @@ def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tenso
             X[row] = feat
     cached = len(paths) - len(failed) - sum(len(r) for r in todo.values())
     digests = list(todo)
-    files = ImageFiles([paths[todo[d][0]] for d in digests], transform)
-    if workers is None:
-        workers = default_workers() if len(files) >= 4 * batch_size else 0  # small jobs: no start-up cost
-    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+
+    def run(batch: list[str]) -> tuple[list[str], np.ndarray | None, list[tuple[str, str]]]:
+        images, ok, bad = [], [], []
+        for digest in batch:
+            try:
+                images.append(transform(load_image(paths[todo[digest][0]])))
+                ok.append(digest)
+            except ImageDecodeError as e:
+                bad.append((digest, str(e)))
+        if not images:
+            return ok, None, bad
+        with torch.inference_mode():
+            out = forward(torch.stack(images))
+        return ok, out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32), bad
+
+    batches = [digests[i:i + batch_size] for i in range(0, len(digests), batch_size)]
     n_bad = 0
-    with tqdm(total=len(files), unit="img", desc="extracting features", disable=not progress or None,
-              leave=False) as bar, torch.inference_mode():
-        for ok, batch, bad in loader:
+    with tqdm(total=len(digests), unit="img", desc="extracting features", disable=not progress or None,
+              leave=False) as bar, ThreadPoolExecutor(max(1, lanes), thread_name_prefix="tlearn-lane") as pool:
+        for ok, feats, bad in in_order(pool, run, batches, ahead=2 * max(1, lanes)):
             n_bad += len(bad)
-            for i, reason in bad:
-                for row in todo[digests[i]]:
+            for digest, reason in bad:
+                for row in todo[digest]:
                     failed[Path(paths[row])] = reason
-            if batch is not None:
-                feats = forward(batch).float().cpu().numpy()  # (B, F)
-                for i, feat in zip(ok, feats, strict=True):
-                    X[todo[digests[i]]] = feat
-                    if cache:
-                        cache.put(digests[i], feat)
+            for digest, feat in zip(ok, feats if feats is not None else [], strict=True):
+                X[todo[digest]] = feat
+                if cache:
+                    cache.put(digest, feat)
             bar.update(len(ok) + len(bad))
-    return Features(X, failed, extracted=len(files) - n_bad, cached=cached, seconds=time.perf_counter() - start)
+    return Features(X, failed, extracted=len(digests) - n_bad, cached=cached, seconds=time.perf_counter() - start)

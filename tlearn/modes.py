@@ -25,7 +25,7 @@ from tlearn.augment import train_transform
 from tlearn.backbones import Backbone
 from tlearn.config import AugmentConfig, RuntimeConfig, TrainConfig, parse_lr_mult
 from tlearn.data import ImageFolder, Sample
-from tlearn.features import Features, ImageFiles, collate, default_workers, eval_transform, extract
+from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, eval_transform, extract
 from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
 from tlearn.strategy import Decision
 from tlearn.train import (
@@ -230,7 +230,8 @@ def _logreg_pixels(job: Job, preprocessing: dict[str, Any]) -> Trained:
     """scikit-learn's logistic regression on 32x32 pixels, folded into ``PixelLinear``."""
     paths = [s.path for s in job.data.samples]
     pixels = extract(paths, lambda x: x.flatten(1), transform=eval_transform(preprocessing),
-                     dim=3 * preprocessing["input_size"][-1] ** 2, progress=job.progress)
+                     dim=3 * preprocessing["input_size"][-1] ** 2, batch_size=64, lanes=cpu_cores(),
+                     progress=job.progress)
     xy = _by_split(job, paths, pixels)
     (X, y), (Xv, yv) = xy["train"], xy["validation"]
     model = PixelLinear(len(job.data.classes), preprocessing["input_size"][-1])

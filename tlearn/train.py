@@ -81,21 +81,21 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def resolve_precision(config: TrainConfig) -> Precision:
-    """The device (CUDA when present, unless --device says otherwise) and the autocast dtype."""
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_precision(device: str = "auto", precision: str = "auto") -> Precision:
+    """The device (CUDA when present, unless ``device`` says otherwise) and the autocast dtype of the training
+    loops: with ``auto``, bf16 or fp16 mixed precision on CUDA and fp32 on a CPU."""
+    if device == "auto":
+        where = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TlearnError(f"--device {config.device}: no CUDA device is available here; use --device cpu")
-    precision = config.precision
+        where = torch.device(device)
+        if where.type == "cuda" and not torch.cuda.is_available():
+            raise TlearnError(f"--device {device}: no CUDA device is available here; use --device cpu")
     if precision == "auto":
-        precision = "fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and device.type != "cuda":
+        precision = "fp32" if where.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and where.type != "cuda":
         raise TlearnError("--precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Precision(device, dtype)
+    return Precision(where, dtype)
 
 
 def class_weights(y: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:

@@ -1,0 +1,64 @@
+"""Latency of predicting one image with a saved model, per runtime, and of the `tlearn predict` command.
+
+Usage: python bench/bench_predict.py [--data examples/ants_bees] [--repeats 50]
+
+Trains a head (mode features) on the data once, then loads the run per runtime and times
+``ImageClassifier.predict(one_image)`` ``--repeats`` times after 3 warm-up calls: decoding, preprocessing, the
+base, the head and the softmax. The command row is one cold `tlearn predict RUN IMAGE` including Python start-up.
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tlearn.api import ImageClassifier
+
+VARIANTS = {"onnx fp32 (default here)": {"runtime": "auto"}, "torch fp32": {"runtime": "torch", "precision": "fp32"},
+            "torch bf16": {"runtime": "torch", "precision": "bf16"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "ants_bees")
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    image = sorted(args.data.rglob("*.jpg"))[0]
+    print(f"{args.data.name}, one image ({image.name}); {platform.machine()}, {os.cpu_count()} CPUs\n")
+    print("| path | p50 ms | p90 ms | prediction |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TLEARN_CACHE_DIR"] = str(Path(tmp) / "cache")
+        run = Path(tmp) / "run"
+        ImageClassifier(mode="features", verbose=False).fit(args.data).save(run)
+        for name, options in VARIANTS.items():
+            clf = ImageClassifier.load(run, verbose=False, runtime=options["runtime"])
+            clf.train_config.precision = options.get("precision", clf.train_config.precision)
+            for _ in range(3):
+                result = clf.predict(image, top_k=1)
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                result = clf.predict(image, top_k=1)
+                times.append(1000 * (time.perf_counter() - start))
+            top = result[0]["predictions"][0]
+            print(f"| `ImageClassifier.predict`, {name} | {np.percentile(times, 50):.1f} | "
+                  f"{np.percentile(times, 90):.1f} | {top['class']} {top['probability']:.3f} |", flush=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "tlearn.cli", "predict", str(run), str(image)], check=True,
+                       capture_output=True)
+        print(f"| `tlearn predict RUN IMAGE`, one cold command | {1000 * (time.perf_counter() - start):.0f} | - | "
+              "- |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""How a frozen network runs over a folder of images on this machine: the engine (PyTorch or ONNX Runtime), its
+precision, and how many lanes feed it.
+
+``--runtime auto`` and ``--precision auto`` pick per machine:
+
+- on a CUDA device: PyTorch, channels-last, bf16 (or fp16) autocast, big batches, decoding in parallel lanes;
+- on a CPU: ONNX Runtime in fp32, which on the 2-core reference machine is as fast as PyTorch's bf16 autocast
+  and exact (features agree with PyTorch's fp32 ones to about 1e-5), with one single-threaded lane per core;
+- on a CPU without onnxruntime (or if the export fails): PyTorch with bf16 autocast where the CPU has native bf16
+  instructions (AVX512-BF16 or AMX), else fp32.
+
+Batches are small on a CPU (8): the activations of a batch then stay in the cache, which is about twice as fast as
+batch 32. BENCHMARKS.md has the measurements behind each choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlearn.backbones import Backbone, identity_key
+from tlearn.config import RuntimeConfig, TlearnError, TrainConfig
+from tlearn.features import FeatureCache, Features, cpu_cores, default_cache_dir, eval_transform, extract
+from tlearn.fileio import atomic_path
+from tlearn.train import Precision, resolve_precision
+
+log = logging.getLogger("tlearn")
+ONNX_OPSET = 17
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (x86 AVX512-BF16 or AMX), where bf16 autocast pays."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except RuntimeError:
+        return False
+
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+@dataclass
+class Engine:
+    """A frozen network as a batch function, and how to feed it: ``extract(paths)`` decodes, preprocesses and
+    runs ``lanes`` batches of ``batch_size`` at a time."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor | np.ndarray]
+    preprocessing: dict
+    dim: int
+    runtime: str  # torch | onnx
+    precision: str  # fp32 | bf16 | fp16
+    device: torch.device
+    lanes: int
+    batch_size: int
+    threads: int  # intra-op threads per lane (CPU)
+    reason: str = ""
+
+    def describe(self) -> str:
+        where = "CPU" if self.device.type == "cpu" else str(self.device)
+        return (f"{self.runtime} {self.precision} on {where}, {self.lanes} lane(s) x batch {self.batch_size}"
+                + (f" ({self.reason})" if self.reason else ""))
+
+    def extract(self, paths: Sequence[Path], cache: FeatureCache | None = None, progress: bool = True) -> Features:
+        with self._threads():
+            return extract(paths, self.forward, transform=eval_transform(self.preprocessing), dim=self.dim,
+                           cache=cache, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """PyTorch's intra-op threads per lane while extracting (lanes x threads = cores), restored after."""
+        before = torch.get_num_threads()
+        if self.runtime == "torch" and self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def _lanes(device: torch.device, runtime: RuntimeConfig) -> tuple[int, int, int]:
+    """(lanes, batch size, threads per lane). On a CPU one lane per core, each single-threaded, batch 8; on a GPU
+    up to 8 decoding lanes feeding batches of 64."""
+    cores = cpu_cores()
+    if device.type == "cpu":
+        lanes = max(1, runtime.workers if runtime.workers is not None else cores)
+        return lanes, runtime.extract_batch_size or 8, max(1, cores // lanes)
+    lanes = max(1, runtime.workers if runtime.workers is not None else min(cores, 8))
+    return lanes, runtime.extract_batch_size or 64, torch.get_num_threads()
+
+
+def net_engine(net: nn.Module, preprocessing: dict, dim: int, run: Precision, runtime: RuntimeConfig) -> Engine:
+    """A whole network (a fine-tuned base + head, a scratch model, a base with its ImageNet head) in PyTorch."""
+    net = net.to(run.device, memory_format=torch.channels_last).eval()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with run.autocast():
+            return net(run.prepare(x))
+
+    lanes, batch_size, threads = _lanes(run.device, runtime)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.dtype]
+    return Engine(forward, preprocessing, dim, "torch", precision, run.device, lanes, batch_size, threads)
+
+
+def base_engine(bb: Backbone, train: TrainConfig, runtime: RuntimeConfig) -> Engine:
+    """The frozen pretrained base as a feature extractor, in the runtime and precision the flags ask for, or the
+    fastest exact one for this machine (see the module docstring)."""
+    device = resolve_precision(train.device, "fp32").device
+    want, precision = runtime.runtime, train.precision
+    if want == "onnx" and device.type != "cpu":
+        raise TlearnError(f"--runtime onnx runs on the CPU; with --device {train.device} use --runtime torch or auto")
+    if want == "onnx" and precision in ("bf16", "fp16"):
+        raise TlearnError(f"--runtime onnx runs the base in fp32; for --precision {precision} use --runtime torch")
+    if want != "torch" and device.type == "cpu" and precision in ("auto", "fp32"):
+        reason = "auto: exact and fastest on CPUs" if want == "auto" else ""
+        if want == "onnx" or onnxruntime_available():
+            try:
+                return _onnx_engine(bb, runtime, reason)
+            except TlearnError as e:
+                if want == "onnx":
+                    raise
+                log.warning(f"{e}; running the base in PyTorch instead")
+        else:
+            log.info("onnxruntime is not installed: the base runs in PyTorch")
+    if precision == "auto" and device.type == "cpu":
+        precision = "bf16" if cpu_has_bf16() else "fp32"
+    run = resolve_precision(train.device, precision)
+    engine = net_engine(_Pooled(bb.model), bb.preprocessing, bb.num_features, run, runtime)
+    if train.precision == "auto" and device.type == "cpu":
+        engine.reason = "auto: this CPU has native bf16" if precision == "bf16" else "auto: no native bf16 here"
+    return engine
+
+
+class _Pooled(nn.Module):
+    """A timm model's pooled pre-logits features as its output (what the head is trained on)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def export_onnx(bb: Backbone, cache_dir: str | Path | None = None) -> Path:
+    """The base exported to ONNX once per weights identity and PyTorch version, under the cache folder.
+
+    The export is checked against PyTorch's fp32 output on a random batch before it is kept, so a wrong graph is
+    never used. It runs on a copy of the model: the exporter leaves the module it is given in training mode.
+    """
+    import onnxruntime as ort
+
+    key = identity_key({**bb.identity(), "exporter": f"torch {torch.__version__}", "opset": ONNX_OPSET})
+    path = Path(cache_dir or default_cache_dir()) / "onnx" / f"{bb.name}-{key}.onnx"
+    if path.exists():
+        return path
+    pooled = _Pooled(copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
+    x = torch.randn(2, *bb.preprocessing["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = pooled(x).numpy()
+    try:
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(pooled, (x,), tmp, input_names=["image"], output_names=["features"],
+                              dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+                              opset_version=ONNX_OPSET, dynamo=False)
+            got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+            error = float(np.abs(got - expected).max() / max(1.0, np.abs(expected).max()))
+            if not error < 1e-3:
+                raise TlearnError(f"the ONNX export of {bb.name} differs from PyTorch by {error:.2g}")
+    except TlearnError:
+        raise
+    except Exception as e:  # the exporter raises many kinds of errors for models it cannot trace
+        raise TlearnError(f"cannot export {bb.name} to ONNX: {type(e).__name__}: {e}") from e
+    return path
+
+
+def _onnx_engine(bb: Backbone, runtime: RuntimeConfig, reason: str) -> Engine:
+    import onnxruntime as ort
+
+    lanes, batch_size, threads = _lanes(torch.device("cpu"), runtime)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    path = export_onnx(bb, runtime.cache_dir)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+        log.warning(f"{path} cannot be loaded ({e}); exporting the base again")
+        path.unlink(missing_ok=True)
+        session = ort.InferenceSession(str(export_onnx(bb, runtime.cache_dir)), options,
+                                       providers=["CPUExecutionProvider"])
+
+    def forward(x: torch.Tensor) -> np.ndarray:
+        return session.run(None, {"image": x.numpy()})[0]
+
+    return Engine(forward, bb.preprocessing, bb.num_features, "onnx", "fp32", torch.device("cpu"), lanes,
+                  batch_size, threads, reason)
