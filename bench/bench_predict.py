@@ -39,7 +39,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["TLEARN_CACHE_DIR"] = str(Path(tmp) / "cache")
         run = Path(tmp) / "run"
-        ImageClassifier(mode="features", verbose=False).fit(args.data).save(run)
+        trained = ImageClassifier(mode="features", verbose=False)
+        trained.fit(args.data)
+        trained.save(run)
         for name, options in VARIANTS.items():
             clf = ImageClassifier.load(run, verbose=False, runtime=options["runtime"])
             clf.train_config.precision = options.get("precision", clf.train_config.precision)

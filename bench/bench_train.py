@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 
-def run_train(data: Path, out: Path, cache: Path, backbone: str) -> dict:
-    cmd = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--backbone", backbone, "--out", str(out),
-           "--cache-dir", str(cache)]
+def run_train(data: Path, out: Path, cache: Path, backbone: str, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--mode", "features", "--backbone", backbone,
+           "--out", str(out), "--cache-dir", str(cache), *extra]
     log = out.with_suffix(".log")
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -36,8 +36,15 @@ def run_train(data: Path, out: Path, cache: Path, backbone: str) -> dict:
     m = re.search(r"features: (\d+) images, (\d+) from cache, (\d+) extracted(?: \(([\d.]+) img/s\))?", stderr)
     metrics = json.loads((out / "metrics.json").read_text())
     split = "test" if "test" in metrics else "validation"
+    epochs = [float(r) for r in re.findall(r"epoch \d+/\d+: .*, ([\d.]+) img/s\)", stderr)]
     return {"images": int(m[1]), "extracted": int(m[3]), "img_s": float(m[4]) if m[4] else None, "wall": wall,
-            "split": split, "accuracy": metrics[split]["accuracy"], "rss_mb": usage.ru_maxrss / 1024}
+            "split": split, "accuracy": metrics[split]["accuracy"], "rss_mb": usage.ru_maxrss / 1024,
+            "epoch_img_s": sum(epochs) / len(epochs) if epochs else None}
+
+
+FROZEN_EPOCHS = 3
+FROZEN_ROWS = {"PyTorch fp32 (`--runtime torch --precision fp32`)": ["--runtime", "torch", "--precision", "fp32"],
+               "ONNX Runtime fp32 (default)": []}
 
 
 def main() -> None:
@@ -57,6 +64,15 @@ def main() -> None:
                 rate = f"{r['img_s']:.1f}" if r["img_s"] else "-"
                 print(f"| {name} | {label} | {r['images']} | {r['extracted']} | {rate} | {r['wall']:.1f} | "
                       f"{r['accuracy']:.4f} ({r['split']}) | {r['rss_mb']:.0f} |", flush=True)
+        print(f"\nMode frozen (the book's augmentation, {FROZEN_EPOCHS} epochs) on hymenoptera, warm feature cache:\n")
+        print("| frozen base runs in | epoch img/s | wall s | accuracy |")
+        print("|---|---|---|---|")
+        cache = Path(tmp) / "cache-hymenoptera"
+        for label, extra in FROZEN_ROWS.items():
+            r = run_train(args.datasets / "hymenoptera", Path(tmp) / f"frozen-{len(extra)}", cache, args.backbone,
+                          *extra, "--mode", "frozen", "--epochs", str(FROZEN_EPOCHS))
+            print(f"| {label} | {r['epoch_img_s']:.1f} | {r['wall']:.1f} | {r['accuracy']:.4f} ({r['split']}) |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,17 @@ def test_boolean_flags_parse_as_booleans() -> None:
     args = build_parser().parse_args(["train", "d", "--no-horizontal-flip", "--vertical-flip", "--no-pretrained"])
     assert args.horizontal_flip is False and args.vertical_flip is True and args.pretrained is False
     assert build_parser().parse_args(["train", "d"]).horizontal_flip is None  # the preset decides
+
+
+def test_check_starts_without_torch_and_uses_the_default_backbones_input_size(tmp_path: Path) -> None:
+    from tlearn.backbones import preprocessing_of
+    from tlearn.cli import DEFAULT_INPUT_SIZE
+    from tlearn.config import BackboneConfig
+
+    assert preprocessing_of(BackboneConfig().backbone)["input_size"][-1] == DEFAULT_INPUT_SIZE
+    root = make_folder(tmp_path / "d", per_class=3)
+    code = ("import sys; from tlearn.cli import main; rc = main(['check', sys.argv[1]]); "
+            "print('heavy:', sorted(m for m in ('torch', 'timm', 'matplotlib') if m in sys.modules)); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True)
+    assert "heavy: []" in out.stdout
+    assert "smaller than the 224 px input" in out.stdout  # the generated 48x40 images, against the default input size

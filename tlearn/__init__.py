@@ -1,9 +1,20 @@
 """tlearn: a folder of images → a trained, evaluated and deployable image classifier, by transfer learning."""
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-from tlearn.api import ImageClassifier, predict_imagenet
 from tlearn.config import BackboneConfig, DataConfig, RuntimeConfig, TlearnError, TrainConfig
 
 __all__ = ["BackboneConfig", "DataConfig", "ImageClassifier", "RuntimeConfig", "TlearnError", "TrainConfig",
            "__version__", "predict_imagenet"]
+
+
+def __getattr__(name: str) -> Any:
+    """``ImageClassifier`` and ``predict_imagenet`` import torch, so they load on first use (PEP 562): commands
+    that need neither, such as ``tlearn check``, start in a fraction of the time."""
+    if name in ("ImageClassifier", "predict_imagenet"):
+        from tlearn import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tlearn' has no attribute {name!r}")

@@ -113,7 +113,9 @@ def train_transform(preprocessing: dict[str, Any], config: AugmentConfig, normal
 def preview(image: Path, preprocessing: dict[str, Any], config: AugmentConfig, n: int, out: Path,
             seed: int = 0) -> Path:
     """Save a grid of the image and ``n`` augmented versions of it, like the classic tutorial's preview."""
-    import matplotlib.pyplot as plt
+    from tlearn.report import pyplot
+
+    plt = pyplot()
 
     from tlearn.data import load_image
     from tlearn.fileio import atomic_path

@@ -84,7 +84,9 @@ def write_table(rows: list[dict[str, Any]], out: Path, chance: float) -> None:
 
 def plot(rows: list[dict[str, Any]], path: Path, chance: float) -> None:
     """Test accuracy and training time per model, side by side, with the chance level marked."""
-    import matplotlib.pyplot as plt
+    from tlearn.report import pyplot
+
+    plt = pyplot()
 
     names = [r["model"] for r in rows]
     fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2))

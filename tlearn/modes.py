@@ -27,6 +27,7 @@ from tlearn.config import AugmentConfig, RuntimeConfig, TrainConfig, parse_lr_mu
 from tlearn.data import ImageFolder, Sample
 from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, eval_transform, extract
 from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
+from tlearn.runtime import FrozenFeatures, base_engine
 from tlearn.strategy import Decision
 from tlearn.train import (
     Batches,
@@ -175,7 +176,10 @@ def train_frozen(job: Job) -> Trained:
     xy, failed = _cached_features(job)
     bb = job.backbone()
     head = make_head(bb.num_features, len(job.data.classes), job.train.hidden, job.train.dropout)
-    model = Classifier(bb.model, head)  # the base has no trainable parameters: only the head learns
+    # Only the head learns, so the base runs as in feature extraction (ONNX Runtime on a CPU), while worker
+    # processes decode and augment the next batches.
+    base = FrozenFeatures(base_engine(bb, job.train, job.runtime))
+    model = nn.Sequential(base, head)
     history = History()
     # The base is frozen, so its features of the (unaugmented) validation images are exactly the cached ones.
     val = tensor_batches(*xy["validation"], 1024)

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt
+from typing import TYPE_CHECKING, Any
 
 from tlearn.data import Skipped
 from tlearn.fileio import atomic_path, atomic_write_csv
-from tlearn.train import History
+
+if TYPE_CHECKING:  # torch and matplotlib load only when something is plotted or trained: `tlearn check` starts fast
+    from tlearn.train import History
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_history_csv(history: History, path: Path) -> None:
@@ -25,6 +32,7 @@ def write_history_csv(history: History, path: Path) -> None:
 def plot_curves(history: History, path: Path, title: str = "") -> None:
     """Accuracy and loss, train vs validation, per epoch; the best epoch and stage boundaries are marked."""
     h = history.history
+    plt = pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         ax.plot(history.epoch, h[key], "o-", ms=3, label=f"training {key}")

@@ -142,6 +142,20 @@ def base_engine(bb: Backbone, train: TrainConfig, runtime: RuntimeConfig) -> Eng
     return engine
 
 
+class FrozenFeatures(nn.Module):
+    """An engine's frozen base as a module without parameters, for training a head on augmented images (mode
+    ``frozen``): (B, 3, H, W) -> (B, F) pooled features, no gradient, on the device of its input."""
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.engine.forward(x.cpu().contiguous() if self.engine.runtime == "onnx" else x)
+        return torch.as_tensor(out, device=x.device).float()
+
+
 class _Pooled(nn.Module):
     """A timm model's pooled pre-logits features as its output (what the head is trained on)."""
 

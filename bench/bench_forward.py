@@ -1,0 +1,67 @@
+"""The frozen base's forward pass alone, per runtime and batch size: why tlearn uses batch 8 on a CPU.
+
+Usage: python bench/bench_forward.py [--backbone efficientnet_lite0] [--images 192]
+
+Random 224-px input, all cores in one call (no decoding, no lanes), best of 3 passes over ``--images`` images.
+Prints a Markdown table of img/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+from tlearn.backbones import load_backbone
+from tlearn.config import BackboneConfig, RuntimeConfig, TrainConfig
+from tlearn.runtime import base_engine
+
+BATCHES = (1, 4, 8, 16, 32, 64)
+
+
+def rate(forward, x: torch.Tensor, images: int) -> float:
+    forward(x)  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(max(1, images // len(x))):
+            forward(x)
+        best = min(best, time.perf_counter() - start)
+    return max(1, images // len(x)) * len(x) / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--images", type=int, default=192)
+    args = parser.parse_args()
+    bb = load_backbone(BackboneConfig(backbone=args.backbone))
+    cores = os.cpu_count()
+    rows = {"torch fp32, NCHW": ("torch", "fp32", torch.contiguous_format),
+            "torch fp32, channels-last": ("torch", "fp32", torch.channels_last),
+            "torch bf16 autocast, channels-last": ("torch", "bf16", torch.channels_last),
+            "ONNX Runtime fp32": ("onnx", "fp32", torch.contiguous_format)}
+    print(f"{args.backbone}, forward pass only, {cores} threads; {platform.machine()}, torch {torch.__version__}\n")
+    print("| runtime | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")
+    print("|---|" + "---|" * len(BATCHES))
+    for name, (runtime, precision, layout) in rows.items():
+        engine = base_engine(bb, TrainConfig(precision=precision), RuntimeConfig(runtime=runtime, workers=1))
+        bb.model.to(memory_format=layout)
+        forward = engine.forward
+        if runtime == "torch" and layout == torch.contiguous_format:
+            def forward(x):  # the plain eager model, as the tutorials run it
+                return bb.features(x)
+        rates = []
+        with torch.inference_mode():
+            torch.set_num_threads(cores)
+            for b in BATCHES:
+                x = torch.randn(b, *bb.preprocessing["input_size"])
+                rates.append(rate(forward, x, args.images))
+        print(f"| {name} | " + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
