@@ -1,9 +1,9 @@
 """The frozen base's forward pass alone, per runtime and batch size: why tlearn uses batch 8 on a CPU.
 
-Usage: python bench/bench_forward.py [--backbone efficientnet_lite0] [--images 192]
+Usage: python bench/bench_forward.py [--backbone efficientnet_lite0] [--images 192] [--compile]
 
 Random 224-px input, all cores in one call (no decoding, no lanes), best of 3 passes over ``--images`` images.
-Prints a Markdown table of img/s.
+``--compile`` adds torch.compile rows at batch 8 with their compile time. Prints a Markdown table of img/s.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp())  # time torch.compile's first call cold
 
 import torch
 
@@ -37,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (needs a C++ compiler)")
     args = parser.parse_args()
     bb = load_backbone(BackboneConfig(backbone=args.backbone))
     cores = os.cpu_count()
@@ -61,6 +65,17 @@ def main() -> None:
                 x = torch.randn(b, *bb.preprocessing["input_size"])
                 rates.append(rate(forward, x, args.images))
         print(f"| {name} | " + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
+    if args.compile:
+        print("\n| torch.compile, channels-last, batch 8 | first call s | img/s |\n|---|---|---|")
+        bb.model.to(memory_format=torch.channels_last)
+        x = torch.randn(8, *bb.preprocessing["input_size"]).contiguous(memory_format=torch.channels_last)
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            compiled = torch.compile(bb.features)
+            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=precision == "bf16"):
+                start = time.perf_counter()
+                compiled(x)
+                first = time.perf_counter() - start
+                print(f"| {precision} | {first:.1f} | {rate(compiled, x, args.images):.0f} |", flush=True)
 
 
 if __name__ == "__main__":
