@@ -17,6 +17,7 @@ from torch import nn
 from tlearn import report
 from tlearn.artifact import ModelSpec, load_model, save_model
 from tlearn.backbones import Backbone, load_backbone
+from tlearn.calibrate import calibrated, ece, fit_temperature, nll
 from tlearn.check import Finding, quick_check
 from tlearn.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from tlearn.config import (
@@ -32,7 +33,7 @@ from tlearn.config import (
 )
 from tlearn.data import ImageFolder, Sample, expand_inputs, scan, scan_labelled, write_manifest
 from tlearn.evaluate import classification_metrics
-from tlearn.features import FeatureCache, Features
+from tlearn.features import FeatureCache, Features, tta_views
 from tlearn.fileio import atomic_write_text
 from tlearn.models import base_parameters, parameter_counts
 from tlearn.modes import Job, Trained, run_mode
@@ -83,6 +84,7 @@ class ImageClassifier:
         self.data: ImageFolder | None = None
         self.data_config: DataConfig | None = None
         self.metrics: dict[str, dict[str, Any]] = {}
+        self.predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]] = {}  # split: (paths, y, proba)
         self.findings: list[Finding] = []  # duplicates, leakage and conflicting labels found by fit
         self.params: dict[str, int] = {}
         self.train_seconds = 0.0
@@ -177,11 +179,15 @@ class ImageClassifier:
         log.info(f"trained: best epoch {self.history.best_epoch} of {len(self.history.epoch)}: "
                  f"val_accuracy {h['val_accuracy'][i]:.4f}, val_loss {h['val_loss'][i]:.4f} "
                  f"({self.train_seconds:.1f} s in all)")
-        self.metrics = {}
+        self.metrics, self.predictions = {}, {}
+        scored = self._scored(folder.split("validation"))
+        self.spec.temperature = fit_temperature(scored[0], scored[1])
+        log.info(f"calibration: temperature {self.spec.temperature:.3f}, fitted on validation (loss "
+                 f"{nll(scored[0], scored[1]):.4f} -> {nll(scored[0], scored[1], self.spec.temperature):.4f})")
         if out is not None:
-            for split in ("validation", "test"):
-                if folder.split(split):
-                    self.metrics[split] = self._evaluate_samples(folder.split(split))
+            self.metrics["validation"] = self._evaluate_samples([], split="validation", scored=scored)
+            if folder.split("test"):
+                self.metrics["test"] = self._evaluate_samples(folder.split("test"), split="test")
             self.save(out)
             (Path(out) / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete
         return self.history
@@ -237,39 +243,66 @@ class ImageClassifier:
         if self.model is None:
             raise TlearnError("this classifier is not trained yet: call fit(DATA) or ImageClassifier.load(RUN)")
 
-    def _logits(self, paths: list[Path], cache: bool = True) -> tuple[np.ndarray, dict[Path, str]]:
-        """(N, C) logits for ``paths`` (rows of unreadable files are zero and listed with their reason). Features
-        of evaluation splits go through the cache; predictions don't, so serving leaves no files behind."""
+    def _logits(self, paths: list[Path], cache: bool = True, tta: bool = False) -> tuple[np.ndarray, dict[Path, str]]:
+        """(N, C) uncalibrated logits for ``paths`` (rows of unreadable files are zero and listed with their
+        reason). With ``tta``, the mean logits of the test-time views (``features.tta_views``). Features of
+        evaluation splits go through the cache; predictions don't, so serving leaves no files behind."""
+        views = [None, *tta_views(self.spec.preprocessing)[1:]] if tta else [None]  # None: the centre crop
         if self.spec.kind == "head":
-            feats = self._extract(paths, announce=False, cache=cache)
-            with torch.no_grad():
-                return self.model.eval()(torch.from_numpy(feats.X)).numpy(), feats.failed
-        engine = net_engine(self.model, self.spec.preprocessing, len(self.classes), self.run, self.runtime)
-        feats = engine.extract(paths, progress=self.verbose)
-        return feats.X, feats.failed
+            engine, net = self.engine, self.model.eval()
+            store = FeatureCache(self.runtime.cache_dir, self.backbone, engine.precision) if cache else None
+        else:
+            engine = net_engine(self.model, self.spec.preprocessing, len(self.classes), self.run, self.runtime)
+            net, store = None, None
+        total, failed = 0.0, {}
+        for i, view in enumerate(views):
+            out = engine.extract(paths, store if i == 0 else None, progress=self.verbose, transform=view)
+            failed = out.failed
+            if net is not None:
+                with torch.no_grad():
+                    out.X = net(torch.from_numpy(out.X)).numpy()
+            total = total + out.X
+        return total / len(views), failed
 
-    def _evaluate_samples(self, samples: list[Sample]) -> dict[str, Any]:
+    def _scored(self, samples: list[Sample], tta: bool = False) -> tuple[np.ndarray, np.ndarray, list[Path],
+                                                                          dict[Path, str]]:
+        """Uncalibrated logits and labels of the decodable ``samples``, their paths, and the failures."""
         paths = [s.path for s in samples]
-        logits, failed = self._logits(paths)
+        logits, failed = self._logits(paths, tta=tta)
         keep = [i for i, p in enumerate(paths) if p not in failed]
         if not keep:
             raise TlearnError("none of the images to evaluate on could be decoded")
-        proba = torch.softmax(torch.from_numpy(logits[keep]), 1).numpy()
-        metrics = classification_metrics(np.array([samples[i].label for i in keep]), proba, self.classes)
+        return logits[keep], np.array([samples[i].label for i in keep]), [paths[i] for i in keep], failed
+
+    def _evaluate_samples(self, samples: list[Sample], tta: bool = False, split: str | None = None,
+                          scored: tuple | None = None) -> dict[str, Any]:
+        """Metrics of the calibrated probabilities, with the calibration before and after; with ``split``, the
+        per-image results are kept for ``predictions.csv`` and the report."""
+        logits, y, paths, failed = scored or self._scored(samples, tta)
+        temperature = self.spec.temperature
+        proba = calibrated(logits, temperature)
+        metrics = classification_metrics(y, proba, self.classes)
+        metrics["calibration"] = {"temperature": temperature, "ece": ece(proba, y),
+                                  "ece_uncalibrated": ece(calibrated(logits, 1.0), y),
+                                  "loss_uncalibrated": nll(logits, y)}
+        metrics["tta"] = tta
         if failed:
             metrics["skipped"] = {str(p): r for p, r in failed.items()}
+        if split:
+            self.predictions[split] = (paths, y, proba)
         return metrics
 
-    def evaluate(self, data: str | Path | None = None) -> dict[str, Any]:
+    def evaluate(self, data: str | Path | None = None, tta: bool = False) -> dict[str, Any]:
         """Metrics on ``data`` (a folder of class sub-folders, or a split folder's test/). With no argument: the
-        test split of the fitted data, or of a loaded run's recorded split (validation when there is no test)."""
+        test split of the fitted data, or of a loaded run's recorded split (validation when there is no test).
+        ``tta`` averages the logits of six test-time views (centre, mirrored, four corners)."""
         self._require_fitted()
         if data is not None:
             folder = scan_labelled(data, self.classes)
-            return {"split": str(data), **self._evaluate_samples(folder.samples)}
+            return {"split": str(data), **self._evaluate_samples(folder.samples, tta)}
         folder = self.data or self._recorded_split()
         split = "test" if folder.split("test") else "validation"
-        return {"split": split, **self._evaluate_samples(folder.split(split))}
+        return {"split": split, **self._evaluate_samples(folder.split(split), tta)}
 
     def _recorded_split(self) -> ImageFolder:
         manifest = self._run_dir / "split.csv" if self._run_dir else None
@@ -278,18 +311,21 @@ class ImageClassifier:
             raise TlearnError("no data split is recorded with this model; pass the folder to evaluate on")
         return scan(DataConfig(path=summary["root"], split_manifest=str(manifest)))
 
-    def predict(self, inputs: str | Path | list[str | Path], top_k: int = 3) -> list[dict[str, Any]]:
+    def predict(self, inputs: str | Path | list[str | Path], top_k: int = 3, *, calibration: bool = True,
+                tta: bool = False) -> list[dict[str, Any]]:
         """Top-k classes with probabilities for image files and the images in folders, in order.
 
         Each result is ``{"path", "predictions": [{"class", "probability"}, ...]}``, or ``{"path", "error"}``
-        for a file that could not be read.
+        for a file that could not be read. Probabilities are temperature-scaled (see ``tlearn.calibrate``)
+        unless ``calibration`` is False; ``tta`` averages six test-time views.
         """
         self._require_fitted()
         paths = expand_inputs(inputs if isinstance(inputs, list) else [inputs])
         if not paths:
             return []
-        logits, failed = self._logits(paths, cache=False)
-        return _top_k(paths, failed, torch.softmax(torch.from_numpy(logits), 1).numpy(), self.classes, top_k)
+        logits, failed = self._logits(paths, cache=False, tta=tta)
+        proba = calibrated(logits, self.spec.temperature if calibration else 1.0)
+        return _top_k(paths, failed, proba, self.classes, top_k)
 
     # --- files ---------------------------------------------------------------------------------------------
 

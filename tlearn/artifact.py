@@ -53,6 +53,7 @@ class ModelSpec:
     num_features: int = 0
     hidden: int = 0
     dropout: float = 0.0
+    temperature: float = 1.0  # fitted on the validation split; predictions divide the logits by it
 
     def build(self) -> nn.Module:
         """The untrained module whose state_dict ``model.safetensors`` holds."""
@@ -102,6 +103,8 @@ def _spec(config: dict[str, Any], where: Path) -> ModelSpec:
         raise TlearnError(f"{where} has an incomplete or unknown \"model\" section ({e}); retrain") from e
     if spec.kind not in KINDS or (spec.kind == "scratch" and spec.arch not in SCRATCH):
         raise TlearnError(f"{where}: unknown model kind {spec.kind!r} / architecture {spec.arch!r}")
+    if not (isinstance(spec.temperature, int | float) and 0 < spec.temperature < float("inf")):
+        raise TlearnError(f"{where}: \"temperature\" must be a positive number, not {spec.temperature!r}")
     if len(spec.classes) < 2 or len(set(spec.classes)) != len(spec.classes):
         raise TlearnError(f"{where}: \"classes\" must list at least two distinct names")
     return spec

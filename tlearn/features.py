@@ -113,8 +113,9 @@ class CropResize:
     away are never computed, which makes it about 1.8x faster.
     """
 
-    def __init__(self, preprocessing: dict[str, Any]):
+    def __init__(self, preprocessing: dict[str, Any], position: tuple[float, float] = (0.5, 0.5), flip: bool = False):
         _, self.height, self.width = preprocessing["input_size"]
+        self.position, self.flip = position, flip  # where the crop sits (0: left/top, 1: right/bottom); mirror it
         self.scale = math.floor(self.height / preprocessing["crop_pct"])  # timm's scale_size (square case)
         self.resample = RESAMPLE[preprocessing["interpolation"]]
         std = np.array(preprocessing["std"], dtype=np.float32)
@@ -126,12 +127,14 @@ class CropResize:
         short, long = min(width, height), max(width, height)
         new_long = int(self.scale * long / short)
         new_w, new_h = (self.scale, new_long) if width <= height else (new_long, self.scale)
-        left, top = round((new_w - self.width) / 2), round((new_h - self.height) / 2)
+        left, top = round((new_w - self.width) * self.position[0]), round((new_h - self.height) * self.position[1])
         sx, sy = width / new_w, height / new_h
         return left * sx, top * sy, (left + self.width) * sx, (top + self.height) * sy
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.resize((self.width, self.height), self.resample, box=self.box(*image.size))
+        if self.flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
         return pixels.float().mul_(self.gain).sub_(self.offset)
 
@@ -144,6 +147,16 @@ def eval_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], tor
             and preprocessing["interpolation"] in RESAMPLE:
         return CropResize(preprocessing)
     return timm.data.create_transform(**preprocessing, is_training=False)
+
+
+def tta_views(preprocessing: dict[str, Any]) -> list[Callable[[Image.Image], torch.Tensor]]:
+    """Test-time augmentation: the centre crop, its mirror image, and the four corner crops of the resized image."""
+    if not isinstance(eval_transform(preprocessing), CropResize):
+        plain = eval_transform(preprocessing)
+        return [plain, lambda image: plain(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))]
+    corners = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+    return [CropResize(preprocessing), CropResize(preprocessing, flip=True),
+            *(CropResize(preprocessing, position) for position in corners)]
 
 
 @dataclass

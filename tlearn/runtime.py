@@ -72,10 +72,15 @@ class Engine:
         return (f"{self.runtime} {self.precision} on {where}, {self.lanes} lane(s) x batch {self.batch_size}"
                 + (f" ({self.reason})" if self.reason else ""))
 
-    def extract(self, paths: Sequence[Path], cache: FeatureCache | None = None, progress: bool = True) -> Features:
+    def extract(self, paths: Sequence[Path], cache: FeatureCache | None = None, progress: bool = True,
+                transform: Callable | None = None) -> Features:
+        """Outputs for ``paths``; ``transform`` replaces the evaluation preprocessing (a test-time view), and then
+        ``cache`` must be None, since the cache holds the outputs of the evaluation preprocessing only."""
+        if transform is not None and cache is not None:
+            raise ValueError("the feature cache holds outputs of the evaluation preprocessing only")
         with self._threads():
-            return extract(paths, self.forward, transform=eval_transform(self.preprocessing), dim=self.dim,
-                           cache=cache, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
+            return extract(paths, self.forward, transform=transform or eval_transform(self.preprocessing),
+                           dim=self.dim, cache=cache, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
