@@ -99,7 +99,9 @@ def test_finetuned_model_saves_its_base_and_reloads(photos: Path, tmp_path: Path
     tuned, pretrained = clf.model.base.state_dict(), clf.backbone.model.state_dict()
     assert any(not torch.equal(tuned[k], pretrained[k]) for k in tuned), "fine-tuning changed the base"
     assert all(torch.equal(v, tuned[k]) for k, v in loaded.model.base.state_dict().items()), "the base is saved"
-    assert loaded.evaluate() == clf.evaluate()
+    again, before = loaded.evaluate(), clf.evaluate()
+    assert again["confusion_matrix"] == before["confusion_matrix"]
+    assert again["loss"] == pytest.approx(before["loss"], rel=1e-5)  # float32 rounding, magnified by temperature
     assert 0 < clf.params["trainable"] < clf.params["total"]
 
 

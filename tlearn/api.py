@@ -14,7 +14,7 @@ import torch
 from timm.data import ImageNetInfo
 from torch import nn
 
-from tlearn import report
+from tlearn import plots, report
 from tlearn.artifact import ModelSpec, load_model, save_model
 from tlearn.backbones import Backbone, load_backbone
 from tlearn.calibrate import calibrated, ece, fit_temperature, nll
@@ -84,7 +84,7 @@ class ImageClassifier:
         self.data: ImageFolder | None = None
         self.data_config: DataConfig | None = None
         self.metrics: dict[str, dict[str, Any]] = {}
-        self.predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]] = {}  # split: (paths, y, proba)
+        self.predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]] = {}  # split: (paths, y, logits)
         self.findings: list[Finding] = []  # duplicates, leakage and conflicting labels found by fit
         self.params: dict[str, int] = {}
         self.train_seconds = 0.0
@@ -289,7 +289,7 @@ class ImageClassifier:
         if failed:
             metrics["skipped"] = {str(p): r for p, r in failed.items()}
         if split:
-            self.predictions[split] = (paths, y, proba)
+            self.predictions[split] = (paths, y, logits)
         return metrics
 
     def evaluate(self, data: str | Path | None = None, tta: bool = False) -> dict[str, Any]:
@@ -340,6 +340,8 @@ class ImageClassifier:
         if self.params:
             extra["params"] = self.params
             extra["train_seconds"] = round(self.train_seconds, 2)
+        if self.history:
+            extra["best_epoch"] = self.history.best_epoch
         if self.data_config and self.data:
             extra["data"] = to_dict(self.data_config)
             extra["data_summary"] = {"root": str(self.data.root), "layout": self.data.layout,
@@ -351,10 +353,20 @@ class ImageClassifier:
         if self.history:
             report.write_history_csv(self.history, run_dir / "history.csv")
             data_name = f" on {self.data.root.name}" if self.data else ""
-            report.plot_curves(self.history, run_dir / "curves.png", title=f"{self.describe()}{data_name}")
+            plots.curves(self.history, run_dir / "curves.png", title=f"{self.describe()}{data_name}")
         if self.metrics:
             atomic_write_text(run_dir / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")
+        if self.predictions:
+            report.write_predictions_csv(self.predictions, self.classes, self.spec.temperature,
+                                         run_dir / "predictions.csv")
         save_model(run_dir, self.spec, self.model, extra)
+        if self.history and self.runtime.tensorboard:
+            report.write_tensorboard(self.history, self.metrics, run_dir / "tensorboard")
+        if self.metrics:
+            from tlearn.htmlreport import build_report
+
+            base = self.backbone if self.spec.kind == "head" else None
+            log.info(f"report: {build_report(run_dir, self.model, base)}")
         return run_dir
 
     def describe(self) -> str:

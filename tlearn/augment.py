@@ -113,7 +113,7 @@ def train_transform(preprocessing: dict[str, Any], config: AugmentConfig, normal
 def preview(image: Path, preprocessing: dict[str, Any], config: AugmentConfig, n: int, out: Path,
             seed: int = 0) -> Path:
     """Save a grid of the image and ``n`` augmented versions of it, like the classic tutorial's preview."""
-    from tlearn.report import pyplot
+    from tlearn.plots import pyplot
 
     plt = pyplot()
 

@@ -15,6 +15,7 @@ from tlearn import report
 from tlearn.config import AugmentConfig, BackboneConfig, DataConfig, RuntimeConfig, TlearnError, TrainConfig, validate
 
 DEFAULT_INPUT_SIZE = 224  # the input size of the default backbone, pinned to timm's cfg by a test
+MAX_PLOTTED = 12  # images in one `predict --plot` chart
 
 
 def train(args: argparse.Namespace) -> None:
@@ -90,10 +91,23 @@ def evaluate(args: argparse.Namespace) -> None:
 
     clf = ImageClassifier.load(args.run, weights=args.weights, verbose=not args.json, **_runtime(args))
     metrics = clf.evaluate(args.data)
+    if args.tta:  # both, so the difference shows
+        plain, metrics = metrics, clf.evaluate(args.data, tta=True)
+        metrics["without_tta"] = {"accuracy": plain["accuracy"], "loss": plain["loss"]}
     if args.json:
         print(json.dumps(metrics, indent=2))
-    else:
-        print(report.format_metrics(metrics, metrics["split"]))
+        return
+    print(report.format_metrics(metrics, metrics["split"]))
+    if args.tta:
+        print(f"\nwith test-time augmentation: accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}; "
+              f"without: accuracy {plain['accuracy']:.4f}, loss {plain['loss']:.4f}")
+
+
+def report_(args: argparse.Namespace) -> None:
+    """(Re)build a run's report.html (and its figures) from the run folder."""
+    from tlearn.htmlreport import build_report
+
+    print(f"report written to {build_report(Path(args.run))}")
 
 
 def predict(args: argparse.Namespace) -> None:
@@ -106,8 +120,17 @@ def predict(args: argparse.Namespace) -> None:
         if len(args.paths) < 2:
             raise TlearnError("usage: tlearn predict RUN IMAGE [IMAGE ...] (or tlearn predict --imagenet IMAGE ...)")
         clf = ImageClassifier.load(args.paths[0], weights=args.weights, verbose=not args.json, **_runtime(args))
-        results = clf.predict(args.paths[1:], top_k=args.top_k)
+        results = clf.predict(args.paths[1:], top_k=args.top_k, calibration=not args.no_calibration, tta=args.tta)
     print(json.dumps(results, indent=2) if args.json else report.format_predictions(results))
+    if args.plot:
+        from tlearn.data import thumbnail
+        from tlearn.plots import prediction_chart
+
+        shown = [(thumbnail(Path(r["path"])), Path(r["path"]).name, r["predictions"]) for r in results
+                 if "predictions" in r][:MAX_PLOTTED]
+        if shown:
+            print(f"chart written to {prediction_chart(shown, Path(args.plot))}"
+                  + (f" (the first {MAX_PLOTTED} images)" if len(results) > MAX_PLOTTED else ""), file=sys.stderr)
     if results and all("error" in r for r in results):
         raise TlearnError("no image could be read")
 
@@ -192,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(fn: Callable) -> argparse.ArgumentParser:
         doc = fn.__doc__.strip()
-        sub = verbs.add_parser(fn.__name__.replace("_", "-"), help=doc.split("\n")[0], description=doc)
+        sub = verbs.add_parser(fn.__name__.strip("_").replace("_", "-"), help=doc.split("\n")[0], description=doc)
         sub.set_defaults(func=fn)
         return sub
 
@@ -233,13 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", nargs="?", help="folder to evaluate on (default: the run's test split)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
+    p.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation (centre, mirrored, "
+                   "four corners; mean logits) and show both")
     _add_fields(p, RuntimeConfig)
+
+    p = verb(report_)
+    p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`")
 
     p = verb(predict)
     p.add_argument("paths", metavar="PATH", nargs="+", help="RUN followed by image files or folders")
     p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--imagenet", action="store_true", help="use the backbone's own ImageNet head, not a run")
+    p.add_argument("--plot", metavar="PNG", help="also draw each image beside a bar chart of its top-k classes")
+    p.add_argument("--no-calibration", action="store_true", help="raw softmax probabilities, without the run's "
+                   "temperature scaling")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: mean logits of the centre crop, its "
+                   "mirror image and four corner crops")
     _add_fields(p, BackboneConfig, skip=("pretrained",))
     _add_fields(p, RuntimeConfig)
 

@@ -39,8 +39,8 @@ def parse_models(text: str) -> list[dict[str, str]]:
 
 def compare(data: str, models: str, out: Path, options: dict[str, Any],
             data_options: dict[str, Any]) -> list[dict[str, Any]]:
-    """Train each model into ``out/<name>`` on one split and write ``compare.csv``, ``compare.md`` and
-    ``compare.png``. Returns one row per model."""
+    """Train each model into ``out/<name>`` on one split and write ``compare.csv``, ``compare.md``,
+    ``compare.png`` and ``compare.html``. Returns one row per model."""
     from tlearn.api import ImageClassifier
 
     rows = []
@@ -60,6 +60,9 @@ def compare(data: str, models: str, out: Path, options: dict[str, Any],
     chance = 1 / len(clf.classes)
     write_table(rows, out, chance)
     plot(rows, out / "compare.png", chance)
+    from tlearn.htmlreport import build_compare
+
+    log.info(f"comparison report: {build_compare(out, rows, chance)}")
     return rows
 
 
@@ -84,7 +87,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, chance: float) -> None:
 
 def plot(rows: list[dict[str, Any]], path: Path, chance: float) -> None:
     """Test accuracy and training time per model, side by side, with the chance level marked."""
-    from tlearn.report import pyplot
+    from tlearn.plots import pyplot
 
     plt = pyplot()
 

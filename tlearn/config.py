@@ -201,6 +201,7 @@ class RuntimeConfig:
                       "(onnx on a CPU when onnxruntime is installed, torch on CUDA)")
     extract_batch_size: int = _f(0, "images per forward pass of the frozen base (0: 8 on a CPU, 64 on CUDA)")
     resume: str | None = _f(None, "continue the interrupted run in this folder from its last completed epoch")
+    tensorboard: bool = _f(False, "also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)")
     workers: int | None = _f(None, "parallel image decoding: threads (lanes) for feature extraction and "
                              "prediction, processes for training (default: one per CPU core; 0: none)")
 

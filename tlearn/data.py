@@ -383,3 +383,10 @@ def _reason(e: Exception) -> str:
     if "truncated" in text.lower():
         return f"truncated image file ({text})"
     return f"cannot decode: {type(e).__name__}: {text}"
+
+
+def thumbnail(path: Path, size: int = 256) -> np.ndarray:
+    """An image for a figure: decoded as for training, shrunk to ``size`` pixels at most, (H, W, 3) uint8."""
+    image = load_image(path)
+    image.thumbnail((size, size))
+    return np.asarray(image)

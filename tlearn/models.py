@@ -151,3 +151,42 @@ def base_parameters(model: nn.Module) -> int:
     """Parameters of a timm base without its ImageNet classifier."""
     classifier = model.get_classifier()
     return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in classifier.parameters())
+
+
+def summary(model: nn.Module, input_size: list[int]) -> list[dict[str, Any]]:
+    """Keras's ``model.summary()``: one row per top-level layer (and per block of a Sequential), in the order the
+    forward pass runs them, with its output shape, parameter count and whether it trains. Layers the forward
+    pass never runs (e.g. a timm base's own ImageNet classifier) are left out."""
+    rows: dict[str, dict[str, Any]] = {}
+    hooks = []
+
+    def watch(name: str, module: nn.Module) -> None:
+        params = list(module.parameters())
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else "-"
+            rows.setdefault(name, {"layer": name, "type": type(module).__name__, "output": shape,
+                                   "params": sum(p.numel() for p in params),
+                                   "trainable": sum(p.numel() for p in params if p.requires_grad)})
+
+        hooks.append(module.register_forward_hook(hook))
+
+    def walk(prefix: str, module: nn.Module, depth: int) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            container = isinstance(child, nn.Sequential | nn.ModuleList) and len(child) > 1 and depth < 2
+            if container or (isinstance(module, Classifier) and child is module.base):
+                walk(f"{full}.", child, depth + 1)
+            else:
+                watch(full, child)
+
+    walk("", model, 0)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return list(rows.values())

@@ -1,25 +1,20 @@
-"""What a person reads: history.csv, curves.png, the skipped-files list and the printed tables."""
+"""What a person reads besides the HTML report: history.csv, predictions.csv, the skipped-files list, TensorBoard
+scalars and the printed tables."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from tlearn.config import TlearnError
 from tlearn.data import Skipped
-from tlearn.fileio import atomic_path, atomic_write_csv
+from tlearn.fileio import atomic_write_csv
 
-if TYPE_CHECKING:  # torch and matplotlib load only when something is plotted or trained: `tlearn check` starts fast
+if TYPE_CHECKING:  # torch loads only when something is trained: `tlearn check` starts fast
     from tlearn.train import History
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, imported on first use."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def write_history_csv(history: History, path: Path) -> None:
@@ -29,27 +24,53 @@ def write_history_csv(history: History, path: Path) -> None:
                       for i, epoch in enumerate(history.epoch)))
 
 
-def plot_curves(history: History, path: Path, title: str = "") -> None:
-    """Accuracy and loss, train vs validation, per epoch; the best epoch and stage boundaries are marked."""
-    h = history.history
-    plt = pyplot()
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
-        ax.plot(history.epoch, h[key], "o-", ms=3, label=f"training {key}")
-        ax.plot(history.epoch, h[f"val_{key}"], "s-", ms=3, label=f"validation {key}")
-        ax.axvline(history.best_epoch, color="grey", ls=":", lw=1, label=f"best epoch ({history.best_epoch})")
-        for i in range(1, len(history.stage)):
-            if history.stage[i] != history.stage[i - 1]:
-                ax.axvline(i + 0.5, color="tab:red", ls="--", lw=1, label=f"{history.stage[i]} starts")
-        ax.set(xlabel="epoch", ylabel=key, title=f"Training and validation {key}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+PREDICTION_COLUMNS = ["split", "path", "true", "predicted", "probability", "probability_uncalibrated", "p_true",
+                      "loss"]
+
+
+def write_predictions_csv(predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]], classes: list[str],
+                          temperature: float, path: Path) -> None:
+    """One row per evaluated image: true and predicted class, the predicted class's probability with and without
+    temperature scaling, the true class's probability and the image's loss (-log of it)."""
+    from tlearn.calibrate import calibrated
+
+    def rows():
+        for split, (paths, y, logits) in predictions.items():
+            proba, raw = calibrated(logits, temperature), calibrated(logits, 1.0)
+            for i, p in enumerate(paths):
+                k = int(proba[i].argmax())
+                p_true = float(proba[i, y[i]])
+                yield [split, str(p), classes[y[i]], classes[k], f"{proba[i, k]:.6f}", f"{raw[i, k]:.6f}",
+                       f"{p_true:.6f}", f"{-np.log(max(p_true, 1e-12)):.6f}"]
+
+    atomic_write_csv(path, PREDICTION_COLUMNS, rows())
+
+
+def read_predictions_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in PREDICTION_COLUMNS[4:]:
+            r[key] = float(r[key])
+    return rows
+
+
+def write_tensorboard(history: History, metrics: dict[str, Any], folder: Path) -> None:
+    """TensorBoard scalars per epoch (loss and accuracy, training and validation, tagged by stage), and the final
+    metrics; history.csv stays the record, this is for users who track experiments in TensorBoard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise TlearnError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+    with SummaryWriter(str(folder)) as writer:
+        for i, epoch in enumerate(history.epoch):
+            for key, values in history.history.items():
+                split = "validation" if key.startswith("val_") else "training"
+                writer.add_scalar(f"{key.removeprefix('val_')}/{split}", values[i], epoch)
+            writer.add_text("stage", history.stage[i], epoch)
+        for split, m in metrics.items():
+            writer.add_scalar(f"final/{split}_accuracy", m["accuracy"], len(history.epoch))
+            writer.add_scalar(f"final/{split}_loss", m["loss"], len(history.epoch))
 
 
 def write_skipped_csv(skipped: list[Skipped], path: Path) -> None:
@@ -74,6 +95,12 @@ def _fmt(c: Any) -> str:
 def format_metrics(metrics: dict[str, Any], split: str) -> str:
     rows = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in metrics["per_class"].items()]
     head = f"{split}: accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['n']} images"
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        head += (f"\ncalibration: ECE {c['ece']:.4f} at temperature {c['temperature']:.3f} (uncalibrated: ECE "
+                 f"{c['ece_uncalibrated']:.4f}, loss {c['loss_uncalibrated']:.4f})")
+    if metrics.get("tta"):
+        head += "\ntest-time augmentation: mean logits of 6 views (centre, mirrored, 4 corners)"
     cm = metrics["confusion_matrix"]
     names = metrics["classes"]
     cm_rows = [[f"true {names[i]}", *cm[i]] for i in range(len(names))]

@@ -1,0 +1,297 @@
+"""``report.html``: one self-contained page per run (every image embedded, no network), rebuilt from the run's
+files by ``tlearn report RUN``.
+
+Sections: header (data, model, mode and why, settings, time, versions), training curves, sample grid (plain and
+augmented), test metrics with the confusion matrix, the highest-loss images, calibration, the model summary and
+the data-quality findings. The figures are also written beside it as PNG files.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import platform
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlearn import plots
+from tlearn.artifact import load_model, read_config
+from tlearn.calibrate import Reliability, reliability
+from tlearn.config import AugmentConfig, TlearnError, from_dict
+from tlearn.data import load_image, thumbnail
+from tlearn.fileio import atomic_write_text
+from tlearn.report import read_predictions_csv
+
+GALLERY = 12  # highest-loss images shown
+PER_CLASS = 2  # plain and augmented samples per class in the grid
+MAX_CLASSES_IN_GRID = 20
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;
+text-align:left}th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+img{max-width:100%;border:1px solid #eee}.muted{color:#666}.kv td:first-child{font-weight:600}
+.big{font-size:1.3em;font-weight:600}"""
+
+
+def _png(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: list[list[Any]], header: list[str], cls: str = "") -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f'<td class="n">{v:.4f}</td>'
+        if isinstance(v, int):
+            return f'<td class="n">{v:,}</td>'
+        return f"<td>{html.escape(str(v))}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
+
+
+def _section(title: str, *parts: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>\n" + "\n".join(parts)
+
+
+def _header(config: dict[str, Any], run_dir: Path) -> str:
+    spec, decision, train = config["model"], config.get("decision", {}), config.get("train", {})
+    summary = config.get("data_summary", {})
+    versions = config.get("versions", {})
+    model = spec["arch"] if spec["kind"] == "scratch" else (spec.get("backbone") or {}).get("backbone", spec["arch"])
+    mode = decision.get("mode", spec["kind"])
+    settings = {k: train.get(k) for k in ("batch_size", "lr", "optimizer", "head", "hidden", "dropout",
+                                         "weight_decay", "patience") if k in train}
+    if mode == "finetune":
+        settings.update(unfreeze=decision.get("unfreeze"), lr_mult=decision.get("lr_mult"))
+    history = _read_csv(run_dir / "history.csv")
+    best = config.get("best_epoch")
+    augment = config.get("augment", {}).get("augment")
+    rows = [["data", f"{summary.get('root', '?')} ({summary.get('layout', '?')})"],
+            ["classes", f"{len(spec['classes'])}: " + ", ".join(spec["classes"])],
+            ["model", f"{model} ({spec['kind']}), {config.get('params', {}).get('trainable', 0):,} trainable of "
+                      f"{config.get('params', {}).get('total', 0):,} parameters"],
+            ["mode", f"{mode}: {decision.get('reason', '')}"],
+            ["settings", ", ".join(f"{k} {v}" for k, v in settings.items())
+             + (f", augment {augment}" if mode in ("frozen", "finetune", "scratch") else "")],
+            ["epochs", f"{len(history)} trained" + (f", best {best} kept" if best else "")],
+            ["training time", f"{config.get('train_seconds', 0):.1f} s"],
+            ["versions", f"tlearn {versions.get('tlearn')}, torch {versions.get('torch')}, "
+                         f"timm {versions.get('timm')}, Python {platform.python_version()}"]]
+    counts = summary.get("counts", {})
+    splits = list(counts)
+    count_rows = [[c, *(counts[s][c] for s in splits)] for c in spec["classes"]]
+    count_rows.append(["total", *(sum(counts[s].values()) for s in splits)])
+    title = f"{model}:{mode} on {Path(summary.get('root', run_dir)).name}"
+    return (f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(run_dir))}</p>"
+            + _table(rows, ["", ""], "kv") + (_table(count_rows, ["class", *splits]) if splits else ""))
+
+
+def _curves(run_dir: Path) -> str:
+    path = run_dir / "curves.png"
+    if not path.is_file():
+        return "<p class='muted'>No curves.png in this run.</p>"
+    note = ("<p>The dotted line marks the best epoch, whose weights were kept; a dashed red line marks where "
+            "fine-tuning starts.</p>")
+    return note + _png(path)
+
+
+def _samples(config: dict[str, Any], run_dir: Path) -> str:
+    """A few training images per class after preprocessing, and augmented versions of them."""
+    from tlearn.augment import train_transform
+
+    root = Path(config.get("data_summary", {}).get("root", ""))
+    rows = [r for r in _read_csv(run_dir / "split.csv") if r.get("split") == "train"]
+    if not rows:
+        return "<p class='muted'>No training images are listed in this run's split.csv.</p>"
+    pp = config["model"]["preprocessing"]
+    augment = from_dict(AugmentConfig, config.get("augment", {}), str(run_dir / "config.json"))
+    plain = train_transform(pp, AugmentConfig(augment="none"), normalize=False)
+    augmented = train_transform(pp, augment, normalize=False)
+    torch.manual_seed(0)
+    tiles, classes = [], config["model"]["classes"][:MAX_CLASSES_IN_GRID]
+    for name in classes:
+        paths = [root / r["path"] for r in rows if r["class"] == name][:PER_CLASS]
+        images = []
+        for p in paths:
+            try:
+                images.append(load_image(p))
+            except (OSError, TlearnError):
+                continue
+        tiles += [(plain(im).permute(1, 2, 0).numpy(), name) for im in images]
+        tiles += [(augmented(im).permute(1, 2, 0).numpy(), f"{name} (augmented)") for im in images]
+        tiles += [(np.ones((8, 8, 3)), "")] * (2 * PER_CLASS - 2 * len(images))
+    if not tiles:
+        return "<p class='muted'>The training images are not readable from here.</p>"
+    more = len(config["model"]["classes"]) - len(classes)
+    path = plots.image_grid(tiles, run_dir / "samples.png", cols=4 * PER_CLASS, tile=1.6)
+    return (f"<p>{PER_CLASS} training images per class as the model sees them (resized and cropped), then the same "
+            f"images augmented as the image modes train on them (<code>--augment {augment.augment}</code>).</p>"
+            + _png(path) + (f"<p class='muted'>{more} more classes not shown.</p>" if more > 0 else ""))
+
+
+def _metrics(metrics: dict[str, Any], run_dir: Path) -> str:
+    split = "test" if "test" in metrics else "validation"
+    m = metrics[split]
+    per_class = [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in m["per_class"].items()]
+    path = plots.confusion(m["confusion_matrix"], m["classes"], run_dir / "confusion.png")
+    return (f"<p class='big'>{split}: accuracy {m['accuracy']:.2%}, loss {m['loss']:.4f} on {m['n']} images</p>"
+            + _table(per_class, ["class", "precision", "recall", "f1", "support"]) + _png(path))
+
+
+def _gallery(predictions: list[dict[str, Any]], run_dir: Path) -> str:
+    split = "test" if any(r["split"] == "test" for r in predictions) else "validation"
+    rows = sorted((r for r in predictions if r["split"] == split), key=lambda r: -r["loss"])
+    wrong = [r for r in rows if r["true"] != r["predicted"]]
+    pairs = Counter((r["true"], r["predicted"]) for r in wrong).most_common(10)
+    tiles = []
+    for r in rows[:GALLERY]:
+        try:
+            image = thumbnail(Path(r["path"]))
+        except (OSError, TlearnError):
+            continue
+        tiles.append((image, f"true {r['true']}\npredicted {r['predicted']} ({r['probability']:.0%})\n"
+                             f"loss {r['loss']:.2f}"))
+    intro = (f"<p>{len(wrong)} of {len(rows)} {split} images are misclassified. The {min(GALLERY, len(rows))} "
+             "images with the highest loss (the lowest probability of their true class), worst first:</p>")
+    pair_table = _table([[t, p, n] for (t, p), n in pairs], ["true class", "predicted as", "images"]) if pairs else ""
+    grid = _png(plots.image_grid(tiles, run_dir / "top_losses.png", cols=4, tile=2.6)) if tiles else ""
+    return intro + pair_table + grid
+
+
+def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run_dir: Path) -> str:
+    split = "test" if "test" in metrics else "validation"
+    c = metrics[split].get("calibration")
+    if not c:
+        return "<p class='muted'>This run has no calibration data.</p>"
+    rows = [r for r in predictions if r["split"] == split]
+    correct = np.array([r["true"] == r["predicted"] for r in rows])
+
+    def bins(key: str) -> Reliability:  # two-column probabilities with the same top-1 confidence and correctness
+        conf = np.array([r[key] for r in rows])
+        return reliability(np.stack([conf, 1 - conf], 1), np.where(correct, 0, 1))
+
+    path = plots.reliability_diagram(bins("probability_uncalibrated"), bins("probability"), c["temperature"],
+                                     run_dir / "reliability.png")
+    text = (f"<p>Expected calibration error (ECE, 15 bins) on the {split} split: <b>{c['ece_uncalibrated']:.4f}</b> "
+            f"before and <b>{c['ece']:.4f}</b> after temperature scaling. The temperature, "
+            f"<b>{c['temperature']:.3f}</b>, was fitted on the validation split by minimising its negative "
+            f"log-likelihood; it is stored in the model, and <code>tlearn predict</code> uses it unless given "
+            f"<code>--no-calibration</code>. Loss on {split}: {c['loss_uncalibrated']:.4f} before, "
+            f"{metrics[split]['loss']:.4f} after.</p>")
+    return text + _png(path)
+
+
+def _summary(model: nn.Module, config: dict[str, Any], base: Any) -> str:
+    from tlearn.models import Classifier, summary, unfreeze_groups
+
+    spec = config["model"]
+    if spec["kind"] == "head":
+        model = Classifier(base.model, model)
+    flags = {p: p.requires_grad for p in model.parameters()}  # set to what trained, then put back
+    try:
+        for p in model.parameters():
+            p.requires_grad_(spec["kind"] == "scratch")
+        if spec["kind"] in ("head", "finetuned"):
+            for p in model.head.parameters():
+                p.requires_grad_(True)
+        if spec["kind"] == "finetuned" and config.get("decision", {}).get("unfreeze"):
+            unfreeze_groups(model.base, config["decision"]["unfreeze"], 1.0, (0.1, 0.01))
+        rows = summary(model, spec["preprocessing"]["input_size"])
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    table = [[r["layer"], r["type"], str(r["output"]), r["params"], "yes" if r["trainable"] else "no"]
+             for r in rows]
+    total = sum(r["params"] for r in rows)
+    trainable = sum(r["trainable"] for r in rows)
+    return (f"<p>{trainable:,} trainable and {total - trainable:,} frozen parameters, {total:,} in all. Output "
+            "shapes are for one image.</p>" + _table(table, ["layer", "type", "output shape", "parameters",
+                                                              "trained"]))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.DictReader(f))
+
+
+def _findings(run_dir: Path) -> str:
+    path = run_dir / "check.json"
+    findings = json.loads(path.read_text()).get("findings", []) if path.is_file() else []
+    skips = _read_csv(run_dir / "skipped.csv")
+    if not findings and not skips:
+        return "<p>No duplicates, leakage or conflicting labels were found, and no file was skipped.</p>"
+    rows = [[f.get("severity", ""), f.get("kind", ""), f.get("path", ""), f.get("detail", "")] for f in findings]
+    rows += [["skipped", "unreadable", s["path"], s["reason"]] for s in skips]
+    note = f"<p class='muted'>Showing 50 of {len(rows)}.</p>" if len(rows) > 50 else ""
+    return _table(rows[:50], ["severity", "finding", "file", "detail"]) + note + \
+        "<p>Run <code>tlearn check DATA</code> for the full report, including near-duplicates.</p>"
+
+
+def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any = None) -> Path:
+    """Write ``run_dir/report.html`` (and its PNG figures) from the run's files. ``model`` and ``base`` (the
+    backbone, for a head) can be passed when already loaded; otherwise they are loaded from the run."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    metrics_path, predictions_path = run_dir / "metrics.json", run_dir / "predictions.csv"
+    if not metrics_path.is_file() or not predictions_path.is_file():
+        raise TlearnError(f"{run_dir} has no metrics.json or predictions.csv: was it written by `tlearn train` with "
+                          "--out? (a model saved by ImageClassifier.save after fit without out has no evaluation)")
+    metrics = json.loads(metrics_path.read_text())
+    predictions = read_predictions_csv(predictions_path)
+    if model is None:
+        _, model, _ = load_model(run_dir)
+    if base is None and config["model"]["kind"] == "head":
+        from tlearn.backbones import load_backbone
+        from tlearn.config import BackboneConfig
+
+        base = load_backbone(from_dict(BackboneConfig, config["model"]["backbone"], str(run_dir / "config.json")))
+    body = "\n".join([
+        _header(config, run_dir),
+        _section("Training curves", _curves(run_dir)),
+        _section("Sample images", _samples(config, run_dir)),
+        _section("Test metrics", _metrics(metrics, run_dir)),
+        _section("Misclassified: top losses", _gallery(predictions, run_dir)),
+        _section("Calibration", _calibration(metrics, predictions, run_dir)),
+        _section("Model summary", _summary(model, config, base)),
+        _section("Data quality", _findings(run_dir)),
+    ])
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tlearn report: "
+            f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
+    atomic_write_text(run_dir / "report.html", page)
+    return run_dir / "report.html"
+
+
+def build_compare(out: Path, rows: list[dict[str, Any]], chance: float) -> Path:
+    """``out/compare.html``: the comparison table, accuracy and training-time bars, each model's validation curves
+    overlaid, and a link to each model's own report."""
+    histories = {}
+    for r in rows:
+        history = _read_csv(Path(r["run"]) / "history.csv")
+        if history:
+            histories[r["model"]] = {"epoch": [int(h["epoch"]) for h in history],
+                                     **{k: [float(h[k]) for h in history] for k in ("val_accuracy", "val_loss")}}
+    columns = ["model", "split", "accuracy", "loss", "train_seconds", "trainable_params", "total_params", "epochs"]
+    table = _table([[r[c] for c in columns] for r in rows], [c.replace("_", " ") for c in columns])
+    links = "".join(f"<li><a href='{html.escape(Path(r['run']).name)}/report.html'>{html.escape(r['model'])}</a>"
+                    "</li>" for r in rows)
+    curves = _png(plots.compare_curves(histories, out / "compare_curves.png")) if histories else ""
+    bars = _png(out / "compare.png") if (out / "compare.png").is_file() else ""
+    body = (f"<h1>Comparison on {html.escape(rows[0]['split'])} split</h1>"
+            f"<p>Every model trained on the same split. Chance level: {chance:.1%}.</p>{table}{bars}"
+            f"<h2>Validation curves</h2>{curves}<h2>Each model's report</h2><ul>{links}</ul>")
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tlearn comparison</title>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+    atomic_write_text(out / "compare.html", page)
+    return out / "compare.html"

@@ -1,0 +1,175 @@
+"""Every figure tlearn draws, with matplotlib on its file-only Agg backend, written atomically as PNG.
+
+Axes are labelled, and class names stay readable however long they are or however many classes there are:
+long names are wrapped or shortened, and fonts and figure sizes follow the class count.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tlearn.fileio import atomic_path
+
+if TYPE_CHECKING:
+    from tlearn.calibrate import Reliability
+    from tlearn.train import History
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, never a window), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, dpi: int = 110) -> Path:
+    plt = pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def label(name: str, width: int = 18) -> str:
+    """A class name fit for a tick label: wrapped onto at most two lines, shortened beyond that."""
+    lines = textwrap.wrap(name, width) or [name]
+    return "\n".join(lines[:2]) if len(lines) <= 2 else lines[0] + "\n" + textwrap.shorten(
+        " ".join(lines[1:]), width, placeholder="…")
+
+
+def curves(history: History, path: Path, title: str = "") -> Path:
+    """Accuracy and loss, train vs validation, per epoch; the best epoch and stage boundaries are marked."""
+    plt = pyplot()
+    h = history.history
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        ax.plot(history.epoch, h[key], "o-", ms=3, label=f"training {key}")
+        ax.plot(history.epoch, h[f"val_{key}"], "s-", ms=3, label=f"validation {key}")
+        ax.axvline(history.best_epoch, color="grey", ls=":", lw=1, label=f"best epoch ({history.best_epoch})")
+        for i in range(1, len(history.stage)):
+            if history.stage[i] != history.stage[i - 1]:
+                ax.axvline(i + 0.5, color="tab:red", ls="--", lw=1, label=f"{history.stage[i]} starts")
+        ax.set(xlabel="epoch", ylabel=key, title=f"Training and validation {key}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def confusion(matrix: Sequence[Sequence[int]], classes: list[str], path: Path) -> Path:
+    """Two heatmaps: counts, and rates normalised per true class (each row sums to 1), both annotated."""
+    plt = pyplot()
+    cm = np.asarray(matrix, dtype=float)
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(classes)
+    size = max(4.5, 0.5 * n + 2.5)
+    font = 9 if n <= 10 else max(6, 10 - n // 8)
+    stacked = n > 8  # many classes: one heatmap above the other, each as wide as the page
+    fig, axes = plt.subplots(2 if stacked else 1, 1 if stacked else 2,
+                             figsize=(size + 1, 2 * size) if stacked else (2 * size + 1, size))
+    names = [label(c, 16) for c in classes]
+    for ax, values, what, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], rates, "rate per true class",
+                                                                      "{:.2f}")):
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=values.max() or 1)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_xticks(range(n), names, rotation=60 if n > 4 else 0, ha="right" if n > 4 else "center",
+                      fontsize=font)
+        ax.set_yticks(range(n), names, fontsize=font)
+        ax.set(xlabel="predicted class", ylabel="true class", title=f"Confusion matrix ({what})")
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    dark = values[i, j] > 0.6 * (values.max() or 1)
+                    ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=font,
+                            color="white" if dark else "black")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def reliability_diagram(before: Reliability, after: Reliability, temperature: float, path: Path) -> Path:
+    """Accuracy against confidence per bin, before and after temperature scaling, with the diagonal of perfect
+    calibration and each bin's share of the predictions."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, rel, name in ((axes[0], before, "uncalibrated"), (axes[1], after, f"temperature {temperature:.2f}")):
+        width = rel.edges[1] - rel.edges[0]
+        centres = rel.edges[:-1] + width / 2
+        shown = rel.count > 0
+        ax.bar(centres[shown], rel.accuracy[shown], width=width * 0.95, color="tab:blue", alpha=0.8,
+               label="accuracy in bin")
+        ax.bar(centres[shown], (rel.confidence - rel.accuracy)[shown], bottom=rel.accuracy[shown],
+               width=width * 0.95, color="tab:red", alpha=0.35, label="gap to mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        share = rel.count / max(rel.count.sum(), 1)
+        ax.step(rel.edges, np.r_[share, share[-1]], where="post", color="grey", lw=1,
+                label="share of predictions")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)",
+               title=f"{name}: ECE {rel.ece:.3f}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def image_grid(tiles: list[tuple[np.ndarray, str]], path: Path, cols: int = 6, tile: float = 2.2) -> Path:
+    """Images (H, W, 3 arrays, uint8 or floats in [0, 1]) with a caption each, ``cols`` to a row."""
+    plt = pyplot()
+    cols = max(1, min(cols, len(tiles)))
+    rows = max(1, -(-len(tiles) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(tile * cols, (tile + 0.5) * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, caption) in zip(axes.flat, tiles, strict=False):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=7.5)
+    fig.tight_layout()
+    return _save(fig, path, dpi=90)
+
+
+def prediction_chart(results: list[tuple[np.ndarray, str, list[dict[str, Any]]]], path: Path) -> Path:
+    """Per image: the picture beside a horizontal bar chart of its top-k class probabilities."""
+    plt = pyplot()
+    k = max(len(preds) for _, _, preds in results)
+    height = max(2.6, 0.42 * k + 1)
+    fig, axes = plt.subplots(len(results), 2, figsize=(10, height * len(results)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.6]})
+    for (image, name, preds), (ax_img, ax_bar) in zip(results, axes, strict=True):
+        ax_img.imshow(image)
+        ax_img.axis("off")
+        ax_img.set_title(textwrap.shorten(name, 40, placeholder="…"), fontsize=9)
+        names = [label(p["class"], 28) for p in preds]
+        probs = [p["probability"] for p in preds]
+        bars = ax_bar.barh(names, probs, color=["tab:blue"] + ["tab:grey"] * (len(preds) - 1))
+        ax_bar.bar_label(bars, labels=[f"{p:.1%}" for p in probs], padding=3, fontsize=8)
+        ax_bar.invert_yaxis()
+        ax_bar.set(xlim=(0, 1.15), xlabel="probability", title=f"Top {len(preds)} classes")
+        ax_bar.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def compare_curves(histories: dict[str, dict[str, list]], path: Path) -> Path:
+    """Each model's validation accuracy and loss per epoch, overlaid."""
+    plt = pyplot()
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, h in histories.items():
+        ax_acc.plot(h["epoch"], h["val_accuracy"], "o-", ms=2.5, label=name)
+        ax_loss.plot(h["epoch"], h["val_loss"], "o-", ms=2.5, label=name)
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy per model")
+    ax_loss.set(xlabel="epoch", ylabel="validation loss", title="Validation loss per model", yscale="log")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
