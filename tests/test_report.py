@@ -147,3 +147,13 @@ def test_tensorboard_scalars(tmp_path: Path) -> None:
     assert {"loss/training", "loss/validation", "accuracy/training", "accuracy/validation"} <= tags
     assert len(events.Scalars("loss/validation")) == len(clf.history.epoch)
     assert events.Scalars("loss/validation")[0].value == pytest.approx(clf.history.history["val_loss"][0])
+
+
+def test_confusion_heatmap_stays_readable_with_many_long_class_names(tmp_path: Path) -> None:
+    from tlearn.plots import confusion
+
+    names = [f"class number {i} with a rather long descriptive name" for i in range(20)]
+    matrix = (np.eye(20) * 9 + 1).astype(int).tolist()
+    image = Image.open(confusion(matrix, names, tmp_path / "cm.png"))
+    assert image.height > image.width  # 20 classes: the two heatmaps stack, each as wide as the page
+    assert image.width >= 1000

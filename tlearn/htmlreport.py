@@ -231,7 +231,9 @@ def _findings(run_dir: Path) -> str:
     findings = json.loads(path.read_text()).get("findings", []) if path.is_file() else []
     skips = _read_csv(run_dir / "skipped.csv")
     if not findings and not skips:
-        return "<p>No duplicates, leakage or conflicting labels were found, and no file was skipped.</p>"
+        return ("<p>The check at training time found no exact duplicates, no leakage across splits and no "
+                "conflicting labels, and no file was skipped. Near-duplicates need the full <code>tlearn check "
+                "DATA</code>.</p>")
     rows = [[f.get("severity", ""), f.get("kind", ""), f.get("path", ""), f.get("detail", "")] for f in findings]
     rows += [["skipped", "unreadable", s["path"], s["reason"]] for s in skips]
     note = f"<p class='muted'>Showing 50 of {len(rows)}.</p>" if len(rows) > 50 else ""

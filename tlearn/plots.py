@@ -97,23 +97,21 @@ def confusion(matrix: Sequence[Sequence[int]], classes: list[str], path: Path) -
 
 
 def reliability_diagram(before: Reliability, after: Reliability, temperature: float, path: Path) -> Path:
-    """Accuracy against confidence per bin, before and after temperature scaling, with the diagonal of perfect
-    calibration and each bin's share of the predictions."""
+    """Accuracy against confidence per bin, before and after temperature scaling, with each bin's mean confidence,
+    its number of predictions, and the diagonal of perfect calibration."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, rel, name in ((axes[0], before, "uncalibrated"), (axes[1], after, f"temperature {temperature:.2f}")):
         width = rel.edges[1] - rel.edges[0]
         centres = rel.edges[:-1] + width / 2
         shown = rel.count > 0
-        ax.bar(centres[shown], rel.accuracy[shown], width=width * 0.95, color="tab:blue", alpha=0.8,
-               label="accuracy in bin")
-        ax.bar(centres[shown], (rel.confidence - rel.accuracy)[shown], bottom=rel.accuracy[shown],
-               width=width * 0.95, color="tab:red", alpha=0.35, label="gap to mean confidence")
+        bars = ax.bar(centres[shown], rel.accuracy[shown], width=width * 0.9, color="tab:blue", alpha=0.8,
+                      label="accuracy in bin")
+        ax.bar_label(bars, labels=[str(c) for c in rel.count[shown]], padding=2, fontsize=7, color="tab:blue")
+        ax.bar(centres[shown], rel.confidence[shown], width=width * 0.9, fill=False, edgecolor="tab:red",
+               hatch="//", lw=0.8, label="mean confidence in bin")
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-        share = rel.count / max(rel.count.sum(), 1)
-        ax.step(rel.edges, np.r_[share, share[-1]], where="post", color="grey", lw=1,
-                label="share of predictions")
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)",
+        ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (top-1 probability)",
                title=f"{name}: ECE {rel.ece:.3f}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
