@@ -121,18 +121,35 @@ def reliability_diagram(before: Reliability, after: Reliability, temperature: fl
 
 
 def image_grid(tiles: list[tuple[np.ndarray, str]], path: Path, cols: int = 6, tile: float = 2.2) -> Path:
-    """Images (H, W, 3 arrays, uint8 or floats in [0, 1]) with a caption each, ``cols`` to a row."""
-    plt = pyplot()
+    """Images (H, W, 3 arrays, uint8 or floats in [0, 1]) with a caption (one or more lines) above each, ``cols``
+    to a row; ``tile`` is each cell's width in inches at 90 dpi. Composed with Pillow: a grid of dozens of photos
+    takes a fraction of a second this way, against seconds as matplotlib subplots."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = round(tile * 90)
+    font = ImageFont.load_default(size=11)
+    lines = max((caption.count("\n") + 1 for _, caption in tiles), default=1)
+    head = 14 * lines + 6
     cols = max(1, min(cols, len(tiles)))
     rows = max(1, -(-len(tiles) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(tile * cols, (tile + 0.5) * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image, caption) in zip(axes.flat, tiles, strict=False):
-        ax.imshow(image)
-        ax.set_title(caption, fontsize=7.5)
-    fig.tight_layout()
-    return _save(fig, path, dpi=90)
+    pad = 8
+    canvas = Image.new("RGB", (cols * (size + pad) + pad, rows * (size + head + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, caption) in enumerate(tiles):
+        x, y = pad + (i % cols) * (size + pad), pad + (i // cols) * (size + head + pad)
+        picture = Image.fromarray(_uint8(image))
+        picture.thumbnail((size, size))
+        canvas.paste(picture, (x + (size - picture.width) // 2, y + head))
+        draw.multiline_text((x + size // 2, y + head - 3), caption, fill="black", font=font, anchor="md",
+                            align="center")
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    data = np.asarray(image)
+    return data if data.dtype == np.uint8 else (np.clip(data, 0, 1) * 255).round().astype(np.uint8)
 
 
 def prediction_chart(results: list[tuple[np.ndarray, str, list[dict[str, Any]]]], path: Path) -> Path:
