@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
     p.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation (centre, mirrored, "
                    "four corners; mean logits) and show both")
-    _add_fields(p, RuntimeConfig)
+    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard"))  # nothing is trained here
 
     p = verb(report_)
     p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`")
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation: mean logits of the centre crop, its "
                    "mirror image and four corner crops")
     _add_fields(p, BackboneConfig, skip=("pretrained",))
-    _add_fields(p, RuntimeConfig)
+    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard"))
 
     p = verb(split)
     _add_fields(p, DataConfig, skip=("split_manifest",))
