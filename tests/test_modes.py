@@ -162,7 +162,8 @@ def test_compare_writes_the_table_and_chart(photos: Path, tmp_path: Path, capsys
     page = (tmp_path / "cmp" / "compare.html").read_text()
     assert "href='logreg-pixels/report.html'" in page and "href='test_efficientnet-features/report.html'" in page
     assert page.count("data:image/png;base64,") == 2  # accuracy/time bars, overlaid validation curves
-    assert all((tmp_path / "cmp" / d / "report.html").is_file() for d in ("logreg-pixels", "test_efficientnet-features"))
+    runs = ("logreg-pixels", "test_efficientnet-features")
+    assert all((tmp_path / "cmp" / d / "report.html").is_file() for d in runs)
 
 
 def test_compare_rejects_unknown_modes() -> None:

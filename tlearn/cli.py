@@ -14,6 +14,7 @@ from typing import Any
 from tlearn import report
 from tlearn.config import AugmentConfig, BackboneConfig, DataConfig, RuntimeConfig, TlearnError, TrainConfig, validate
 
+START = time.perf_counter()  # the command's start, for the total time it reports
 DEFAULT_INPUT_SIZE = 224  # the input size of the default backbone, pinned to timm's cfg by a test
 MAX_PLOTTED = 12  # images in one `predict --plot` chart
 
@@ -29,7 +30,8 @@ def train(args: argparse.Namespace) -> None:
     for split, metrics in clf.metrics.items():
         print(report.format_metrics(metrics, split), end="\n\n")
     skipped = len(clf.data.skipped)
-    print(f"run written to {out}" + (f" ({skipped} file(s) skipped: see {out / 'skipped.csv'})" if skipped else ""))
+    print(f"run written to {out} in {time.perf_counter() - START:.1f} s (open "
+          f"{out / 'report.html'})" + (f"; {skipped} file(s) skipped: see {out / 'skipped.csv'}" if skipped else ""))
 
 
 def compare(args: argparse.Namespace) -> None:
