@@ -17,7 +17,7 @@ from torch import nn
 from tlearn import plots, report
 from tlearn.artifact import ModelSpec, load_model, save_model
 from tlearn.backbones import Backbone, load_backbone
-from tlearn.calibrate import calibrated, ece, fit_temperature, nll
+from tlearn.calibrate import calibrated, fit_temperature, nll
 from tlearn.check import Finding, quick_check
 from tlearn.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from tlearn.config import (
@@ -32,7 +32,7 @@ from tlearn.config import (
     validate,
 )
 from tlearn.data import ImageFolder, Sample, expand_inputs, scan, scan_labelled, write_manifest
-from tlearn.evaluate import classification_metrics
+from tlearn.evaluate import calibrated_metrics, top_classes
 from tlearn.features import FeatureCache, Features, tta_views
 from tlearn.fileio import atomic_write_text
 from tlearn.models import base_parameters, parameter_counts
@@ -279,13 +279,7 @@ class ImageClassifier:
         """Metrics of the calibrated probabilities, with the calibration before and after; with ``split``, the
         per-image results are kept for ``predictions.csv`` and the report."""
         logits, y, paths, failed = scored or self._scored(samples, tta)
-        temperature = self.spec.temperature
-        proba = calibrated(logits, temperature)
-        metrics = classification_metrics(y, proba, self.classes)
-        metrics["calibration"] = {"temperature": temperature, "ece": ece(proba, y),
-                                  "ece_uncalibrated": ece(calibrated(logits, 1.0), y),
-                                  "loss_uncalibrated": nll(logits, y)}
-        metrics["tta"] = tta
+        metrics = {**calibrated_metrics(y, logits, self.classes, self.spec.temperature), "tta": tta}
         if failed:
             metrics["skipped"] = {str(p): r for p, r in failed.items()}
         if split:
@@ -325,7 +319,7 @@ class ImageClassifier:
             return []
         logits, failed = self._logits(paths, cache=False, tta=tta)
         proba = calibrated(logits, self.spec.temperature if calibration else 1.0)
-        return _top_k(paths, failed, proba, self.classes, top_k)
+        return top_classes(paths, failed, proba, self.classes, top_k)
 
     # --- files ---------------------------------------------------------------------------------------------
 
@@ -409,18 +403,4 @@ def predict_imagenet(inputs: list[str | Path], backbone: str = "efficientnet_lit
     feats = engine.extract(paths)  # (N, 1000) logits
     proba = torch.softmax(torch.from_numpy(feats.X), 1).numpy()
     info = ImageNetInfo()
-    return _top_k(paths, feats.failed, proba, [info.index_to_description(i) for i in range(1000)], top_k)
-
-
-def _top_k(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, names: list[str],
-           top_k: int) -> list[dict[str, Any]]:
-    """One result per path, in order: its ``top_k`` classes, or the reason it could not be read."""
-    results: list[dict[str, Any]] = []
-    for i, path in enumerate(paths):
-        if path in failed:
-            results.append({"path": str(path), "error": failed[path]})
-            continue
-        order = np.argsort(-proba[i])[:top_k]
-        results.append({"path": str(path),
-                        "predictions": [{"class": names[j], "probability": float(proba[i, j])} for j in order]})
-    return results
+    return top_classes(paths, feats.failed, proba, [info.index_to_description(i) for i in range(1000)], top_k)

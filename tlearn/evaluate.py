@@ -1,11 +1,14 @@
-"""Metrics of predicted probabilities against true labels, from scikit-learn."""
+"""Metrics of predicted probabilities against true labels, from scikit-learn; and top-k results for people."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
+
+from tlearn.calibrate import calibrated, ece, nll
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -32,3 +35,28 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "classes": list(classes),
     }
+
+
+def calibrated_metrics(y_true: np.ndarray, logits: np.ndarray, classes: list[str],
+                       temperature: float) -> dict[str, Any]:
+    """``classification_metrics`` of the temperature-scaled probabilities, with the calibration before and after."""
+    proba = calibrated(logits, temperature)
+    metrics = classification_metrics(y_true, proba, classes)
+    metrics["calibration"] = {"temperature": temperature, "ece": ece(proba, y_true),
+                              "ece_uncalibrated": ece(calibrated(logits, 1.0), y_true),
+                              "loss_uncalibrated": nll(logits, y_true)}
+    return metrics
+
+
+def top_classes(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, names: list[str],
+          k: int) -> list[dict[str, Any]]:
+    """One result per path, in order: its ``k`` most probable classes, or the reason it could not be read."""
+    results: list[dict[str, Any]] = []
+    for i, path in enumerate(paths):
+        if path in failed:
+            results.append({"path": str(path), "error": failed[path]})
+            continue
+        order = np.argsort(-proba[i])[:k]
+        results.append({"path": str(path),
+                        "predictions": [{"class": names[j], "probability": float(proba[i, j])} for j in order]})
+    return results
