@@ -188,6 +188,9 @@ def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run
             f"log-likelihood; it is stored in the model, and <code>tlearn predict</code> uses it unless given "
             f"<code>--no-calibration</code>. Loss on {split}: {c['loss_uncalibrated']:.4f} before, "
             f"{metrics[split]['loss']:.4f} after.</p>")
+    if split == "validation":
+        text += ("<p><b>This run has no test split</b>, so the temperature was fitted on the very images it is "
+                 "evaluated on here: the numbers after scaling are optimistic.</p>")
     return text + _png(path)
 
 
