@@ -159,6 +159,14 @@ def test_a_failed_export_falls_back_under_auto_and_is_an_error_when_asked_for(
         engine(tiny, "onnx")
 
 
+def test_asking_for_onnx_without_onnxruntime_says_what_to_install(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    with pytest.raises(TlearnError, match="--runtime onnx needs onnxruntime .*pip install onnxruntime"):
+        engine(tiny, "onnx")
+
+
 def test_flags_that_cannot_work_together_are_refused(tiny) -> None:
     with pytest.raises(TlearnError, match="--runtime onnx runs the base in fp32; for --precision bf16 use --runtime"):
         engine(tiny, "onnx", "bf16")

@@ -206,7 +206,11 @@ def export_onnx(bb: Backbone, cache_dir: str | Path | None = None) -> Path:
 
 
 def _onnx_engine(bb: Backbone, runtime: RuntimeConfig, reason: str) -> Engine:
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise TlearnError(f"--runtime onnx needs onnxruntime ({e}): pip install onnxruntime, or use --runtime "
+                          "torch") from e
 
     lanes, batch_size, threads = _lanes(torch.device("cpu"), runtime)
     options = ort.SessionOptions()
