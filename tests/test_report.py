@@ -157,3 +157,14 @@ def test_confusion_heatmap_stays_readable_with_many_long_class_names(tmp_path: P
     image = Image.open(confusion(matrix, names, tmp_path / "cm.png"))
     assert image.height > image.width  # 20 classes: the two heatmaps stack, each as wide as the page
     assert image.width >= 1000
+
+
+def test_report_builds_when_images_have_gone_since_training(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "photos", per_class=10)
+    clf = ImageClassifier(**TINY, epochs=3, verbose=False)
+    clf.fit(data, out=tmp_path / "run")
+    for path in list((data / "red").glob("*.png"))[:6]:
+        path.unlink()  # some training and some test images
+    (data / "blue" / "blue_000.png").write_bytes(b"damaged")
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert re.findall(r"<h2>(.*?)</h2>", (tmp_path / "run" / "report.html").read_text()) == SECTIONS

@@ -25,7 +25,7 @@ from tlearn import plots
 from tlearn.artifact import load_model, read_config
 from tlearn.calibrate import Reliability, reliability
 from tlearn.config import AugmentConfig, TlearnError, from_dict
-from tlearn.data import load_image, thumbnail
+from tlearn.data import ImageDecodeError, load_image, thumbnail
 from tlearn.fileio import atomic_write_text
 from tlearn.report import read_predictions_csv
 
@@ -125,7 +125,7 @@ def _samples(config: dict[str, Any], run_dir: Path) -> str:
         for p in paths:
             try:
                 images.append(load_image(p))
-            except (OSError, TlearnError):
+            except ImageDecodeError:  # moved or damaged since training: leave it out
                 continue
         tiles += [(plain(im).permute(1, 2, 0).numpy(), name) for im in images]
         tiles += [(augmented(im).permute(1, 2, 0).numpy(), f"{name} (augmented)") for im in images]
@@ -157,7 +157,7 @@ def _gallery(predictions: list[dict[str, Any]], run_dir: Path) -> str:
     for r in rows[:GALLERY]:
         try:
             image = thumbnail(Path(r["path"]))
-        except (OSError, TlearnError):
+        except ImageDecodeError:  # moved or damaged since training: leave it out
             continue
         tiles.append((image, f"true {r['true']}\npredicted {r['predicted']} ({r['probability']:.0%})\n"
                              f"loss {r['loss']:.2f}"))
