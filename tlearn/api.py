@@ -35,6 +35,7 @@ from tlearn.data import ImageFolder, Sample, expand_inputs, scan, scan_labelled,
 from tlearn.evaluate import calibrated_metrics, top_classes
 from tlearn.features import FeatureCache, Features, tta_views
 from tlearn.fileio import atomic_write_text
+from tlearn.htmlreport import build_report
 from tlearn.models import base_parameters, parameter_counts
 from tlearn.modes import Job, Trained, run_mode
 from tlearn.runtime import Engine, base_engine, net_engine
@@ -167,7 +168,7 @@ class ImageClassifier:
         if out is not None:
             write_manifest(folder, Path(out) / "split.csv")  # before training, so an interrupted run can resume
         job = Job(folder, self.decision, self.train_config, self.augment_config, self.runtime, self.run,
-                  lambda: self.backbone, self._extract, progress=self.verbose, resume=resume,
+                  lambda: self.backbone, lambda: self.engine, self._extract, progress=self.verbose, resume=resume,
                   checkpoint=self._checkpointer(Path(out)) if out is not None else None)
         trained = run_mode(job)
         folder.drop(trained.skipped)
@@ -185,9 +186,9 @@ class ImageClassifier:
         log.info(f"calibration: temperature {self.spec.temperature:.3f}, fitted on validation (loss "
                  f"{nll(scored[0], scored[1]):.4f} -> {nll(scored[0], scored[1], self.spec.temperature):.4f})")
         if out is not None:
-            self.metrics["validation"] = self._evaluate_samples([], split="validation", scored=scored)
+            self.metrics["validation"] = self._metrics(scored, split="validation")
             if folder.split("test"):
-                self.metrics["test"] = self._evaluate_samples(folder.split("test"), split="test")
+                self.metrics["test"] = self._metrics(self._scored(folder.split("test")), split="test")
             self.save(out)
             (Path(out) / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete
         return self.history
@@ -274,11 +275,11 @@ class ImageClassifier:
             raise TlearnError("none of the images to evaluate on could be decoded")
         return logits[keep], np.array([samples[i].label for i in keep]), [paths[i] for i in keep], failed
 
-    def _evaluate_samples(self, samples: list[Sample], tta: bool = False, split: str | None = None,
-                          scored: tuple | None = None) -> dict[str, Any]:
-        """Metrics of the calibrated probabilities, with the calibration before and after; with ``split``, the
-        per-image results are kept for ``predictions.csv`` and the report."""
-        logits, y, paths, failed = scored or self._scored(samples, tta)
+    def _metrics(self, scored: tuple[np.ndarray, np.ndarray, list[Path], dict[Path, str]], tta: bool = False,
+                 split: str | None = None) -> dict[str, Any]:
+        """Metrics of ``_scored`` results' calibrated probabilities, with the calibration before and after; with
+        ``split``, the per-image results are kept for ``predictions.csv`` and the report."""
+        logits, y, paths, failed = scored
         metrics = {**calibrated_metrics(y, logits, self.classes, self.spec.temperature), "tta": tta}
         if failed:
             metrics["skipped"] = {str(p): r for p, r in failed.items()}
@@ -293,10 +294,10 @@ class ImageClassifier:
         self._require_fitted()
         if data is not None:
             folder = scan_labelled(data, self.classes)
-            return {"split": str(data), **self._evaluate_samples(folder.samples, tta)}
+            return {"split": str(data), **self._metrics(self._scored(folder.samples, tta), tta)}
         folder = self.data or self._recorded_split()
         split = "test" if folder.split("test") else "validation"
-        return {"split": split, **self._evaluate_samples(folder.split(split), tta)}
+        return {"split": split, **self._metrics(self._scored(folder.split(split), tta), tta)}
 
     def _recorded_split(self) -> ImageFolder:
         manifest = self._run_dir / "split.csv" if self._run_dir else None
@@ -357,8 +358,6 @@ class ImageClassifier:
         if self.history and self.runtime.tensorboard:
             report.write_tensorboard(self.history, self.metrics, run_dir / "tensorboard")
         if self.metrics:
-            from tlearn.htmlreport import build_report
-
             base = self.backbone if self.spec.kind == "head" else None
             log.info(f"report: {build_report(run_dir, self.model, base)}")
         return run_dir

@@ -113,29 +113,14 @@ def train_transform(preprocessing: dict[str, Any], config: AugmentConfig, normal
 def preview(image: Path, preprocessing: dict[str, Any], config: AugmentConfig, n: int, out: Path,
             seed: int = 0) -> Path:
     """Save a grid of the image and ``n`` augmented versions of it, like the classic tutorial's preview."""
-    from tlearn.plots import pyplot
-
-    plt = pyplot()
-
     from tlearn.data import load_image
-    from tlearn.fileio import atomic_path
+    from tlearn.plots import image_grid
 
-    torch.manual_seed(seed)
     picture = load_image(image)
     transform = train_transform(preprocessing, config, normalize=False)
     plain = train_transform(preprocessing, AugmentConfig(augment="none"), normalize=False)
-    tiles = [("original", plain(picture))] + [(f"augmented {i + 1}", transform(picture)) for i in range(n)]
-    cols = min(len(tiles), 5)
-    rows = math.ceil(len(tiles) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (title, x) in zip(axes.flat, tiles, strict=False):
-        ax.imshow(x.permute(1, 2, 0).numpy())
-        ax.set_title(title, fontsize=9)
-    fig.suptitle(f"{image.name}: --augment {config.augment}", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return out
+    with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's random state
+        torch.manual_seed(seed)
+        tiles = [(plain(picture), f"{image.name}\noriginal")] + [
+            (transform(picture), f"--augment {config.augment}\naugmented {i + 1}") for i in range(n)]
+    return image_grid([(x.permute(1, 2, 0).numpy(), caption) for x, caption in tiles], out, cols=5, tile=2.6)

@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tlearn import plots
 from tlearn.config import TlearnError
-from tlearn.fileio import atomic_path, atomic_write_csv, atomic_write_text
+from tlearn.fileio import atomic_write_csv, atomic_write_text
 from tlearn.models import SCRATCH
 
 log = logging.getLogger("tlearn")
@@ -42,6 +43,7 @@ def compare(data: str, models: str, out: Path, options: dict[str, Any],
     """Train each model into ``out/<name>`` on one split and write ``compare.csv``, ``compare.md``,
     ``compare.png`` and ``compare.html``. Returns one row per model."""
     from tlearn.api import ImageClassifier
+    from tlearn.htmlreport import build_compare
 
     rows = []
     manifest = data_options.get("split_manifest")
@@ -59,9 +61,7 @@ def compare(data: str, models: str, out: Path, options: dict[str, Any],
                      "total_params": clf.params["total"], "epochs": len(clf.history.epoch), "run": str(run_dir)})
     chance = 1 / len(clf.classes)
     write_table(rows, out, chance)
-    plot(rows, out / "compare.png", chance)
-    from tlearn.htmlreport import build_compare
-
+    plots.compare_bars(rows, out / "compare.png", chance)
     log.info(f"comparison report: {build_compare(out, rows, chance)}")
     return rows
 
@@ -83,26 +83,3 @@ def write_table(rows: list[dict[str, Any]], out: Path, chance: float) -> None:
     columns = [*COLUMNS, "run"]
     atomic_write_csv(out / "compare.csv", columns, ([r[c] for c in columns] for r in rows))
     atomic_write_text(out / "compare.md", markdown(rows, chance))
-
-
-def plot(rows: list[dict[str, Any]], path: Path, chance: float) -> None:
-    """Test accuracy and training time per model, side by side, with the chance level marked."""
-    from tlearn.plots import pyplot
-
-    plt = pyplot()
-
-    names = [r["model"] for r in rows]
-    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2))
-    bars = ax_acc.barh(names, [r["accuracy"] for r in rows], color="tab:blue")
-    ax_acc.bar_label(bars, labels=[f"{r['accuracy']:.1%}" for r in rows], padding=3)
-    ax_acc.axvline(chance, color="grey", ls=":")
-    ax_acc.set(xlim=(0, 1.12), xlabel=f"{rows[0]['split']} accuracy (dotted: chance, {chance:.0%})", title="Accuracy")
-    ax_acc.invert_yaxis()
-    bars = ax_time.barh(names, [r["train_seconds"] for r in rows], color="tab:orange")
-    ax_time.bar_label(bars, labels=[f"{r['train_seconds']:.0f} s" for r in rows], padding=3)
-    ax_time.set(xlabel="training time (s)", title="Training time")
-    ax_time.invert_yaxis()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)

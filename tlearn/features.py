@@ -151,12 +151,11 @@ def eval_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], tor
 
 def tta_views(preprocessing: dict[str, Any]) -> list[Callable[[Image.Image], torch.Tensor]]:
     """Test-time augmentation: the centre crop, its mirror image, and the four corner crops of the resized image."""
-    if not isinstance(eval_transform(preprocessing), CropResize):
-        plain = eval_transform(preprocessing)
+    plain = eval_transform(preprocessing)
+    if not isinstance(plain, CropResize):
         return [plain, lambda image: plain(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))]
     corners = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
-    return [CropResize(preprocessing), CropResize(preprocessing, flip=True),
-            *(CropResize(preprocessing, position) for position in corners)]
+    return [plain, CropResize(preprocessing, flip=True), *(CropResize(preprocessing, position) for position in corners)]
 
 
 @dataclass

@@ -82,3 +82,13 @@ def file_sha256(path: Path | str) -> str:
                 h.update(chunk)
         _digests[key] = h.hexdigest()
     return _digests[key]
+
+
+def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header line, as dicts; [] when there is no such file. File names that are not
+    valid UTF-8 round-trip (surrogateescape), as ``atomic_write_csv`` writes them."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.DictReader(f))

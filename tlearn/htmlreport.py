@@ -9,7 +9,6 @@ the data-quality findings. The figures are also written beside it as PNG files.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import platform
@@ -26,7 +25,7 @@ from tlearn.artifact import load_model, read_config
 from tlearn.calibrate import Reliability, reliability
 from tlearn.config import AugmentConfig, TlearnError, from_dict
 from tlearn.data import ImageDecodeError, load_image, thumbnail
-from tlearn.fileio import atomic_write_text
+from tlearn.fileio import atomic_write_text, read_csv_rows
 from tlearn.report import read_predictions_csv
 
 GALLERY = 12  # highest-loss images shown
@@ -73,7 +72,7 @@ def _header(config: dict[str, Any], run_dir: Path) -> str:
                                          "weight_decay", "patience") if k in train}
     if mode == "finetune":
         settings.update(unfreeze=decision.get("unfreeze"), lr_mult=decision.get("lr_mult"))
-    history = _read_csv(run_dir / "history.csv")
+    history = read_csv_rows(run_dir / "history.csv")
     best = config.get("best_epoch")
     augment = config.get("augment", {}).get("augment")
     rows = [["data", f"{summary.get('root', '?')} ({summary.get('layout', '?')})"],
@@ -110,26 +109,26 @@ def _samples(config: dict[str, Any], run_dir: Path) -> str:
     from tlearn.augment import train_transform
 
     root = Path(config.get("data_summary", {}).get("root", ""))
-    rows = [r for r in _read_csv(run_dir / "split.csv") if r.get("split") == "train"]
+    rows = [r for r in read_csv_rows(run_dir / "split.csv") if r.get("split") == "train"]
     if not rows:
         return "<p class='muted'>No training images are listed in this run's split.csv.</p>"
     pp = config["model"]["preprocessing"]
     augment = from_dict(AugmentConfig, config.get("augment", {}), str(run_dir / "config.json"))
     plain = train_transform(pp, AugmentConfig(augment="none"), normalize=False)
     augmented = train_transform(pp, augment, normalize=False)
-    torch.manual_seed(0)
     tiles, classes = [], config["model"]["classes"][:MAX_CLASSES_IN_GRID]
-    for name in classes:
-        paths = [root / r["path"] for r in rows if r["class"] == name][:PER_CLASS]
-        images = []
-        for p in paths:
-            try:
-                images.append(load_image(p))
-            except ImageDecodeError:  # moved or damaged since training: leave it out
-                continue
-        tiles += [(plain(im).permute(1, 2, 0).numpy(), name) for im in images]
-        tiles += [(augmented(im).permute(1, 2, 0).numpy(), f"{name} (augmented)") for im in images]
-        tiles += [(np.ones((8, 8, 3)), "")] * (2 * PER_CLASS - 2 * len(images))
+    with torch.random.fork_rng(devices=[]):  # the same augmentations every time, without moving the caller's RNG
+        torch.manual_seed(0)
+        for name in classes:
+            images = []
+            for p in [root / r["path"] for r in rows if r["class"] == name][:PER_CLASS]:
+                try:
+                    images.append(load_image(p))
+                except ImageDecodeError:  # moved or damaged since training: leave it out
+                    continue
+            tiles += [(plain(im).permute(1, 2, 0).numpy(), name) for im in images]
+            tiles += [(augmented(im).permute(1, 2, 0).numpy(), f"{name} (augmented)") for im in images]
+            tiles += [(np.ones((8, 8, 3)), "")] * (2 * PER_CLASS - 2 * len(images))
     if not tiles:
         return "<p class='muted'>The training images are not readable from here.</p>"
     more = len(config["model"]["classes"]) - len(classes)
@@ -222,17 +221,10 @@ def _summary(model: nn.Module, config: dict[str, Any], base: Any) -> str:
                                                               "trained"]))
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        return list(csv.DictReader(f))
-
-
 def _findings(run_dir: Path) -> str:
     path = run_dir / "check.json"
     findings = json.loads(path.read_text()).get("findings", []) if path.is_file() else []
-    skips = _read_csv(run_dir / "skipped.csv")
+    skips = read_csv_rows(run_dir / "skipped.csv")
     if not findings and not skips:
         return ("<p>The check at training time found no exact duplicates, no leakage across splits and no "
                 "conflicting labels, and no file was skipped. Near-duplicates need the full <code>tlearn check "
@@ -283,7 +275,7 @@ def build_compare(out: Path, rows: list[dict[str, Any]], chance: float) -> Path:
     overlaid, and a link to each model's own report."""
     histories = {}
     for r in rows:
-        history = _read_csv(Path(r["run"]) / "history.csv")
+        history = read_csv_rows(Path(r["run"]) / "history.csv")
         if history:
             histories[r["model"]] = {"epoch": [int(h["epoch"]) for h in history],
                                      **{k: [float(h[k]) for h in history] for k in ("val_accuracy", "val_loss")}}

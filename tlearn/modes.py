@@ -27,7 +27,7 @@ from tlearn.config import AugmentConfig, RuntimeConfig, TrainConfig, parse_lr_mu
 from tlearn.data import ImageFolder, Sample
 from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, eval_transform, extract
 from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
-from tlearn.runtime import FrozenFeatures, base_engine
+from tlearn.runtime import Engine, FrozenFeatures
 from tlearn.strategy import Decision
 from tlearn.train import (
     Batches,
@@ -57,6 +57,7 @@ class Job:
     runtime: RuntimeConfig
     run: Precision
     backbone: Callable[[], Backbone]
+    engine: Callable[[], Engine]  # what runs the frozen base (ONNX Runtime or PyTorch)
     features: Callable[[list[Path]], Features]  # cached pooled features of the frozen base
     checkpoint: Callable[[dict[str, Any], dict[str, torch.Tensor]], None] | None = None
     resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None  # (state, RNG) from a checkpoint
@@ -178,7 +179,7 @@ def train_frozen(job: Job) -> Trained:
     head = make_head(bb.num_features, len(job.data.classes), job.train.hidden, job.train.dropout)
     # Only the head learns, so the base runs as in feature extraction (ONNX Runtime on a CPU), while worker
     # processes decode and augment the next batches.
-    base = FrozenFeatures(base_engine(bb, job.train, job.runtime))
+    base = FrozenFeatures(job.engine())
     model = nn.Sequential(base, head)
     history = History()
     # The base is frozen, so its features of the (unaugmented) validation images are exactly the cached ones.

@@ -30,10 +30,10 @@ def pyplot():
     return plt
 
 
-def _save(fig, path: Path, dpi: int = 110) -> Path:
+def _save(fig, path: Path) -> Path:
     plt = pyplot()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
@@ -186,5 +186,23 @@ def compare_curves(histories: dict[str, dict[str, list]], path: Path) -> Path:
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def compare_bars(rows: list[dict[str, Any]], path: Path, chance: float) -> Path:
+    """Accuracy and training time per model, side by side, with the chance level marked."""
+    plt = pyplot()
+    names = [r["model"] for r in rows]
+    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2))
+    bars = ax_acc.barh(names, [r["accuracy"] for r in rows], color="tab:blue")
+    ax_acc.bar_label(bars, labels=[f"{r['accuracy']:.1%}" for r in rows], padding=3)
+    ax_acc.axvline(chance, color="grey", ls=":")
+    ax_acc.set(xlim=(0, 1.12), xlabel=f"{rows[0]['split']} accuracy (dotted: chance, {chance:.0%})", title="Accuracy")
+    ax_acc.invert_yaxis()
+    bars = ax_time.barh(names, [r["train_seconds"] for r in rows], color="tab:orange")
+    ax_time.bar_label(bars, labels=[f"{r['train_seconds']:.0f} s" for r in rows], padding=3)
+    ax_time.set(xlabel="training time (s)", title="Training time")
+    ax_time.invert_yaxis()
     fig.tight_layout()
     return _save(fig, path)

@@ -3,7 +3,6 @@ scalars and the printed tables."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from tlearn.config import TlearnError
 from tlearn.data import Skipped
-from tlearn.fileio import atomic_write_csv
+from tlearn.fileio import atomic_write_csv, read_csv_rows
 
 if TYPE_CHECKING:  # torch loads only when something is trained: `tlearn check` starts fast
     from tlearn.train import History
@@ -47,8 +46,7 @@ def write_predictions_csv(predictions: dict[str, tuple[list[Path], np.ndarray, n
 
 
 def read_predictions_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        rows = list(csv.DictReader(f))
+    rows: list[dict[str, Any]] = read_csv_rows(path)
     for r in rows:
         for key in PREDICTION_COLUMNS[4:]:
             r[key] = float(r[key])
