@@ -44,6 +44,19 @@ def test_ece_matches_a_hand_computed_example() -> None:
     assert ece(np.eye(3)[[0, 1, 2]], np.array([0, 1, 2])) == 0.0  # certain and right: perfectly calibrated
 
 
+def test_binning_confidences_matches_binning_probabilities_below_one_half() -> None:
+    from tlearn.calibrate import binned
+
+    rng = np.random.default_rng(1)
+    proba = rng.dirichlet(np.ones(17) * 0.3, 300)  # 17 classes: many top-1 confidences below 0.5
+    y = rng.integers(0, 17, 300)
+    assert (proba.max(1) < 0.5).sum() > 50
+    direct = binned(proba.max(1), proba.argmax(1) == y)
+    assert direct.count.tolist() == reliability(proba, y).count.tolist()
+    assert direct.ece == pytest.approx(ece(proba, y))
+    assert binned(np.array([0.4]), np.array([True]), bins=10).count.tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+
+
 def test_temperature_scaling_lowers_validation_nll_and_keeps_the_predictions() -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 400)

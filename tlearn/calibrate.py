@@ -32,9 +32,14 @@ class Reliability:
 
 
 def reliability(proba: np.ndarray, y: np.ndarray, bins: int = BINS) -> Reliability:
-    """Bin the top-1 confidence of ``proba`` (N, C) into ``bins`` equal-width bins over (0, 1]; a confidence
-    that falls on an edge belongs to the bin below it, so 1.0 is in the last bin."""
-    confidence, correct = proba.max(1), (proba.argmax(1) == y).astype(float)
+    """Bin the top-1 confidence of ``proba`` (N, C) against whether the top-1 class is ``y``."""
+    return binned(proba.max(1), proba.argmax(1) == y, bins)
+
+
+def binned(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS) -> Reliability:
+    """Top-1 confidences (N,) and whether each prediction was right (N,), in ``bins`` equal-width bins over
+    (0, 1]; a confidence that falls on an edge belongs to the bin below it, so 1.0 is in the last bin."""
+    correct = np.asarray(correct, dtype=float)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
     count = np.bincount(which, minlength=bins).astype(float)

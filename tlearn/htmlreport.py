@@ -22,7 +22,7 @@ from torch import nn
 
 from tlearn import plots
 from tlearn.artifact import load_model, read_config
-from tlearn.calibrate import Reliability, reliability
+from tlearn.calibrate import binned
 from tlearn.config import AugmentConfig, TlearnError, from_dict
 from tlearn.data import ImageDecodeError, load_image, thumbnail
 from tlearn.fileio import atomic_write_text, read_csv_rows
@@ -174,13 +174,9 @@ def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run
         return "<p class='muted'>This run has no calibration data.</p>"
     rows = [r for r in predictions if r["split"] == split]
     correct = np.array([r["true"] == r["predicted"] for r in rows])
-
-    def bins(key: str) -> Reliability:  # two-column probabilities with the same top-1 confidence and correctness
-        conf = np.array([r[key] for r in rows])
-        return reliability(np.stack([conf, 1 - conf], 1), np.where(correct, 0, 1))
-
-    path = plots.reliability_diagram(bins("probability_uncalibrated"), bins("probability"), c["temperature"],
-                                     run_dir / "reliability.png")
+    before, after = (binned(np.array([r[key] for r in rows]), correct)
+                     for key in ("probability_uncalibrated", "probability"))
+    path = plots.reliability_diagram(before, after, c["temperature"], run_dir / "reliability.png")
     text = (f"<p>Expected calibration error (ECE, 15 bins) on the {split} split: <b>{c['ece_uncalibrated']:.4f}</b> "
             f"before and <b>{c['ece']:.4f}</b> after temperature scaling. The temperature, "
             f"<b>{c['temperature']:.3f}</b>, was fitted on the validation split by minimising its negative "
