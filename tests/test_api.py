@@ -149,7 +149,7 @@ def test_loading_with_different_backbone_weights_is_refused(trained) -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(TlearnError, match="unknown option.*epoch\\b"):
         ImageClassifier(epoch=3)
-    with pytest.raises(TlearnError, match="--head must be one of dense, logreg. Received: head='svm'"):
+    with pytest.raises(TlearnError, match="--head must be one of auto, dense, logreg. Received: head='svm'"):
         ImageClassifier(head="svm")
     with pytest.raises(TlearnError, match="not trained yet"):
         ImageClassifier(**TINY).predict(["x.png"])

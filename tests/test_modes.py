@@ -19,7 +19,7 @@ from tests.conftest import TINY, make_folder
 from tlearn import ImageClassifier, TlearnError
 from tlearn.config import TrainConfig
 from tlearn.models import Classifier, stages, unfreeze_groups
-from tlearn.strategy import choose
+from tlearn.strategy import DEFAULT_BUDGET, choose, format_table, table_advice
 from tlearn.train import class_weights, make_head, make_optimizer, resolve_precision
 
 FAST = {"verbose": False, "workers": 0, "batch_size": 8}
@@ -105,18 +105,22 @@ def test_finetuned_model_saves_its_base_and_reloads(photos: Path, tmp_path: Path
     assert 0 < clf.params["trainable"] < clf.params["total"]
 
 
-def test_auto_follows_the_strategy_table(photos: Path, tmp_path: Path) -> None:
+def test_auto_shows_the_strategy_table_and_records_its_plan(photos: Path, tmp_path: Path) -> None:
     config = TrainConfig()
-    small, medium, large = (choose(n, 10, config) for n in (300, 5000, 50000))
-    assert (small.mode, medium.mode, medium.unfreeze, large.mode, large.unfreeze, large.lr_mult) == \
-        ("features", "finetune", "1", "finetune", "all", "0.1,0.1")
-    assert "300 training images" in small.reason and "< --auto-small 1000" in small.reason
-    assert choose(300, 10, TrainConfig(auto_small=100)).mode == "finetune"
+    rows = [table_advice(n, 10, config) for n in (300, 5000, 50000)]
+    assert [r for r, _ in rows] == [0, 1, 2]
+    assert "300 training images" in rows[0][1] and "features" in rows[0][1]
+    assert "<- your data: 5000 images" in format_table(5000, 10, config).splitlines()[1]
     assert choose(300, 10, TrainConfig(mode="frozen")).mode == "frozen"
     clf = ImageClassifier(**TINY, **FAST)
     clf.fit(photos, out=tmp_path / "run")
     decision = json.loads((tmp_path / "run" / "config.json").read_text())["decision"]
-    assert decision["mode"] == "features" and decision["reason"].startswith("auto: 24 training images")
+    assert decision["mode"] == "features" and decision["reason"].startswith("auto: kept")
+    assert decision["table"].startswith("24 training images") and decision["budget"] in DEFAULT_BUDGET.values()
+    steps = {s["kind"]: s for s in decision["plan"]}
+    assert steps["features"]["status"] == "kept" and steps["features"]["val_loss"] is not None
+    assert "larger" not in steps  # random weights: no packaged larger base is offered
+    assert steps["finetune"]["status"] == "skipped" and "too few" in steps["finetune"]["why"]
 
 
 def test_class_weights_balance_only_when_imbalanced() -> None:
@@ -172,7 +176,7 @@ def test_compare_rejects_unknown_modes() -> None:
     assert parse_models("small-cnn, resnet18:finetune,resnet18") == [
         {"mode": "scratch", "model": "small-cnn"}, {"backbone": "resnet18", "mode": "finetune"},
         {"backbone": "resnet18", "mode": "features"}]
-    with pytest.raises(TlearnError, match="must be one of features, frozen, finetune"):
+    with pytest.raises(TlearnError, match="must be one of auto, features, frozen, finetune"):
         parse_models("resnet18:scratch")
 
 

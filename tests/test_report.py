@@ -16,10 +16,10 @@ from tests.conftest import TINY, make_folder
 from tlearn import ImageClassifier
 from tlearn.calibrate import calibrated, ece, fit_temperature, nll, reliability
 from tlearn.cli import main
-from tlearn.features import CropResize, tta_views
+from tlearn.features import CropResize, tta_views, view_transform
 from tlearn.plots import label
 
-SECTIONS = ["Training curves", "Sample images", "Test metrics", "Misclassified: top losses", "Calibration",
+SECTIONS = ["Decision", "Training curves", "Sample images", "Test metrics", "Misclassified: top losses", "Calibration",
             "Model summary", "Data quality"]
 
 
@@ -104,7 +104,7 @@ def test_predictions_csv_and_metrics_agree(run: Path) -> None:
     assert np.mean([r["true"] == r["predicted"] for r in test]) == pytest.approx(metrics["test"]["accuracy"])
     assert np.mean([float(r["loss"]) for r in test]) == pytest.approx(metrics["test"]["loss"], abs=1e-4)
     c = metrics["test"]["calibration"]
-    assert set(c) == {"temperature", "ece", "ece_uncalibrated", "loss_uncalibrated"}
+    assert set(c) == {"temperature", "ece", "ece_uncalibrated", "loss_uncalibrated", "fitted_on"}
 
 
 def test_predict_uses_the_temperature_unless_told_not_to(run: Path) -> None:
@@ -119,8 +119,9 @@ def test_predict_uses_the_temperature_unless_told_not_to(run: Path) -> None:
 
 def test_tta_views_and_evaluate_shows_both(run: Path, capsys: pytest.CaptureFixture) -> None:
     clf = ImageClassifier.load(run, verbose=False)
-    views = tta_views(clf.spec.preprocessing)
-    assert len(views) == 6 and all(isinstance(v, CropResize) for v in views)
+    names = tta_views(clf.spec.preprocessing)
+    views = [view_transform(clf.spec.preprocessing, name) for name in names]
+    assert names[:2] == ["center", "flip"] and len(views) == 6 and all(isinstance(v, CropResize) for v in views)
     image = Image.new("RGB", (80, 60))
     image.paste((255, 0, 0), (0, 0, 40, 60))  # left half red
     centre, mirrored = views[0](image), views[1](image)

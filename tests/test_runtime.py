@@ -201,7 +201,7 @@ def test_predictions_leave_nothing_in_the_feature_cache(tmp_path: Path) -> None:
     clf = ImageClassifier(**TINY, mode="features", epochs=3, verbose=False, cache_dir=str(tmp_path / "c"))
     clf.fit(root)
     entries = set((tmp_path / "c").rglob("*.npy"))
-    assert len(entries) == 16
+    assert len(entries) == 2 * 16  # each image and its mirror image
     new = make_folder(tmp_path / "new", per_class=2, seed=7)
     assert len(clf.predict(new)) == 4
     assert set((tmp_path / "c").rglob("*.npy")) == entries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -34,12 +35,13 @@ from tlearn.config import (
 from tlearn.data import ImageFolder, Sample, expand_inputs, scan, scan_labelled, write_manifest
 from tlearn.evaluate import calibrated_metrics, top_classes
 from tlearn.features import FeatureCache, Features, tta_views
-from tlearn.fileio import atomic_write_text
+from tlearn.fileio import atomic_write_text, file_sha256
 from tlearn.htmlreport import build_report
 from tlearn.models import base_parameters, parameter_counts
 from tlearn.modes import Job, Trained, run_mode
+from tlearn.probe import Probe, describe
 from tlearn.runtime import Engine, base_engine, net_engine
-from tlearn.strategy import Decision, choose
+from tlearn.strategy import Clock, Decision, budget_seconds, choose, format_table
 from tlearn.train import History, Precision, resolve_precision
 
 log = logging.getLogger("tlearn")
@@ -89,8 +91,8 @@ class ImageClassifier:
         self.findings: list[Finding] = []  # duplicates, leakage and conflicting labels found by fit
         self.params: dict[str, int] = {}
         self.train_seconds = 0.0
-        self._backbone: Backbone | None = None
-        self._engine: Engine | None = None
+        self._bases: dict[str, Backbone] = {}
+        self._engines: dict[str, Engine] = {}
         self._run: Precision | None = None
         self._run_dir: Path | None = None  # where a loaded model came from
         self._run_config: dict[str, Any] = {}
@@ -105,50 +107,87 @@ class ImageClassifier:
 
     @property
     def backbone(self) -> Backbone:
-        """The frozen pretrained base, loaded on first use; for a loaded model, checked against the weights
-        identity it was trained with."""
-        if self._backbone is None:
+        """The (first) frozen pretrained base, loaded on first use."""
+        return self.base()
+
+    def base(self, name: str | None = None) -> Backbone:
+        """A frozen pretrained base by name (default: the first of --backbone), loaded on first use; for a loaded
+        model, checked against the weights identity it was trained with."""
+        names = self.backbone_config.names()
+        name = name or names[0]
+        if name not in self._bases:
+            config = dataclasses.replace(self.backbone_config, backbone=name,
+                                         weights=self.backbone_config.weights if name == names[0] else None)
             try:
-                bb = load_backbone(self.backbone_config)
+                bb = load_backbone(config)
             except TlearnError as e:
                 if not self.spec:
                     raise
                 raise TlearnError(f"cannot load the backbone this model was trained with: {e}") from e
-            if self.spec and bb.weights_id != self.spec.weights_id:
-                raise TlearnError(
-                    f"the backbone weights now available ({bb.weights_source}) differ from the ones this model was "
-                    f"trained with ({self.spec.weights_id}); pass the original file with --weights")
+            if self.spec and name in names:
+                expected = self.spec.weights_id.split("+")[names.index(name)]
+                if bb.weights_id != expected:
+                    raise TlearnError(
+                        f"the backbone weights now available ({bb.weights_source}) differ from the ones this model "
+                        f"was trained with ({expected}); pass the original file with --weights")
             bb.model.to(self.run.device, memory_format=torch.channels_last)  # see Precision.prepare
-            self._backbone = bb
-        return self._backbone
+            self._bases[name] = bb
+        return self._bases[name]
 
     @property
     def engine(self) -> Engine:
-        """What runs the frozen base for feature extraction (see ``tlearn.runtime``), chosen on first use."""
-        if self._engine is None:
-            self._engine = base_engine(self.backbone, self.train_config, self.runtime)
-            log.info(f"frozen base: {self._engine.describe()}")
-        return self._engine
+        """What runs the (first) frozen base for feature extraction (see ``tlearn.runtime``)."""
+        return self.engine_of()
 
-    def _extract(self, paths: list[Path], announce: bool = True, cache: bool = True) -> Features:
-        """Pooled features of the frozen pretrained base, through the feature cache unless ``cache`` is False;
-        ``announce=False`` reports only real work."""
-        engine = self.engine
-        store = FeatureCache(self.runtime.cache_dir, self.backbone, engine.precision) if cache else None
-        feats = engine.extract(paths, store, progress=self.verbose)
-        if not announce and not feats.extracted and not feats.failed:
-            return feats
-        rate = f" ({feats.extracted / feats.seconds:.1f} img/s)" if feats.extracted else ""
-        log.info(f"features: {len(paths)} images, {feats.cached} from cache, {feats.extracted} extracted{rate}, "
-                 f"{len(feats.failed)} skipped, {feats.seconds:.1f} s")
-        return feats
+    def engine_of(self, name: str | None = None) -> Engine:
+        """What runs base ``name`` for feature extraction, chosen on first use."""
+        bb = self.base(name)
+        if bb.name not in self._engines:
+            self._engines[bb.name] = base_engine(bb, self.train_config, self.runtime)
+            log.info(f"frozen base {bb.name}: {self._engines[bb.name].describe()}")
+        return self._engines[bb.name]
+
+    def _store(self, name: str, view: str) -> FeatureCache:
+        return FeatureCache(self.runtime.cache_dir, self.base(name), self.engine_of(name).precision, view)
+
+    def _missing(self, paths: list[Path], name: str, view: str) -> int:
+        """How many of ``paths`` base ``name`` has no cached features of in ``view``."""
+        store, n = self._store(name, view), 0
+        for path in paths:
+            try:
+                n += not store.has(file_sha256(path))
+            except OSError:
+                pass  # unreadable: skipped at extraction
+        return n
+
+    def _extract(self, paths: list[Path], names: list[str] | None = None, view: str = "center",
+                 announce: bool = True, cache: bool = True) -> Features:
+        """Pooled features of the frozen pretrained bases ``names`` (default: --backbone's), concatenated, in
+        one of ``features.VIEWS``, through the feature cache unless ``cache`` is False; ``announce=False``
+        reports only real work."""
+        parts = []
+        for name in names or self.backbone_config.names():
+            store = self._store(name, view) if cache else None
+            feats = self.engine_of(name).extract(paths, store, progress=self.verbose, view=view)
+            parts.append(feats)
+            if announce or feats.extracted or feats.failed:
+                rate = f" ({feats.extracted / feats.seconds:.1f} img/s)" if feats.extracted else ""
+                log.info(f"features of {name}{'' if view == 'center' else f' ({view} view)'}: {len(paths)} images, "
+                         f"{feats.cached} from cache, {feats.extracted} extracted{rate}, {len(feats.failed)} "
+                         f"skipped, {feats.seconds:.1f} s")
+        if len(parts) == 1:
+            return parts[0]
+        return Features(np.hstack([f.X for f in parts]), {k: v for f in parts for k, v in f.failed.items()},
+                        sum(f.extracted for f in parts), sum(f.cached for f in parts), sum(f.seconds for f in parts))
 
     # --- training ------------------------------------------------------------------------------------------
 
-    def fit(self, data: str | Path, *, out: str | Path | None = None, **data_options: Any) -> History:
+    def fit(self, data: str | Path, *, out: str | Path | None = None, started: float | None = None,
+            **data_options: Any) -> History:
         """Split ``data`` and train in the configured mode; with ``out``, evaluate on the validation and test
         splits and write the whole run there (checkpointing each epoch, so ``resume=out`` can continue it).
-        ``data_options`` are :class:`DataConfig` fields (val, test, seed, split_manifest). Returns the history."""
+        ``data_options`` are :class:`DataConfig` fields (val, test, seed, split_manifest). The time budget counts
+        from ``started`` (a ``time.perf_counter()`` value; default: now). Returns the history."""
         resume = self._resume_state(Path(self.runtime.resume)) if self.runtime.resume else None
         if resume:
             out = self.runtime.resume
@@ -156,6 +195,8 @@ class ImageClassifier:
         (self.data_config,) = _options((DataConfig,), {"path": str(data), **data_options})
         validate(self.data_config)
         start = time.perf_counter()
+        budget, budget_why = budget_seconds(self.train_config, self.run.device.type)
+        clock = Clock(budget, started)
         folder = scan(self.data_config)
         self.findings = quick_check(folder)
         for f in self.findings:
@@ -163,12 +204,20 @@ class ImageClassifier:
                 log.warning(f"{f.kind}: {f.path}: {f.detail}")
         n_train = len(folder.split("train"))
         self.decision = choose(n_train, len(folder.classes), self.train_config)
+        self.decision.budget = budget
         log.info(f"data: {folder.root} ({folder.layout}), {len(folder.classes)} classes\n"
                  f"{report.format_counts(folder.counts())}\nmode: {self.decision.mode} ({self.decision.reason})")
+        if self.decision.mode == "auto":
+            log.info(f"the classic strategy table (shown for reference; auto decides from measurements):\n"
+                     f"{format_table(n_train, len(folder.classes), self.train_config)}")
+        if budget is not None:
+            log.info(f"time budget: {budget:.0f} s ({budget_why})")
         if out is not None:
             write_manifest(folder, Path(out) / "split.csv")  # before training, so an interrupted run can resume
+        self._check_names()
         job = Job(folder, self.decision, self.train_config, self.augment_config, self.runtime, self.run,
-                  lambda: self.backbone, lambda: self.engine, self._extract, progress=self.verbose, resume=resume,
+                  self.base, self.engine_of, functools.partial(self._extract, announce=False), clock,
+                  self.backbone_config.names(), self._missing, progress=self.verbose, resume=resume,
                   checkpoint=self._checkpointer(Path(out)) if out is not None else None)
         trained = run_mode(job)
         folder.drop(trained.skipped)
@@ -177,18 +226,30 @@ class ImageClassifier:
         self._adopt(trained, folder)
         self.train_seconds = time.perf_counter() - start
         h, i = self.history.history, self.history.best_epoch - 1
-        log.info(f"trained: best epoch {self.history.best_epoch} of {len(self.history.epoch)}: "
-                 f"val_accuracy {h['val_accuracy'][i]:.4f}, val_loss {h['val_loss'][i]:.4f} "
-                 f"({self.train_seconds:.1f} s in all)")
+        if trained.probe is not None:  # a head on features: its score on the held-out validation split
+            p = trained.probe
+            log.info(f"trained: head {describe(p.chosen)}{' (refit on train + validation)' if p.refit else ''}: "
+                     f"val_accuracy {p.val_accuracy:.4f}, val_loss {p.val_loss:.4f} "
+                     f"({self.train_seconds:.1f} s in all)")
+        else:
+            log.info(f"trained: best epoch {self.history.best_epoch} of {len(self.history.epoch)}: "
+                     f"val_accuracy {h['val_accuracy'][i]:.4f}, val_loss {h['val_loss'][i]:.4f} "
+                     f"({self.train_seconds:.1f} s in all)")
         self.metrics, self.predictions = {}, {}
-        scored = self._scored(folder.split("validation"))
-        self.spec.temperature = fit_temperature(scored[0], scored[1])
-        log.info(f"calibration: temperature {self.spec.temperature:.3f}, fitted on validation (loss "
-                 f"{nll(scored[0], scored[1]):.4f} -> {nll(scored[0], scored[1], self.spec.temperature):.4f})")
+        scored = self._scored(folder.split("validation"), held_out=trained.probe)
+        logits, y, where = scored[0], scored[1], "validation"
+        if trained.probe is not None and trained.probe.calibration is not None:
+            (logits, y), where = trained.probe.calibration, "out-of-fold logits of train + validation (5-fold)"
+        self.spec.temperature = fit_temperature(logits, y)
+        self.calibration_source = where
+        log.info(f"calibration: temperature {self.spec.temperature:.3f}, fitted on {where} (loss "
+                 f"{nll(logits, y):.4f} -> {nll(logits, y, self.spec.temperature):.4f})")
         if out is not None:
             self.metrics["validation"] = self._metrics(scored, split="validation")
             if folder.split("test"):
                 self.metrics["test"] = self._metrics(self._scored(folder.split("test")), split="test")
+            for m in self.metrics.values():
+                m["calibration"]["fitted_on"] = where
             self.save(out)
             (Path(out) / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete
         return self.history
@@ -201,17 +262,28 @@ class ImageClassifier:
             self.spec = ModelSpec(folder.classes, "scratch", trained.arch, trained.preprocessing)
             trainable, total = parameter_counts(trained.model)
         else:
-            bb, tc = self.backbone, self.train_config
+            # mode auto may have moved to other bases (a larger one, or several concatenated)
+            self.backbone_config.backbone = trained.backbone or self.backbone_config.backbone
+            bases = [self.base(name) for name in self.backbone_config.names()]
+            tc = self.train_config
             weights = self.backbone_config.weights and str(Path(self.backbone_config.weights).expanduser().resolve())
-            dense = tc.head == "dense"  # a logreg head is saved as a plain Linear layer
-            self.spec = ModelSpec(folder.classes, trained.kind, bb.arch, bb.preprocessing,
-                                  dataclasses.replace(self.backbone_config, weights=weights), bb.weights_id,
-                                  bb.num_features, tc.hidden if dense else 0, tc.dropout if dense else 0.0)
+            hidden, dropout = trained.head_shape or (tc.hidden, tc.dropout)  # a logreg head is a plain Linear
+            mirrored = trained.kind == "head" and trained.probe is not None and trained.probe.chosen["flip"]
+            self.spec = ModelSpec(folder.classes, trained.kind, "+".join(b.arch for b in bases),
+                                  bases[0].preprocessing, dataclasses.replace(self.backbone_config, weights=weights),
+                                  "+".join(b.weights_id for b in bases), sum(b.num_features for b in bases),
+                                  hidden, dropout, views=["center", "flip"] if mirrored else ["center"])
             head = trained.model.head if trained.kind == "finetuned" else trained.model
             head_params = sum(p.numel() for p in head.parameters())
             trainable = parameter_counts(trained.model)[0] if trained.kind == "finetuned" else head_params
-            total = base_parameters(bb.model) + head_params
+            total = sum(base_parameters(b.model) for b in bases) + head_params
         self.params = {"trainable": int(trainable), "total": int(total), "classes": n_classes}
+
+    def _check_names(self) -> None:
+        if len(self.backbone_config.names()) > 1 and self.train_config.mode not in ("features", "auto"):
+            raise TlearnError(f"--backbone {self.backbone_config.backbone} concatenates the features of several "
+                              f"bases, which only a head on features can use: use --mode features or auto. "
+                              f"Received: mode={self.train_config.mode!r}")
 
     def _config_sections(self) -> dict[str, Any]:
         """The configs a run is saved with (config.json) and resumed from (checkpoints)."""
@@ -234,7 +306,7 @@ class ImageClassifier:
         self.backbone_config = from_dict(BackboneConfig, configs["backbone"], where)
         self.train_config = from_dict(TrainConfig, configs["train"], where)
         self.augment_config = from_dict(AugmentConfig, configs["augment"], where)
-        self._run = self._backbone = self._engine = None
+        self._run, self._bases, self._engines = None, {}, {}
         log.info(f"resuming {run_dir} after epoch {state['epoch']} of stage {state['stage']}, with its saved settings")
         return state, rng
 
@@ -248,27 +320,28 @@ class ImageClassifier:
         """(N, C) uncalibrated logits for ``paths`` (rows of unreadable files are zero and listed with their
         reason). With ``tta``, the mean logits of the test-time views (``features.tta_views``). Features of
         evaluation splits go through the cache; predictions don't, so serving leaves no files behind."""
-        views = [None, *tta_views(self.spec.preprocessing)[1:]] if tta else [None]  # None: the centre crop
-        if self.spec.kind == "head":
-            engine, net = self.engine, self.model.eval()
-            store = FeatureCache(self.runtime.cache_dir, self.backbone, engine.precision) if cache else None
-        else:
-            engine = net_engine(self.model, self.spec.preprocessing, len(self.classes), self.run, self.runtime)
-            net, store = None, None
+        views = tta_views(self.spec.preprocessing) if tta else self.spec.views
         total, failed = 0.0, {}
-        for i, view in enumerate(views):
-            out = engine.extract(paths, store if i == 0 else None, progress=self.verbose, transform=view)
-            failed = out.failed
-            if net is not None:
+        for view in views:
+            if self.spec.kind == "head":
+                out = self._extract(paths, view=view, announce=False, cache=cache and view in ("center", "flip"))
                 with torch.no_grad():
-                    out.X = net(torch.from_numpy(out.X)).numpy()
+                    out.X = self.model.eval()(torch.from_numpy(out.X)).numpy()
+            else:
+                engine = net_engine(self.model, self.spec.preprocessing, len(self.classes), self.run, self.runtime)
+                out = engine.extract(paths, progress=self.verbose, view=view)
+            failed = out.failed
             total = total + out.X
         return total / len(views), failed
 
-    def _scored(self, samples: list[Sample], tta: bool = False) -> tuple[np.ndarray, np.ndarray, list[Path],
-                                                                          dict[Path, str]]:
-        """Uncalibrated logits and labels of the decodable ``samples``, their paths, and the failures."""
+    def _scored(self, samples: list[Sample], tta: bool = False,
+                held_out: Probe | None = None) -> tuple[np.ndarray, np.ndarray, list[Path], dict[Path, str]]:
+        """Uncalibrated logits and labels of the decodable ``samples``, their paths, and the failures. With
+        ``held_out``, the validation logits that head selection computed with the model fitted on the training
+        split alone (the final one may be refit on validation too, so its own would be in-sample)."""
         paths = [s.path for s in samples]
+        if held_out is not None:
+            return held_out.val_logits, np.array([s.label for s in samples]), paths, {}
         logits, failed = self._logits(paths, tta=tta)
         keep = [i for i, p in enumerate(paths) if p not in failed]
         if not keep:
@@ -358,7 +431,7 @@ class ImageClassifier:
         if self.history and self.runtime.tensorboard:
             report.write_tensorboard(self.history, self.metrics, run_dir / "tensorboard")
         if self.metrics:
-            base = self.backbone if self.spec.kind == "head" else None
+            base = self.backbone if self.spec.kind == "head" and "+" not in self.spec.arch else None
             log.info(f"report: {build_report(run_dir, self.model, base)}")
         return run_dir
 

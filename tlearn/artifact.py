@@ -23,6 +23,7 @@ from torch import nn
 
 from tlearn import __version__
 from tlearn.config import BackboneConfig, TlearnError, from_dict
+from tlearn.features import VIEWS
 from tlearn.fileio import atomic_path, atomic_write_text
 from tlearn.models import SCRATCH, Classifier
 from tlearn.train import make_head
@@ -53,7 +54,8 @@ class ModelSpec:
     num_features: int = 0
     hidden: int = 0
     dropout: float = 0.0
-    temperature: float = 1.0  # fitted on the validation split; predictions divide the logits by it
+    temperature: float = 1.0  # fitted on held-out logits; predictions divide the logits by it
+    views: list[str] = dataclasses.field(default_factory=lambda: ["center"])  # logits averaged over these views
 
     def build(self) -> nn.Module:
         """The untrained module whose state_dict ``model.safetensors`` holds."""
@@ -105,6 +107,8 @@ def _spec(config: dict[str, Any], where: Path) -> ModelSpec:
         raise TlearnError(f"{where}: unknown model kind {spec.kind!r} / architecture {spec.arch!r}")
     if not (isinstance(spec.temperature, int | float) and 0 < spec.temperature < float("inf")):
         raise TlearnError(f"{where}: \"temperature\" must be a positive number, not {spec.temperature!r}")
+    if not spec.views or not set(spec.views) <= set(VIEWS):
+        raise TlearnError(f"{where}: \"views\" must be a non-empty list of {', '.join(VIEWS)}, not {spec.views!r}")
     if len(spec.classes) < 2 or len(set(spec.classes)) != len(spec.classes):
         raise TlearnError(f"{where}: \"classes\" must list at least two distinct names")
     return spec

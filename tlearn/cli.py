@@ -26,7 +26,7 @@ def train(args: argparse.Namespace) -> None:
     data, options = _train_options(args)
     out = Path(args.resume or args.out or _default_out(data))
     clf = ImageClassifier(**options)
-    clf.fit(data.pop("path"), out=out, **data)
+    clf.fit(data.pop("path"), out=out, started=START, **data)  # the time budget counts from the command's start
     for split, metrics in clf.metrics.items():
         print(report.format_metrics(metrics, split), end="\n\n")
     skipped = len(clf.data.skipped)
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_fields(p, DataConfig)
         if fn is compare:
             p.add_argument("--models", required=True, help="comma-separated models: small-cnn, alexnet, "
-                           "logreg-pixels, or BACKBONE:MODE with MODE features, frozen or finetune")
+                           "logreg-pixels, or BACKBONE:MODE with MODE auto, features, frozen or finetune")
         _add_fields(p, BackboneConfig)
         _add_fields(p, TrainConfig, skip=("seed",))
         _add_fields(p, AugmentConfig)

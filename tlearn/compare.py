@@ -1,7 +1,7 @@
 """Compare several models on one dataset and one split: a table (CSV and Markdown) and a bar chart.
 
 A model is named as ``small-cnn``, ``alexnet`` or ``logreg-pixels`` (from scratch), or ``BACKBONE:MODE`` with a
-mode of features, frozen or finetune (e.g. ``efficientnet_lite0:finetune``). Every model trains on the split
+mode of auto, features, frozen or finetune (e.g. ``efficientnet_lite0:finetune``). Every model trains on the split
 the first one made, and the backbone modes share the feature cache.
 """
 
@@ -17,7 +17,7 @@ from tlearn.fileio import atomic_write_csv, atomic_write_text
 from tlearn.models import SCRATCH
 
 log = logging.getLogger("tlearn")
-BACKBONE_MODES = ("features", "frozen", "finetune")
+BACKBONE_MODES = ("auto", "features", "frozen", "finetune")
 
 
 def parse_models(text: str) -> list[dict[str, str]]:

@@ -48,7 +48,8 @@ class DataConfig:
 class BackboneConfig:
     """Which pretrained convolutional base to use and where its weights come from."""
 
-    backbone: str = _f("efficientnet_lite0", "registered backbone (see `tlearn backbones`) or any timm model name")
+    backbone: str = _f("efficientnet_lite0", "registered backbone (see `tlearn backbones`) or any timm model name; "
+                       "'A+B' concatenates the features of several (modes features and auto)")
     weights: str | None = _f(None, "local weights file (.safetensors, .pth or .bin) for the backbone's architecture")
     pretrained: bool = _f(True, "start from pretrained weights; --no-pretrained uses random weights on purpose")
 
@@ -58,10 +59,19 @@ class BackboneConfig:
             out.append("--backbone must name a backbone; `tlearn backbones` lists them")
         if self.weights and not self.pretrained:
             out.append("--weights and --no-pretrained contradict each other: drop one")
+        names = self.names()
+        if len(names) > 1 and (not all(names) or len(set(names)) != len(names)):
+            out.append(f"--backbone A+B must name distinct backbones. Received: backbone={self.backbone!r}")
+        if len(names) > 1 and self.weights:
+            out.append("--weights gives the weights of one backbone; with --backbone A+B, drop --weights")
         return out
 
+    def names(self) -> list[str]:
+        """The backbones whose features are concatenated: 'a+b' -> ['a', 'b']."""
+        return [n.strip() for n in self.backbone.split("+")]
 
-HEADS = ("dense", "logreg")
+
+HEADS = ("auto", "dense", "logreg")
 MODES = ("auto", "features", "frozen", "finetune", "scratch")
 SCRATCH_MODELS = ("small-cnn", "alexnet", "logreg-pixels")
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
@@ -76,10 +86,12 @@ class TrainConfig:
 
     mode: str = _f("auto", "'features' (head on cached features), 'frozen' (frozen base + augmentation), "
                    "'finetune' (then unfreeze the top stages), 'scratch' (--model from random weights), or 'auto' "
-                   "(chosen from the training-set size)")
+                   "(features first, then a larger base and fine-tuning while --time-budget allows, each kept only "
+                   "if validation improves)")
     model: str = _f("small-cnn", "architecture for --mode scratch: small-cnn, alexnet or logreg-pixels")
-    head: str = _f("dense", "'dense' (Dropout + Linear, optional hidden layer) or 'logreg' "
-                   "(scikit-learn, C=1 on standardised features; mode features only)")
+    head: str = _f("auto", "head on features: 'logreg' (multinomial logistic regression, its C chosen by "
+                   "cross-validation), 'dense' (Dropout + Linear, optional hidden layer), or 'auto' (whichever "
+                   "does better on validation, with and without mirrored images)")
     hidden: int = _f(0, "width of an optional hidden ReLU layer in the dense head (0 for none, e.g. 256)")
     dropout: float = _f(0.2, "dropout before each Linear layer of the dense head")
     epochs: int = _f(0, "maximum number of epochs (0: 100 for a head on features, 10 for frozen/finetune, "
@@ -99,8 +111,12 @@ class TrainConfig:
                         "mixed precision on CUDA; on a CPU, fp32 training, and for the frozen base the fastest exact "
                         "path (ONNX Runtime fp32, else bf16 where the CPU has it natively)")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
-    auto_small: int = _f(1000, "auto: below this many training images, train a head on features")
-    auto_large: int = _f(10000, "auto: from this many training images, fine-tune every stage at lr/10")
+    time_budget: str = _f("auto", "wall time for the whole run, evaluation and report included, e.g. 90s, 10m, 2h; "
+                          "'auto': for --mode auto 3m on a CPU and 30m on a GPU, no limit for the other modes; "
+                          "'none': no limit")
+    auto_small: int = _f(1000, "the strategy table (shown, not binding): below this many training images, "
+                         "train a head on features")
+    auto_large: int = _f(10000, "the strategy table: from this many training images, fine-tune every stage")
     seed: int = _f(0, "seed of weight initialisation and shuffling")
 
     def problems(self) -> list[str]:
@@ -124,6 +140,11 @@ class TrainConfig:
                 raise ValueError
         except ValueError:
             out.append(f"--lr-mult must be two positive numbers, e.g. 0.1,0.01. Received: lr_mult={self.lr_mult!r}")
+        try:
+            parse_duration(self.time_budget)
+        except ValueError:
+            out.append(f"--time-budget must be a duration such as 90s, 10m or 2h, or 'auto' or 'none'. "
+                       f"Received: time_budget={self.time_budget!r}")
         if self.head == "logreg" and self.mode not in ("features", "auto"):
             out.append(f"--head logreg works with --mode features only. Received: mode={self.mode!r}")
         if self.hidden < 0:
@@ -214,6 +235,18 @@ class RuntimeConfig:
         if self.workers is not None and self.workers < 0:
             out.append(f"--workers must be 0 or more. Received: workers={self.workers}")
         return out
+
+
+def parse_duration(text: str) -> float | None:
+    """'90s' -> 90.0, '10m' -> 600.0, '2h' -> 7200.0, '45' -> 45.0 (seconds); 'auto' and 'none' -> None."""
+    text = text.strip().lower()
+    if text in ("auto", "none"):
+        return None
+    factor = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], 0)
+    value = float(text[:-1] if factor else text) * (factor or 1)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
 
 
 def parse_lr_mult(text: str) -> tuple[float, float]:

@@ -51,9 +51,12 @@ def default_cache_dir() -> Path:
 class FeatureCache:
     """Pooled features on disk, one float32 ``.npy`` per image content hash, namespaced by backbone identity."""
 
-    def __init__(self, root: Path | str | None, backbone: Backbone, numerics: str = "fp32"):
+    def __init__(self, root: Path | str | None, backbone: Backbone, numerics: str = "fp32", view: str = "center"):
         # fp32 features agree across runtimes to about 1e-5, so they share entries; bf16/fp16 ones get their own
         identity = {**backbone.identity(), "pipeline": PIPELINE_VERSION, "numerics": numerics}
+        if view != "center":  # each test-time view (the mirror image, a corner crop) has entries of its own
+            identity["view"] = view
+        self.view = view
         self.dir = Path(root or default_cache_dir()) / "features" / identity_key(identity)
         self.dim = backbone.num_features
         about = self.dir / "identity.json"
@@ -62,6 +65,9 @@ class FeatureCache:
 
     def _path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.npy"
+
+    def has(self, digest: str) -> bool:
+        return self._path(digest).is_file()
 
     def get(self, digest: str) -> np.ndarray | None:
         try:
@@ -149,13 +155,31 @@ def eval_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], tor
     return timm.data.create_transform(**preprocessing, is_training=False)
 
 
-def tta_views(preprocessing: dict[str, Any]) -> list[Callable[[Image.Image], torch.Tensor]]:
-    """Test-time augmentation: the centre crop, its mirror image, and the four corner crops of the resized image."""
+# Named views of an image: the centre crop, its mirror image, and the four corner crops of the resized image, as
+# (crop position, mirrored). "flip" features are cached as training augmentation; all six are test-time views.
+VIEWS: dict[str, tuple[tuple[float, float], bool]] = {
+    "center": ((0.5, 0.5), False), "flip": ((0.5, 0.5), True), "top-left": ((0.0, 0.0), False),
+    "top-right": ((1.0, 0.0), False), "bottom-left": ((0.0, 1.0), False), "bottom-right": ((1.0, 1.0), False)}
+
+
+def view_transform(preprocessing: dict[str, Any], view: str = "center") -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation preprocessing of one named view. Preprocessings that ``CropResize`` does not cover have the
+    centre and the mirror view only."""
     plain = eval_transform(preprocessing)
-    if not isinstance(plain, CropResize):
-        return [plain, lambda image: plain(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))]
-    corners = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
-    return [plain, CropResize(preprocessing, flip=True), *(CropResize(preprocessing, position) for position in corners)]
+    if view == "center":
+        return plain
+    position, flip = VIEWS[view]
+    if isinstance(plain, CropResize):
+        return CropResize(preprocessing, position, flip)
+    if view != "flip":
+        raise ValueError(f"view {view!r} needs a square centre-crop preprocessing")
+    return lambda image: plain(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+
+def tta_views(preprocessing: dict[str, Any]) -> list[str]:
+    """Test-time augmentation: the centre crop, its mirror image and, where the preprocessing allows, the four
+    corner crops of the resized image."""
+    return list(VIEWS) if isinstance(eval_transform(preprocessing), CropResize) else ["center", "flip"]
 
 
 @dataclass

@@ -95,12 +95,43 @@ def _header(config: dict[str, Any], run_dir: Path) -> str:
             + _table(rows, ["", ""], "kv") + (_table(count_rows, ["class", *splits]) if splits else ""))
 
 
-def _curves(run_dir: Path) -> str:
+def _decision(config: dict[str, Any]) -> str:
+    """Where the data fell in the classic strategy table, and what was measured and decided instead."""
+    decision = config.get("decision", {})
+    parts = [f"<p>{html.escape(decision.get('reason', 'no decision recorded'))}</p>"]
+    if decision.get("table"):
+        parts.append(f"<p>The classic strategy table, by training-set size, says: <b>{html.escape(decision['table'])}"
+                     "</b>. tlearn shows it for reference and decides from the measurements below.</p>")
+    if decision.get("budget"):
+        parts.append(f"<p>Time budget: {decision['budget']:.0f} s for the whole run.</p>")
+    plan = decision.get("plan", [])
+    if plan:
+        rows = [[i, s["name"], f"~{s['estimate_s']:.0f} s" if s.get("estimate_s") else "-", s["status"],
+                 f"{s['seconds']:.1f} s" if s.get("seconds") else "-",
+                 "-" if s.get("val_loss") is None else s["val_loss"],
+                 "-" if s.get("val_accuracy") is None else s["val_accuracy"],
+                 s.get("head") or s.get("why") or ""] for i, s in enumerate(plan, 1)]
+        parts.append(_table(rows, ["step", "what", "estimate", "outcome", "took", "val loss", "val accuracy",
+                                   "head, or why"]))
+        candidates = [[s["name"], c["head"], c["val_loss"], c["val_accuracy"]] for s in plan
+                      for c in s.get("candidates", [])]
+        if candidates:
+            parts.append("<p>Heads tried on the cached features (trained on the training split, scored on "
+                         "validation; the lowest loss is kept):</p>"
+                         + _table(candidates, ["step", "head", "val loss", "val accuracy"]))
+    return "\n".join(parts)
+
+
+def _curves(run_dir: Path, config: dict[str, Any]) -> str:
     path = run_dir / "curves.png"
     if not path.is_file():
         return "<p class='muted'>No curves.png in this run.</p>"
     note = ("<p>The dotted line marks the best epoch, whose weights were kept; a dashed red line marks where "
             "fine-tuning starts.</p>")
+    kept = [s for s in config.get("decision", {}).get("plan", []) if s.get("status") == "kept"]
+    if kept and kept[-1].get("head", "").startswith("dense") and config["model"]["kind"] == "head":
+        note += ("<p>This dense head stopped early on 15 % of the training images, so its curves' validation line "
+                 "is that split; its score on the validation split is in the Decision section.</p>")
     return note + _png(path)
 
 
@@ -179,11 +210,11 @@ def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run
     path = plots.reliability_diagram(before, after, c["temperature"], run_dir / "reliability.png")
     text = (f"<p>Expected calibration error (ECE, 15 bins) on the {split} split: <b>{c['ece_uncalibrated']:.4f}</b> "
             f"before and <b>{c['ece']:.4f}</b> after temperature scaling. The temperature, "
-            f"<b>{c['temperature']:.3f}</b>, was fitted on the validation split by minimising its negative "
-            f"log-likelihood; it is stored in the model, and <code>tlearn predict</code> uses it unless given "
-            f"<code>--no-calibration</code>. Loss on {split}: {c['loss_uncalibrated']:.4f} before, "
-            f"{metrics[split]['loss']:.4f} after.</p>")
-    if split == "validation":
+            f"<b>{c['temperature']:.3f}</b>, was fitted on {html.escape(c.get('fitted_on', 'validation'))} by "
+            f"minimising the negative log-likelihood; it is stored in the model, and <code>tlearn predict</code> "
+            f"uses it unless given <code>--no-calibration</code>. Loss on {split}: {c['loss_uncalibrated']:.4f} "
+            f"before, {metrics[split]['loss']:.4f} after.</p>")
+    if split == "validation" and c.get("fitted_on", "validation") == "validation":
         text += ("<p><b>This run has no test split</b>, so the temperature was fitted on the very images it is "
                  "evaluated on here: the numbers after scaling are optimistic.</p>")
     return text + _png(path)
@@ -193,6 +224,15 @@ def _summary(model: nn.Module, config: dict[str, Any], base: Any) -> str:
     from tlearn.models import Classifier, summary, unfreeze_groups
 
     spec = config["model"]
+    concatenated = spec["kind"] == "head" and "+" in spec["arch"]
+    if concatenated:  # bases of different input sizes: the head alone, on their concatenated features
+        rows = summary(model, [spec["num_features"]])
+        table = [[r["layer"], r["type"], str(r["output"]), r["params"], "yes"] for r in rows]
+        return (f"<p>The head reads the concatenated pooled features ({spec['num_features']:,} per image) of the "
+                f"frozen bases {html.escape(spec['backbone']['backbone'].replace('+', ' and '))} "
+                f"({config.get('params', {}).get('total', 0):,} parameters in all, "
+                f"{sum(r['params'] for r in rows):,} of them trained).</p>"
+                + _table(table, ["layer", "type", "output shape", "parameters", "trained"]))
     if spec["kind"] == "head":
         model = Classifier(base.model, model)
     flags = {p: p.requires_grad for p in model.parameters()}  # set to what trained, then put back
@@ -245,14 +285,15 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
     predictions = read_predictions_csv(predictions_path)
     if model is None:
         _, model, _ = load_model(run_dir)
-    if base is None and config["model"]["kind"] == "head":
+    if base is None and config["model"]["kind"] == "head" and "+" not in config["model"]["arch"]:
         from tlearn.backbones import load_backbone
         from tlearn.config import BackboneConfig
 
         base = load_backbone(from_dict(BackboneConfig, config["model"]["backbone"], str(run_dir / "config.json")))
     body = "\n".join([
         _header(config, run_dir),
-        _section("Training curves", _curves(run_dir)),
+        _section("Decision", _decision(config)),
+        _section("Training curves", _curves(run_dir, config)),
         _section("Sample images", _samples(config, run_dir)),
         _section("Test metrics", _metrics(metrics, run_dir)),
         _section("Misclassified: top losses", _gallery(predictions, run_dir)),

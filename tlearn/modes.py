@@ -1,6 +1,7 @@
 """The training modes, each a short recipe over the stages in ``train.py``.
 
-- features: a head on cached features of the frozen base;
+- auto:     features first, then a larger base and fine-tuning while the time budget allows (``strategy.py``);
+- features: a head on cached features of the frozen base (or several, concatenated), chosen on validation;
 - frozen:   the frozen base and a new head, end to end on augmented images (validation on cached features);
 - finetune: the head on cached features first, then the top stages of the base with smaller learning rates;
 - scratch:  small-cnn or alexnet from random weights on augmented images, or logreg-pixels.
@@ -9,8 +10,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +25,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tlearn.augment import train_transform
-from tlearn.backbones import Backbone
+from tlearn.backbones import REGISTRY, Backbone, larger_offline
 from tlearn.config import AugmentConfig, RuntimeConfig, TrainConfig, parse_lr_mult
 from tlearn.data import ImageFolder, Sample
 from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, eval_transform, extract
 from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
+from tlearn.probe import Probe, Split, choose_head, describe, refit
 from tlearn.runtime import Engine, FrozenFeatures
-from tlearn.strategy import Decision
+from tlearn.strategy import (
+    REPORT_SECONDS,
+    Clock,
+    Decision,
+    Measured,
+    Step,
+    affordable,
+    evaluation_reserve,
+    format_plan,
+    plan,
+    worth_finetuning,
+)
 from tlearn.train import (
     Batches,
     History,
@@ -44,6 +59,7 @@ from tlearn.train import (
 )
 
 log = logging.getLogger("tlearn")
+AUTO_FINETUNE_PATIENCE = 2  # epochs of fine-tuning in mode auto without beating the best validation loss so far
 
 
 @dataclass
@@ -56,9 +72,12 @@ class Job:
     augment: AugmentConfig
     runtime: RuntimeConfig
     run: Precision
-    backbone: Callable[[], Backbone]
-    engine: Callable[[], Engine]  # what runs the frozen base (ONNX Runtime or PyTorch)
-    features: Callable[[list[Path]], Features]  # cached pooled features of the frozen base
+    backbone: Callable[..., Backbone]  # (name=None: the chosen one) -> the frozen pretrained base
+    engine: Callable[..., Engine]  # (name=None) -> what runs that base (ONNX Runtime or PyTorch)
+    features: Callable[..., Features]  # (paths, names=None, view="center") -> cached pooled features, concatenated
+    clock: Clock
+    names: list[str]  # the bases whose features are concatenated (--backbone A+B); the first is "the" base
+    missing: Callable[[list[Path], str, str], int] | None = None  # (paths, name, view) -> images not yet cached
     checkpoint: Callable[[dict[str, Any], dict[str, torch.Tensor]], None] | None = None
     resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None  # (state, RNG) from a checkpoint
     progress: bool = True
@@ -75,11 +94,14 @@ class Trained:
     arch: str
     preprocessing: dict[str, Any]
     skipped: dict[Path, str]
+    backbone: str = ""  # the bases of a head: 'a' or 'a+b'
+    head_shape: tuple[int, float] | None = None  # (hidden, dropout) when not the config's (a logistic regression)
+    probe: Probe | None = None  # a head chosen on cached features: held-out logits and candidates
 
 
 def run_mode(job: Job) -> Trained:
-    recipe = {"features": train_features, "frozen": train_frozen, "finetune": train_finetune,
-              "scratch": train_scratch}[job.decision.mode]
+    recipe = {"auto": train_auto, "features": train_features, "frozen": train_frozen,
+              "finetune": train_finetune, "scratch": train_scratch}[job.decision.mode]
     torch.manual_seed(job.train.seed)
     return recipe(job)
 
@@ -108,14 +130,155 @@ def _weight(job: Job, y_train: np.ndarray) -> torch.Tensor | None:
     return None if w is None else w.to(job.run.device)
 
 
+def _probe_splits(job: Job, names: list[str]) -> tuple[Split, Split, dict[Path, str]]:
+    """Cached features of ``names`` (centre and mirrored views) of the train and validation splits."""
+    paths = [s.path for s in job.data.samples]
+    center, flip = job.features(paths, names, "center"), job.features(paths, names, "flip")
+    failed = {**center.failed, **flip.failed}
+    job.data.drop(failed)
+    rows = {p: i for i, p in enumerate(paths)}
+
+    def split(name: str) -> Split:
+        samples = job.data.split(name)
+        idx = [rows[s.path] for s in samples]
+        return Split(center.X[idx], flip.X[idx], np.array([s.label for s in samples], dtype=np.int64))
+
+    return split("train"), split("validation"), failed
+
+
+def _probe(job: Job, names: list[str]) -> tuple[Probe, Split, Split, dict[Path, str]]:
+    train, val, failed = _probe_splits(job, names)
+    log.info(f"choosing the head on {'+'.join(names)} features ({train.X.shape[1]} per image):")
+    probe = choose_head(train, val, len(job.data.classes), job.train, _weight(job, train.y))
+    log.info(f"  chosen: {describe(probe.chosen)} (val_loss {probe.val_loss:.4f}, "
+             f"val_accuracy {probe.val_accuracy:.4f}, {probe.seconds:.1f} s)")
+    return probe, train, val, failed
+
+
+def _head_result(job: Job, names: list[str], found: tuple[Probe, Split, Split, dict[Path, str]]) -> Trained:
+    """The chosen head, refit on train + validation where that applies, as a trained model."""
+    probe, train, val, failed = found
+    probe = refit(probe, train, val, len(job.data.classes), job.train)
+    bb = job.backbone(names[0])
+    shape = None if probe.chosen["head"] == "dense" else (0, 0.0)
+    return Trained("head", probe.head, probe.history, bb.arch, bb.preprocessing, failed, "+".join(names), shape, probe)
+
+
 def train_features(job: Job) -> Trained:
-    xy, failed = _cached_features(job)
-    bb = job.backbone()
-    head, history, _ = fit_head(*xy["train"], *xy["validation"], len(job.data.classes), job.train,
-                                weight=_weight(job, xy["train"][1]), progress=job.progress)
-    return Trained("head", head, history, bb.arch, bb.preprocessing, failed)
+    start = time.perf_counter()
+    found = _probe(job, job.names)
+    step = Step(f"features of {'+'.join(job.names)}, head chosen on validation", "features", 0.0)
+    _done(step, "kept", start, found[0])
+    job.decision.plan = [step.as_dict()]
+    return _head_result(job, job.names, found)
 
 
+def train_auto(job: Job) -> Trained:
+    """Features first; then, while the budget allows, a larger base and fine-tuning, each kept only if it lowers
+    the validation loss (see ``strategy.py``)."""
+    names, data = job.names, job.data
+    paths = [s.path for s in data.samples]
+    n = {split: len(data.split(split)) for split in ("train", "validation", "test")}
+    engine = job.engine(names[0])
+    rate = engine.rate([s.path for s in data.split("train")])
+    misses = sum(job.missing(paths, name, view) for name in names for view in ("center", "flip"))
+    m = Measured(n["train"], n["validation"], n["test"], sum(job.backbone(x).num_features for x in names), rate,
+                 misses)
+    larger = _larger(job, names)
+    if larger:
+        m.larger, m.larger_cost = larger
+        m.larger_features = job.backbone(m.larger).num_features
+        m.larger_misses = sum(job.missing(paths, m.larger, view) for view in ("center", "flip"))
+        larger = m.larger
+    job.decision.measured = {k: round(v, 1) if isinstance(v, float) else v for k, v in dataclasses.asdict(m).items()}
+    steps = plan(m, job.clock, job.train.max_epochs("finetune"), finetune=len(names) == 1, small=job.train.auto_small)
+    budget = "no limit" if job.clock.budget is None else f"{job.clock.budget:.0f} s"
+    log.info(f"auto: measured {rate:.0f} img/s through {names[0]} here; plan (time budget {budget}, "
+             f"{job.clock.elapsed():.0f} s spent):\n{format_plan(steps)}")
+
+    start = time.perf_counter()
+    first = best_found = _probe(job, names)
+    best, best_names = first[0], names
+    _done(steps[0], "kept", start, best)
+    for step in steps[1:]:
+        if step.status == "skipped":
+            continue
+        left = job.clock.left() - evaluation_reserve(m)
+        fits, why = affordable(step, left)
+        if fits and step.kind == "finetune":  # again, with the measured times of the steps before
+            fits, why = worth_finetuning(m, step, sum(s.seconds for s in steps), job.train.auto_small)
+        if not fits:
+            step.status, step.why = "skipped", why
+            log.info(f"auto: skipping '{step.name}' ({why})")
+            continue
+        start = time.perf_counter()
+        if step.kind == "larger":
+            got_names = [*names, larger]
+            got = _probe(job, got_names)
+            step.detail["features"] = "+".join(got_names)
+            if got[0].val_loss < best.val_loss:
+                best_found, best, best_names = got, got[0], got_names
+                _done(step, "kept", start, got[0])
+            else:
+                _done(step, "discarded", start, got[0])
+        elif step.kind == "finetune":
+            tuned = _auto_finetune(job, step, first, best.val_loss, job.clock.deadline(evaluation_reserve(m)), left)
+            _done(step, "kept" if tuned else "discarded", start)
+            if tuned:
+                return _finish(job, tuned, "finetune", steps)
+    return _finish(job, _head_result(job, best_names, best_found), "features", steps)
+
+
+def _auto_finetune(job: Job, step: Step, first: tuple[Probe, Split, Split, dict[Path, str]], bar: float,
+                   deadline: float | None, left: float) -> Trained | None:
+    """Fine-tune the top stage from the first step's head while it keeps beating ``bar`` (the best validation loss
+    so far); the fine-tuned model if it did, else None. The step records its best epoch's scores."""
+    probe, train, _, failed = first
+    shape = None if probe.chosen["head"] == "dense" else (0, 0.0)
+    epochs = int(min(job.train.max_epochs("finetune"), left // step.detail["epoch_estimate_s"]))
+    quick = dataclasses.replace(job, train=dataclasses.replace(job.train, patience=AUTO_FINETUNE_PATIENCE))
+    tuned = _finetune(quick, copy.deepcopy(probe.head), copy.deepcopy(probe.history), train.y, failed, deadline,
+                      shape=shape, epochs=epochs, bar=bar)
+    h = tuned.history
+    epochs_run = [i for i, stage in enumerate(h.stage) if stage == "finetune"]
+    step.detail["epochs"] = len(epochs_run)
+    if epochs_run:
+        i = min(epochs_run, key=lambda i: h.history["val_loss"][i])
+        step.val_loss, step.val_accuracy = h.history["val_loss"][i], h.history["val_accuracy"][i]
+    # _finetune keeps a fine-tuned epoch only if it beat the bar; otherwise its best epoch is the head's
+    return tuned if h.stage[h.best_epoch - 1] == "finetune" else None
+
+
+def _larger(job: Job, names: list[str]) -> tuple[str, float] | None:
+    """The larger offline base that auto may add, and its extraction cost relative to the chosen base: offered
+    where the chosen base has packaged weights (not a --weights file of its own)."""
+    if not job.backbone(names[0]).weights_source.startswith("package"):
+        return None
+    larger = larger_offline(names)
+    return (larger, REGISTRY[larger].cost / REGISTRY[names[0]].cost) if larger else None
+
+
+def _done(step: Step, status: str, start: float, probe: Probe | None = None) -> None:
+    step.status, step.seconds = status, time.perf_counter() - start
+    if probe is not None:
+        step.val_loss, step.val_accuracy = probe.val_loss, probe.val_accuracy
+        step.detail["head"] = describe(probe.chosen)
+        step.detail["candidates"] = [{"head": describe(c), "val_loss": round(c["val_loss"], 4),
+                                      "val_accuracy": round(c["val_accuracy"], 4)} for c in probe.candidates]
+    score = f": val_loss {step.val_loss:.4f}, val_accuracy {step.val_accuracy:.4f}" if step.val_loss else ""
+    log.info(f"auto: {step.name}: {status}{score} ({step.seconds:.1f} s)")
+
+
+def _finish(job: Job, trained: Trained, mode: str, steps: list[Step]) -> Trained:
+    """Record what mode auto kept, and why, in the decision."""
+    kept = [s for s in steps if s.status == "kept"][-1]
+    job.decision.mode, job.decision.plan = mode, [s.as_dict() for s in steps]
+    job.decision.reason = (f"auto: kept '{kept.name}'" + (f" ({kept.detail['features']})" if "features" in
+                                                          kept.detail else "")
+                           + f", which had the lowest validation loss of the {sum(s.seconds > 0 for s in steps)} "
+                           f"step(s) tried in {job.clock.elapsed():.0f} s")
+    log.info(f"{job.decision.reason}\n{format_plan(steps)}")
+    return trained
 def _image_batches(job: Job, samples: list[Sample], transform: Callable, failed: dict[Path, str],
                    generator: torch.Generator | None = None) -> Batches:
     """Batches of decoded images and labels; shuffled (and augmented, by ``transform``) when a generator is
@@ -145,7 +308,8 @@ def _image_stage(job: Job, name: str, model: nn.Module, groups: list[dict], prep
     stage = Stage(name, model.to(job.run.device, memory_format=torch.channels_last), groups,
                   _image_batches(job, train, train_transform(preprocessing, job.augment), failed, generator),
                   val, job.train.max_epochs(job.decision.mode), math.ceil(len(train) / job.train.batch_size),
-                  val_model=val_model, images_per_epoch=len(train), generator=generator)
+                  val_model=val_model, images_per_epoch=len(train), generator=generator,
+                  deadline=job.clock.deadline(REPORT_SECONDS))
     return stage
 
 
@@ -197,22 +361,35 @@ def train_finetune(job: Job) -> Trained:
     history = History()
     resuming = job.resume is not None and job.resume[0]["stage"] == "finetune"
     if resuming:  # stage 1 is in the checkpoint's weights and history
-        head, best = make_head(bb.num_features, len(job.data.classes), job.train.hidden, job.train.dropout), None
+        head = make_head(bb.num_features, len(job.data.classes), job.train.hidden, job.train.dropout)
     else:
-        head, history, best = fit_head(*xy["train"], *xy["validation"], len(job.data.classes), job.train,
-                                       epochs=job.train.head_epochs, weight=weight, progress=job.progress)
+        head, history, _ = fit_head(*xy["train"], *xy["validation"], len(job.data.classes), job.train,
+                                    epochs=job.train.head_epochs, weight=weight, progress=job.progress)
+    return _finetune(job, head, history, xy["train"][1], failed, resuming=resuming)
+
+
+def _finetune(job: Job, head: nn.Module, history: History, y_train: np.ndarray, failed: dict[Path, str],
+              deadline: float | None = None, resuming: bool = False, shape: tuple[int, float] | None = None,
+              epochs: int | None = None, bar: float | None = None) -> Trained:
+    """Stage 2 of fine-tuning: the top stages of a copy of the base, with ``head`` trained on its features as the
+    start. It must beat the head alone on validation loss, or the head-only weights are kept."""
+    bb = job.backbone()
     base = copy.deepcopy(bb.model)  # the pretrained base stays untouched for cached features
     model = Classifier(base, head)
     groups = unfreeze_groups(base, job.decision.unfreeze, job.train.lr, parse_lr_mult(job.decision.lr_mult))
     groups.insert(0, {"params": list(head.parameters()), "lr": job.train.lr, "name": "head"})
-    if best is not None:  # stage 2 must beat the head alone, or the head-only weights are kept
-        best = {**best, "weights": copy.deepcopy(model.state_dict())}
+    best = None
+    if not resuming:
+        i = history.best_epoch - 1
+        best = {"loss": history.history["val_loss"][i] if bar is None else bar, "epoch": history.best_epoch,
+                "weights": copy.deepcopy(model.state_dict())}
     stage = _image_stage(job, "finetune", model, groups, bb.preprocessing, failed)
-    _fit_images(job, stage, history, weight, best=best)
+    stage.deadline, stage.epochs = deadline or stage.deadline, epochs or stage.epochs
+    _fit_images(job, stage, history, _weight(job, y_train), best=best)
     if history.stage[history.best_epoch - 1] == "head":
         log.info("finetune: no fine-tuning epoch beat the head alone on validation loss, so the head-only weights "
                  "are kept (the base stays as pretrained)")
-    return Trained("finetuned", model.cpu().eval(), history, bb.arch, bb.preprocessing, failed)
+    return Trained("finetuned", model.cpu().eval(), history, bb.arch, bb.preprocessing, failed, bb.name, shape)
 
 
 def train_scratch(job: Job) -> Trained:

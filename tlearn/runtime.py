@@ -30,7 +30,7 @@ from torch import nn
 
 from tlearn.backbones import Backbone, identity_key
 from tlearn.config import RuntimeConfig, TlearnError, TrainConfig
-from tlearn.features import FeatureCache, Features, cpu_cores, default_cache_dir, eval_transform, extract
+from tlearn.features import FeatureCache, Features, cpu_cores, default_cache_dir, extract, view_transform
 from tlearn.fileio import atomic_path
 from tlearn.train import Precision, resolve_precision
 
@@ -73,14 +73,23 @@ class Engine:
                 + (f" ({self.reason})" if self.reason else ""))
 
     def extract(self, paths: Sequence[Path], cache: FeatureCache | None = None, progress: bool = True,
-                transform: Callable | None = None) -> Features:
-        """Outputs for ``paths``; ``transform`` replaces the evaluation preprocessing (a test-time view), and then
-        ``cache`` must be None, since the cache holds the outputs of the evaluation preprocessing only."""
-        if transform is not None and cache is not None:
-            raise ValueError("the feature cache holds outputs of the evaluation preprocessing only")
+                view: str = "center") -> Features:
+        """Outputs for ``paths`` in one of ``features.VIEWS`` (the centre crop by default); ``cache`` must hold
+        that view's entries."""
+        if cache is not None and cache.view != view:
+            raise ValueError(f"a cache of view {cache.view!r} cannot hold view {view!r}")
         with self._threads():
-            return extract(paths, self.forward, transform=transform or eval_transform(self.preprocessing),
-                           dim=self.dim, cache=cache, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
+            return extract(paths, self.forward, transform=view_transform(self.preprocessing, view), dim=self.dim,
+                           cache=cache, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
+
+    def rate(self, paths: Sequence[Path]) -> float:
+        """Measured images per second of decoding and the forward pass on (a few of) ``paths``, without the
+        cache: one warm-up batch, then two batches per lane."""
+        n = 2 * self.batch_size * self.lanes
+        self.extract(paths[:self.batch_size], progress=False)
+        sample = list(paths[self.batch_size:self.batch_size + n]) or list(paths[:n])
+        feats = self.extract(sample, progress=False)
+        return max(feats.extracted, 1) / max(feats.seconds, 1e-3)
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:

@@ -204,6 +204,7 @@ class Stage:
     schedule: bool = True  # warm-up + cosine; off for a head on features
     images_per_epoch: int = 0  # for the progress bar
     generator: torch.Generator | None = None  # the shuffling RNG, whose state goes into checkpoints
+    deadline: float | None = None  # perf_counter() time by which the stage must end (the time budget)
 
 
 def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor | None, history: History,
@@ -225,14 +226,19 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
         if scheduler:
             scheduler.load_state_dict(resume["scheduler"])
         best, first, waited = resume["best"], resume["epoch"] + 1, resume["waited"]
+    epoch_seconds = 0.0
     for epoch in range(first, stage.epochs + 1):
         start = time.perf_counter()
+        if stage.deadline is not None and start + epoch_seconds > stage.deadline:
+            log.info(f"{stage.name}: stopping before epoch {epoch}: the time budget leaves "
+                     f"{max(stage.deadline - start, 0):.0f} s, an epoch takes about {epoch_seconds:.0f} s")
+            break
         with tqdm(total=stage.images_per_epoch or None, unit="img", leave=False, disable=not progress or None,
                   desc=f"{stage.name} epoch {epoch}/{stage.epochs}") as bar:
             loss, acc = train_one_epoch(model, stage.train(), opt, run, weight, scheduler, scaler, bar)
         val_loss, val_acc = evaluate(val_model, stage.val(), run)  # unweighted, comparable across runs
         history.append(stage.name, loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
-        seconds = time.perf_counter() - start
+        seconds = epoch_seconds = time.perf_counter() - start
         if stage.images_per_epoch:
             log.info(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {loss:.4f}, accuracy {acc:.4f}, "
                      f"val_loss {val_loss:.4f}, val_accuracy {val_acc:.4f} ({stage.steps_per_epoch} iterations of "
