@@ -214,4 +214,6 @@ def test_a_short_budget_on_real_photos_keeps_the_plan_and_stops(tmp_path: Path) 
     assert decision["mode"] == "features"
     for name in ("model.safetensors", "report.html", "metrics.json"):
         assert (tmp_path / "run" / name).is_file()
-    assert "Decision" in (tmp_path / "run" / "report.html").read_text()
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Decision</h2>" in page and "images/s through the base on this machine" in page
+    assert decision["measured"]["rate"] > 0 and decision["measured"]["n_val"] == 12

@@ -104,6 +104,12 @@ def _decision(config: dict[str, Any]) -> str:
                      "</b>. tlearn shows it for reference and decides from the measurements below.</p>")
     if decision.get("budget"):
         parts.append(f"<p>Time budget: {decision['budget']:.0f} s for the whole run.</p>")
+    m = decision.get("measured")
+    if m:
+        parts.append(f"<p>Measured before planning: {m['rate']:.0f} images/s through the base on this machine "
+                     f"(decoding and forward pass), and {m['misses']:,} image views not yet in the feature cache"
+                     + (f" ({m['larger_misses']:,} for {html.escape(m['larger'])})" if m.get("larger") else "")
+                     + ". The estimates below come from these.</p>")
     plan = decision.get("plan", [])
     if plan:
         rows = [[i, s["name"], f"~{s['estimate_s']:.0f} s" if s.get("estimate_s") else "-", s["status"],
