@@ -4,7 +4,9 @@ Usage: python bench/bench_predict.py [--data examples/ants_bees] [--repeats 50]
 
 Trains a head (mode features) on the data once, then loads the run per runtime and times
 ``ImageClassifier.predict(one_image)`` ``--repeats`` times after 3 warm-up calls: decoding, preprocessing, the
-base, the head and the softmax. The command row is one cold `tlearn predict RUN IMAGE` including Python start-up.
+base, the head and the softmax; then the same for ``Predictor`` (ONNX Runtime and NumPy, no torch). The command
+rows are one cold process each, Python start-up included: `tlearn predict RUN IMAGE` (the predictor), and the same
+prediction through the full stack (``ImageClassifier.load(RUN).predict(IMAGE)``, what the command ran before).
 Prints a Markdown table.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.api import ImageClassifier
+from tlearn.predictor import Predictor
 
 VARIANTS = {"onnx fp32 (default here)": {"runtime": "auto"}, "torch fp32": {"runtime": "torch", "precision": "fp32"},
             "torch bf16": {"runtime": "torch", "precision": "bf16"}}
@@ -55,11 +58,24 @@ def main() -> None:
             top = result[0]["predictions"][0]
             print(f"| `ImageClassifier.predict`, {name} | {np.percentile(times, 50):.1f} | "
                   f"{np.percentile(times, 90):.1f} | {top['class']} {top['probability']:.3f} |", flush=True)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "tlearn.cli", "predict", str(run), str(image)], check=True,
-                       capture_output=True)
-        print(f"| `tlearn predict RUN IMAGE`, one cold command | {1000 * (time.perf_counter() - start):.0f} | - | "
-              "- |")
+        predictor = Predictor.load(run, verbose=False)
+        assert predictor.fallback is None, "the ONNX predictor should apply to a head on features"
+        times = []
+        for _ in range(args.repeats + 3):
+            start = time.perf_counter()
+            result = predictor.predict(image, top_k=1)
+            times.append(1000 * (time.perf_counter() - start))
+        top = result[0]["predictions"][0]
+        print(f"| `Predictor.predict`, onnx fp32 + NumPy head | {np.percentile(times[3:], 50):.1f} | "
+              f"{np.percentile(times[3:], 90):.1f} | {top['class']} {top['probability']:.3f} |", flush=True)
+        full = f"from tlearn.api import ImageClassifier; ImageClassifier.load({str(run)!r}).predict({str(image)!r})"
+        for label, cmd in (("`tlearn predict RUN IMAGE`, one cold command",
+                            [sys.executable, "-m", "tlearn.cli", "predict", str(run), str(image)]),
+                           ("the full stack (`ImageClassifier.load` + `predict`), one cold process",
+                            [sys.executable, "-c", full])):
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            print(f"| {label} | {1000 * (time.perf_counter() - start):.0f} | - | - |", flush=True)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ class ImageClassifier:
             store = self._store(name, view) if cache else None
             feats = self.engine_of(name).extract(paths, store, progress=self.verbose, view=view)
             parts.append(feats)
-            if announce or feats.extracted or feats.failed:
+            if announce or (store is not None and (feats.extracted or feats.failed)):
                 rate = f" ({feats.extracted / feats.seconds:.1f} img/s)" if feats.extracted else ""
                 log.info(f"features of {name}{'' if view == 'center' else f' ({view} view)'}: {len(paths)} images, "
                          f"{feats.cached} from cache, {feats.extracted} extracted{rate}, {len(feats.failed)} "
@@ -272,7 +272,8 @@ class ImageClassifier:
             self.spec = ModelSpec(folder.classes, trained.kind, "+".join(b.arch for b in bases),
                                   bases[0].preprocessing, dataclasses.replace(self.backbone_config, weights=weights),
                                   "+".join(b.weights_id for b in bases), sum(b.num_features for b in bases),
-                                  hidden, dropout, views=["center", "flip"] if mirrored else ["center"])
+                                  hidden, dropout, views=["center", "flip"] if mirrored else ["center"],
+                                  bases=[{"name": b.name, **b.identity()} for b in bases])
             head = trained.model.head if trained.kind == "finetuned" else trained.model
             head_params = sum(p.numel() for p in head.parameters())
             trainable = parameter_counts(trained.model)[0] if trained.kind == "finetuned" else head_params

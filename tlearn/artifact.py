@@ -13,20 +13,18 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import timm
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from tlearn import __version__
 from tlearn.config import BackboneConfig, TlearnError, from_dict
-from tlearn.features import VIEWS
 from tlearn.fileio import atomic_path, atomic_write_text
-from tlearn.models import SCRATCH, Classifier
-from tlearn.train import make_head
+from tlearn.images import VIEWS
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch, timm and the model code are imported where a module is built or saved: reading a spec (the predictor)
+# needs none of them.
 
 log = logging.getLogger("tlearn")
 FORMAT = "tlearn-model"
@@ -56,9 +54,14 @@ class ModelSpec:
     dropout: float = 0.0
     temperature: float = 1.0  # fitted on held-out logits; predictions divide the logits by it
     views: list[str] = dataclasses.field(default_factory=lambda: ["center"])  # logits averaged over these views
+    bases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # name, arch, weights_id, preprocessing
 
     def build(self) -> nn.Module:
         """The untrained module whose state_dict ``model.safetensors`` holds."""
+        import timm
+
+        from tlearn.models import SCRATCH, Classifier, make_head
+
         if self.kind == "scratch":
             return SCRATCH[self.arch].build(len(self.classes))
         head = make_head(self.num_features, len(self.classes), self.hidden, self.dropout)
@@ -69,6 +72,10 @@ class ModelSpec:
 
 def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str, Any]) -> None:
     """Write the tensors and the config atomically; ``extra`` adds sections (data, train, ...) to config.json."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "versions": {"tlearn": __version__, "torch": torch.__version__, "timm": timm.__version__},
@@ -95,7 +102,8 @@ def read_config(run_dir: Path, text: str | None = None) -> dict[str, Any]:
     return config
 
 
-def _spec(config: dict[str, Any], where: Path) -> ModelSpec:
+def spec_of(config: dict[str, Any], where: Path) -> ModelSpec:
+    """The validated model spec of a run's config (``where`` names the file in errors)."""
     try:
         m = dict(config["model"])
         if m.get("backbone") is not None:
@@ -103,7 +111,7 @@ def _spec(config: dict[str, Any], where: Path) -> ModelSpec:
         spec = ModelSpec(**m)
     except (KeyError, TypeError) as e:
         raise TlearnError(f"{where} has an incomplete or unknown \"model\" section ({e}); retrain") from e
-    if spec.kind not in KINDS or (spec.kind == "scratch" and spec.arch not in SCRATCH):
+    if spec.kind not in KINDS or (spec.kind == "scratch" and spec.arch not in _scratch_models()):
         raise TlearnError(f"{where}: unknown model kind {spec.kind!r} / architecture {spec.arch!r}")
     if not (isinstance(spec.temperature, int | float) and 0 < spec.temperature < float("inf")):
         raise TlearnError(f"{where}: \"temperature\" must be a positive number, not {spec.temperature!r}")
@@ -114,8 +122,16 @@ def _spec(config: dict[str, Any], where: Path) -> ModelSpec:
     return spec
 
 
+def _scratch_models() -> tuple[str, ...]:
+    from tlearn.models import SCRATCH
+
+    return tuple(SCRATCH)
+
+
 def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
     """Read a saved model back, checking every tensor name and shape against its config."""
+    from safetensors import SafetensorError, safe_open
+
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
     if not path.is_file():
@@ -137,7 +153,7 @@ def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
         if on_disk != config:
             log.warning(f"{run_dir / CONFIG_FILE} differs from the config saved inside {MODEL_FILE} (an interrupted "
                         f"save, or an edit); using the one inside {MODEL_FILE}")
-    spec = _spec(config, path)
+    spec = spec_of(config, path)
     model = spec.build()
     expected = {k: v.shape for k, v in model.state_dict().items()}
     got = {k: v.shape for k, v in tensors.items()}

@@ -11,10 +11,8 @@ interpolation, crop_pct) always comes from timm's pretrained cfg of the architec
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import pickle
 from dataclasses import dataclass
 from importlib import resources
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 
 from tlearn.config import BackboneConfig, TlearnError
-from tlearn.fileio import file_sha256
+from tlearn.fileio import file_sha256, identity_key  # noqa: F401 - identity_key is re-exported
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 
@@ -213,8 +211,3 @@ def describe() -> list[dict[str, Any]]:
                      "offline": packaged_weights_file(e) is not None,
                      "weights": f"package {e.package.replace('_', '-')}" if e.package else "hub", "about": e.about})
     return rows
-
-
-def identity_key(identity: dict[str, Any]) -> str:
-    """A short stable hash of a backbone identity, used to namespace the feature cache."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 BINS = 15
@@ -63,6 +62,8 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     prediction is right, since the NLL then falls without end as the temperature goes to 0."""
     if (logits.argmax(1) == y).all():
         return 1.0
+    from scipy.optimize import minimize_scalar  # 0.2 s to import, and only training fits a temperature
+
     result = minimize_scalar(lambda log_t: nll(logits, y, float(np.exp(log_t))), bounds=(np.log(0.05), np.log(20)),
                              method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))

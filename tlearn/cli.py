@@ -114,15 +114,17 @@ def report_(args: argparse.Namespace) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     """Top-k predictions for images and folders: `tlearn predict RUN IMAGES...`, or `--imagenet IMAGES...`."""
-    from tlearn.api import ImageClassifier, predict_imagenet
-
     if args.imagenet:
+        from tlearn.api import predict_imagenet
+
         results = predict_imagenet(args.paths, backbone=args.backbone, weights=args.weights, top_k=args.top_k)
     else:
+        from tlearn.predictor import Predictor  # inference only: ONNX Runtime and NumPy where it can
+
         if len(args.paths) < 2:
             raise TlearnError("usage: tlearn predict RUN IMAGE [IMAGE ...] (or tlearn predict --imagenet IMAGE ...)")
-        clf = ImageClassifier.load(args.paths[0], weights=args.weights, verbose=not args.json, **_runtime(args))
-        results = clf.predict(args.paths[1:], top_k=args.top_k, calibration=not args.no_calibration, tta=args.tta)
+        model = Predictor.load(args.paths[0], weights=args.weights, verbose=not args.json, **_runtime(args))
+        results = model.predict(args.paths[1:], top_k=args.top_k, calibration=not args.no_calibration, tta=args.tta)
     print(json.dumps(results, indent=2) if args.json else report.format_predictions(results))
     if args.plot:
         from tlearn.data import thumbnail

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
 from tlearn.calibrate import calibrated, ece, nll
 
@@ -20,7 +19,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
     >>> m["accuracy"], round(m["loss"], 4)
     (1.0, 0.1643)
     """
-    labels = list(range(len(classes)))
+    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))  # scikit-learn is imported here: predictions need none of it
     y_pred = proba.argmax(1)
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {

@@ -9,7 +9,6 @@ killed extraction leaves only complete entries, and an unreadable entry is simpl
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import deque
@@ -26,9 +25,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from tlearn.backbones import Backbone, identity_key
+from tlearn.backbones import Backbone
 from tlearn.data import ImageDecodeError, load_image
-from tlearn.fileio import atomic_path, atomic_write_text, file_sha256
+from tlearn.fileio import atomic_path, atomic_write_text, default_cache_dir, file_sha256, identity_key
+from tlearn.images import RESAMPLE, VIEWS, CropResize, crop_resize_fits
+
+__all__ = ["RESAMPLE", "VIEWS", "CropResize", "default_cache_dir"]  # re-exported: their home is images/fileio
 
 # Bump when decoding or preprocessing code changes in a way that changes features.
 PIPELINE_VERSION = "pil-2"
@@ -42,10 +44,6 @@ def cpu_cores() -> int:
 def default_workers() -> int:
     """Decoding worker processes of the training loaders when --workers is not given: one per core, at most 4."""
     return min(cpu_cores(), 4)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TLEARN_CACHE_DIR") or Path.home() / ".cache" / "tlearn").expanduser()
 
 
 class FeatureCache:
@@ -105,61 +103,12 @@ def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int
     return [i for i, _ in ok], batch, failed
 
 
-RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-            "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
-
-
-class CropResize:
-    """timm's evaluation preprocessing (resize the shorter side to size / crop_pct, centre-crop, normalise) done as
-    one resampling of the crop box straight to the input size.
-
-    The filter and the pixel-centre mapping are the same as resizing the whole image and then cropping, so the
-    result matches ``timm.data.create_transform`` to within 2/255 at a few pixels; but the pixels the crop throws
-    away are never computed, which makes it about 1.8x faster.
-    """
-
-    def __init__(self, preprocessing: dict[str, Any], position: tuple[float, float] = (0.5, 0.5), flip: bool = False):
-        _, self.height, self.width = preprocessing["input_size"]
-        self.position, self.flip = position, flip  # where the crop sits (0: left/top, 1: right/bottom); mirror it
-        self.scale = math.floor(self.height / preprocessing["crop_pct"])  # timm's scale_size (square case)
-        self.resample = RESAMPLE[preprocessing["interpolation"]]
-        std = np.array(preprocessing["std"], dtype=np.float32)
-        self.gain = torch.from_numpy(1 / (255 * std)).view(3, 1, 1)  # ToTensor's /255, then Normalize
-        self.offset = torch.from_numpy(np.array(preprocessing["mean"], dtype=np.float32) / std).view(3, 1, 1)
-
-    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """The crop, in source pixels, of torchvision's Resize(scale) (shorter side) + CenterCrop."""
-        short, long = min(width, height), max(width, height)
-        new_long = int(self.scale * long / short)
-        new_w, new_h = (self.scale, new_long) if width <= height else (new_long, self.scale)
-        left, top = round((new_w - self.width) * self.position[0]), round((new_h - self.height) * self.position[1])
-        sx, sy = width / new_w, height / new_h
-        return left * sx, top * sy, (left + self.width) * sx, (top + self.height) * sy
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.resize((self.width, self.height), self.resample, box=self.box(*image.size))
-        if self.flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-        return pixels.float().mul_(self.gain).sub_(self.offset)
-
-
 def eval_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> normalised (3, H, W) tensor, as timm's pretrained cfg says (e.g. 256 -> centre 224, bicubic).
     ``CropResize`` covers the usual square centre crop; other crop modes use timm's transform itself."""
-    square = preprocessing["input_size"][1] == preprocessing["input_size"][2]
-    if preprocessing.get("crop_mode", "center") == "center" and square and preprocessing.get("crop_pct") \
-            and preprocessing["interpolation"] in RESAMPLE:
+    if crop_resize_fits(preprocessing):
         return CropResize(preprocessing)
     return timm.data.create_transform(**preprocessing, is_training=False)
-
-
-# Named views of an image: the centre crop, its mirror image, and the four corner crops of the resized image, as
-# (crop position, mirrored). "flip" features are cached as training augmentation; all six are test-time views.
-VIEWS: dict[str, tuple[tuple[float, float], bool]] = {
-    "center": ((0.5, 0.5), False), "flip": ((0.5, 0.5), True), "top-left": ((0.0, 0.0), False),
-    "top-right": ((1.0, 0.0), False), "bottom-left": ((0.0, 1.0), False), "bottom-right": ((1.0, 1.0), False)}
 
 
 def view_transform(preprocessing: dict[str, Any], view: str = "center") -> Callable[[Image.Image], torch.Tensor]:

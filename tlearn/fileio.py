@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import importlib.metadata
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tlearn.config import TlearnError
+
+ONNX_OPSET = 17
 
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back
 os.umask(_UMASK)
@@ -92,3 +96,20 @@ def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
         return []
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return list(csv.DictReader(f))
+
+
+def default_cache_dir() -> Path:
+    """Where features and ONNX exports are cached: $TLEARN_CACHE_DIR or ~/.cache/tlearn."""
+    return Path(os.environ.get("TLEARN_CACHE_DIR") or Path.home() / ".cache" / "tlearn").expanduser()
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    """A short stable hash of a backbone identity, used to namespace the feature cache and the ONNX exports."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def onnx_export_path(cache_dir: str | Path | None, name: str, identity: dict[str, Any]) -> Path:
+    """Where the ONNX export of a base with this identity lives, for this machine's torch: training writes it
+    (``runtime.export_onnx``) and the predictor reads it, without importing torch."""
+    exporter = {"exporter": f"torch {importlib.metadata.version('torch')}", "opset": ONNX_OPSET}
+    return Path(cache_dir or default_cache_dir()) / "onnx" / f"{name}-{identity_key({**identity, **exporter})}.onnx"

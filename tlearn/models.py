@@ -14,6 +14,16 @@ import torch
 from torch import nn
 
 
+def make_head(num_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.2) -> nn.Sequential:
+    """Dropout + Linear, or with ``hidden`` > 0: Dropout + Linear + ReLU + Dropout + Linear (the Keras tutorials'
+    ``Dense(256, relu)`` head)."""
+    if hidden:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, hidden), nn.ReLU(),
+                             nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+
+
+
 class Classifier(nn.Module):
     """Images → logits through a timm base and a head. (B, 3, H, W) -> (B, F) -> (B, C)."""
 

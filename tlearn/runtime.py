@@ -28,14 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlearn.backbones import Backbone, identity_key
+from tlearn.backbones import Backbone
 from tlearn.config import RuntimeConfig, TlearnError, TrainConfig
-from tlearn.features import FeatureCache, Features, cpu_cores, default_cache_dir, extract, view_transform
-from tlearn.fileio import atomic_path
+from tlearn.features import FeatureCache, Features, cpu_cores, extract, view_transform
+from tlearn.fileio import ONNX_OPSET, atomic_path, onnx_export_path
 from tlearn.train import Precision, resolve_precision
 
 log = logging.getLogger("tlearn")
-ONNX_OPSET = 17
 
 
 def cpu_has_bf16() -> bool:
@@ -189,8 +188,7 @@ def export_onnx(bb: Backbone, cache_dir: str | Path | None = None) -> Path:
     """
     import onnxruntime as ort
 
-    key = identity_key({**bb.identity(), "exporter": f"torch {torch.__version__}", "opset": ONNX_OPSET})
-    path = Path(cache_dir or default_cache_dir()) / "onnx" / f"{bb.name}-{key}.onnx"
+    path = onnx_export_path(cache_dir, bb.name, bb.identity())
     if path.exists():
         return path
     pooled = _Pooled(copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)).eval()

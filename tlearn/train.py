@@ -25,18 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from tlearn.config import TlearnError, TrainConfig
+from tlearn.models import make_head
 
 log = logging.getLogger("tlearn")
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (x, y) batches per call
-
-
-def make_head(num_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.2) -> nn.Sequential:
-    """Dropout + Linear, or with ``hidden`` > 0: Dropout + Linear + ReLU + Dropout + Linear (the Keras tutorials'
-    ``Dense(256, relu)`` head)."""
-    if hidden:
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, hidden), nn.ReLU(),
-                             nn.Dropout(dropout), nn.Linear(hidden, num_classes))
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
 
 
 @dataclass
