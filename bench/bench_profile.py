@@ -1,0 +1,97 @@
+"""The fixed cost of a command: wall time of the everyday commands, and where a warm `tlearn train` spends its time.
+
+Usage: python bench/bench_profile.py [--data examples/ants_bees]
+
+1. Wall time of `tlearn --help`, `tlearn check DATA`, `tlearn train DATA --mode features` with a cold and a warm
+   feature cache, and a cold `tlearn predict RUN IMAGE`, each a fresh process (Python start-up included).
+2. Import time of the heavy libraries in the warm `tlearn train` process (`python -X importtime`), cumulative.
+3. A cProfile of the warm `tlearn train` in-process: the cumulative time of tlearn's own stages.
+Prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import os
+import pstats
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HEAVY = ("torch", "timm", "torchvision", "sklearn", "scipy", "matplotlib", "onnxruntime", "onnx", "PIL", "numpy",
+         "tlearn")
+STAGES = ("tlearn/api.py:.*\\(fit\\)", "tlearn/modes.py:.*\\(run_mode\\)", "tlearn/modes.py:.*\\(_probe_splits\\)",
+          "tlearn/probe.py:.*\\(choose_head\\)", "tlearn/probe.py:.*\\(refit\\)", "tlearn/api.py:.*\\(engine_of\\)",
+          "tlearn/api.py:.*\\(base\\)", "tlearn/data.py:.*\\(scan\\)", "tlearn/check.py:.*\\(quick_check\\)",
+          "tlearn/api.py:.*\\(_scored\\)", "tlearn/api.py:.*\\(save\\)", "tlearn/htmlreport.py:.*\\(build_report\\)",
+          "tlearn/plots.py:.*\\(curves\\)")
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - start, proc.stderr
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "ants_bees")
+    args = parser.parse_args()
+    tlearn = [sys.executable, "-m", "tlearn.cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "TLEARN_CACHE_DIR": str(Path(tmp) / "cache")}
+        run = Path(tmp) / "run"
+        image = sorted(args.data.rglob("*.jpg"))[0]
+        train = [*tlearn, "train", str(args.data), "--mode", "features", "--out", str(run)]
+        rows = [("tlearn --help", [*tlearn, "--help"]), (f"tlearn check {args.data.name}", [*tlearn, "check",
+                                                                                          str(args.data)]),
+                ("tlearn train --mode features, cold cache", train),
+                ("tlearn train --mode features, warm cache", train),
+                ("tlearn predict RUN IMAGE, cold", [*tlearn, "predict", str(run), str(image)])]
+        print(f"{args.data} ({sum(1 for _ in args.data.rglob('*.jpg'))} images)\n")
+        print("| command | wall s |")
+        print("|---|---|")
+        for label, cmd in rows:
+            wall, _ = timed(cmd, env)
+            print(f"| `{label}` | {wall:.2f} |", flush=True)
+
+        _, log = timed([sys.executable, "-X", "importtime", *train[1:]], env)
+        cumulative: dict[str, int] = {}
+        for m in re.finditer(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)", log):
+            name, depth = m[3], len(m[2])
+            if name in HEAVY and depth <= 12:  # the first import of each package, wherever it happened
+                cumulative.setdefault(name, int(m[1]))
+        print("\nImports in the warm `tlearn train` (cumulative, each package where it was first imported):\n")
+        print("| package | ms |")
+        print("|---|---|")
+        for name, us in sorted(cumulative.items(), key=lambda kv: -kv[1]):
+            print(f"| {name} | {us / 1000:.0f} |")
+
+        from tlearn.cli import main as cli
+
+        os.environ["TLEARN_CACHE_DIR"] = env["TLEARN_CACHE_DIR"]
+        profile = cProfile.Profile()
+        start = time.perf_counter()
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            profile.runcall(cli, train[3:])
+        wall = time.perf_counter() - start
+        stats = pstats.Stats(profile)
+        print(f"\nStages of the warm `tlearn train` in-process under cProfile ({wall:.2f} s in all, imports included; "
+              "cProfile slows Python code down), cumulative:\n")
+        print("| stage | s |")
+        print("|---|---|")
+        for (file, line, fn), (_, _, _, cum, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][3]):
+            where = f"{file}:{line}({fn})"
+            if any(re.search(p, where) for p in STAGES):
+                print(f"| `{Path(file).parent.name}/{Path(file).name}:{fn}` | {cum:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
