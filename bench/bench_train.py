@@ -33,13 +33,19 @@ def run_train(data: Path, out: Path, cache: Path, backbone: str, *extra: str) ->
     stderr = log.read_text()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr}")
-    m = re.search(r"features: (\d+) images, (\d+) from cache, (\d+) extracted(?: \(([\d.]+) img/s\))?", stderr)
+    # the centre view's line; a run that found everything cached prints none
+    m = re.search(r"features of \S+: (\d+) images, (\d+) from cache, (\d+) extracted(?: \(([\d.]+) img/s\))?", stderr)
     metrics = json.loads((out / "metrics.json").read_text())
     split = "test" if "test" in metrics else "validation"
     epochs = [float(r) for r in re.findall(r"epoch \d+/\d+: .*, ([\d.]+) img/s\)", stderr)]
-    return {"images": int(m[1]), "extracted": int(m[3]), "img_s": float(m[4]) if m[4] else None, "wall": wall,
+    return {"images": int(m[1]) if m else None, "extracted": int(m[3]) if m else 0,
+            "img_s": float(m[4]) if m and m[4] else None, "wall": wall,
             "split": split, "accuracy": metrics[split]["accuracy"], "rss_mb": usage.ru_maxrss / 1024,
             "epoch_img_s": sum(epochs) / len(epochs) if epochs else None}
+
+
+def read_split(run: Path) -> list[str]:
+    return (run / "split.csv").read_text().splitlines()[1:]
 
 
 FROZEN_EPOCHS = 3
@@ -61,6 +67,7 @@ def main() -> None:
             cache = Path(tmp) / f"cache-{name}"
             for label in ("cold", "warm"):
                 r = run_train(args.datasets / name, Path(tmp) / f"{name}-{label}", cache, args.backbone)
+                r["images"] = r["images"] or len(read_split(Path(tmp) / f"{name}-{label}"))
                 rate = f"{r['img_s']:.1f}" if r["img_s"] else "-"
                 print(f"| {name} | {label} | {r['images']} | {r['extracted']} | {rate} | {r['wall']:.1f} | "
                       f"{r['accuracy']:.4f} ({r['split']}) | {r['rss_mb']:.0f} |", flush=True)

@@ -39,7 +39,7 @@ from tlearn.fileio import atomic_write_text, file_sha256
 from tlearn.htmlreport import build_report
 from tlearn.models import base_parameters, parameter_counts
 from tlearn.modes import Job, Trained, run_mode
-from tlearn.probe import Probe, describe
+from tlearn.probe import CALIBRATION_FOLDS, Probe, describe
 from tlearn.runtime import Engine, base_engine, net_engine
 from tlearn.strategy import Clock, Decision, budget_seconds, choose, format_table
 from tlearn.train import History, Precision, resolve_precision
@@ -239,7 +239,7 @@ class ImageClassifier:
         scored = self._scored(folder.split("validation"), held_out=trained.probe)
         logits, y, where = scored[0], scored[1], "validation"
         if trained.probe is not None and trained.probe.calibration is not None:
-            (logits, y), where = trained.probe.calibration, "out-of-fold logits of train + validation (5-fold)"
+            (logits, y), where = trained.probe.calibration, f"out-of-fold logits of train + validation ({CALIBRATION_FOLDS}-fold)"
         self.spec.temperature = fit_temperature(logits, y)
         self.calibration_source = where
         log.info(f"calibration: temperature {self.spec.temperature:.3f}, fitted on {where} (loss "
