@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY, make_folder
-from tlearn import modes
+from tlearn import auto, modes
 from tlearn.api import ImageClassifier
 from tlearn.calibrate import fit_temperature
 from tlearn.config import TlearnError, TrainConfig, parse_duration
@@ -89,14 +89,14 @@ def test_a_step_that_does_not_improve_validation_is_discarded(tmp_path: Path, mo
                                                               ) -> None:
     """The larger base's head scores worse on validation, so the run keeps the first base's head."""
     data = make_folder(tmp_path / "photos", per_class=12)
-    monkeypatch.setattr(modes, "_larger", lambda job, names: ("test_efficientnet_gn", 1.5))
-    real = modes._probe
+    monkeypatch.setattr(auto, "_larger", lambda job, names: ("test_efficientnet_gn", 1.5))
+    real = auto.probe_features
 
     def probe(job: modes.Job, names: list[str]):  # the concatenation looks worse than the first base alone
         found = real(job, names)
         return (_fake_probe(9.0 if len(names) > 1 else 0.5, found[0]), *found[1:])
 
-    monkeypatch.setattr(modes, "_probe", probe)
+    monkeypatch.setattr(auto, "probe_features", probe)
     clf = ImageClassifier(**TINY, **FAST)
     clf.fit(data, out=tmp_path / "run")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -109,15 +109,15 @@ def test_a_step_that_does_not_improve_validation_is_discarded(tmp_path: Path, mo
 def test_a_step_that_improves_validation_is_kept_with_concatenated_bases(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_folder(tmp_path / "photos", per_class=12)
-    monkeypatch.setattr(modes, "_larger", lambda job, names: ("test_efficientnet_gn", 1.5))
+    monkeypatch.setattr(auto, "_larger", lambda job, names: ("test_efficientnet_gn", 1.5))
     clf = ImageClassifier(**TINY, **FAST, head="logreg")
-    real = modes._probe
+    real = auto.probe_features
 
     def probe(job: modes.Job, names: list[str]):  # the concatenation looks better
         found = real(job, names)
         return (_fake_probe(1.0 / len(names), found[0]), *found[1:])
 
-    monkeypatch.setattr(modes, "_probe", probe)
+    monkeypatch.setattr(auto, "probe_features", probe)
     clf.fit(data, out=tmp_path / "run")
     steps = {s["kind"]: s for s in clf.decision.plan}
     both = "test_efficientnet+test_efficientnet_gn"

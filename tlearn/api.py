@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,8 +14,8 @@ import torch
 from timm.data import ImageNetInfo
 from torch import nn
 
-from tlearn import plots, report
-from tlearn.artifact import ModelSpec, load_model, save_model
+from tlearn import report
+from tlearn.artifact import ModelSpec, load_model
 from tlearn.backbones import Backbone, load_backbone
 from tlearn.calibrate import calibrated, fit_temperature, nll
 from tlearn.check import Finding, quick_check
@@ -35,11 +34,11 @@ from tlearn.config import (
 from tlearn.data import ImageFolder, Sample, expand_inputs, scan, scan_labelled, write_manifest
 from tlearn.evaluate import calibrated_metrics, top_classes
 from tlearn.features import FeatureCache, Features, tta_views
-from tlearn.fileio import atomic_write_text, file_sha256
-from tlearn.htmlreport import build_report
+from tlearn.fileio import file_sha256
 from tlearn.models import base_parameters, parameter_counts
 from tlearn.modes import Job, Trained, run_mode
 from tlearn.probe import CALIBRATION_FOLDS, Probe, describe
+from tlearn.run import RunResult, write_run
 from tlearn.runtime import Engine, base_engine, net_engine
 from tlearn.strategy import Clock, Decision, budget_seconds, choose, format_table
 from tlearn.train import History, Precision, resolve_precision
@@ -239,9 +238,9 @@ class ImageClassifier:
         scored = self._scored(folder.split("validation"), held_out=trained.probe)
         logits, y, where = scored[0], scored[1], "validation"
         if trained.probe is not None and trained.probe.calibration is not None:
-            (logits, y), where = trained.probe.calibration, f"out-of-fold logits of train + validation ({CALIBRATION_FOLDS}-fold)"
+            (logits, y), where = trained.probe.calibration, \
+                f"out-of-fold logits of train + validation ({CALIBRATION_FOLDS}-fold)"
         self.spec.temperature = fit_temperature(logits, y)
-        self.calibration_source = where
         log.info(f"calibration: temperature {self.spec.temperature:.3f}, fitted on {where} (loss "
                  f"{nll(logits, y):.4f} -> {nll(logits, y, self.spec.temperature):.4f})")
         if out is not None:
@@ -402,7 +401,6 @@ class ImageClassifier:
         """Write the model (``model.safetensors`` + ``config.json``) and whatever the run produced: history.csv,
         curves.png, metrics.json, the split manifest and the skipped-files list."""
         self._require_fitted()
-        run_dir = Path(run_dir)
         extra: dict[str, Any] = self._config_sections()
         if self.decision:
             extra["decision"] = dataclasses.asdict(self.decision)
@@ -411,30 +409,15 @@ class ImageClassifier:
             extra["train_seconds"] = round(self.train_seconds, 2)
         if self.history:
             extra["best_epoch"] = self.history.best_epoch
-        if self.data_config and self.data:
+        data = self.data if self.data_config else None
+        if data is not None:
             extra["data"] = to_dict(self.data_config)
-            extra["data_summary"] = {"root": str(self.data.root), "layout": self.data.layout,
-                                     "counts": self.data.counts()}
-            write_manifest(self.data, run_dir / "split.csv")
-            report.write_skipped_csv(self.data.skipped, run_dir / "skipped.csv")
-            findings = [dataclasses.asdict(f) for f in self.findings]
-            atomic_write_text(run_dir / "check.json", json.dumps({"findings": findings}, indent=2) + "\n")
-        if self.history:
-            report.write_history_csv(self.history, run_dir / "history.csv")
-            data_name = f" on {self.data.root.name}" if self.data else ""
-            plots.curves(self.history, run_dir / "curves.png", title=f"{self.describe()}{data_name}")
-        if self.metrics:
-            atomic_write_text(run_dir / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")
-        if self.predictions:
-            report.write_predictions_csv(self.predictions, self.classes, self.spec.temperature,
-                                         run_dir / "predictions.csv")
-        save_model(run_dir, self.spec, self.model, extra)
-        if self.history and self.runtime.tensorboard:
-            report.write_tensorboard(self.history, self.metrics, run_dir / "tensorboard")
-        if self.metrics:
-            base = self.backbone if self.spec.kind == "head" and "+" not in self.spec.arch else None
-            log.info(f"report: {build_report(run_dir, self.model, base)}")
-        return run_dir
+            extra["data_summary"] = {"root": str(data.root), "layout": data.layout, "counts": data.counts()}
+        base = self.backbone if self.metrics and self.spec.kind == "head" and "+" not in self.spec.arch else None
+        title = self.describe() + (f" on {self.data.root.name}" if self.data else "")
+        return write_run(Path(run_dir), RunResult(self.spec, self.model, extra, title, self.history, data,
+                                                  self.findings, self.metrics, self.predictions, base,
+                                                  self.runtime.tensorboard))
 
     def describe(self) -> str:
         """A short name: backbone and mode, or the scratch model."""

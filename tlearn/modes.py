@@ -1,6 +1,6 @@
 """The training modes, each a short recipe over the stages in ``train.py``.
 
-- auto:     features first, then a larger base and fine-tuning while the time budget allows (``strategy.py``);
+- auto:     features first, then a larger base and fine-tuning while the time budget allows (``auto.py``);
 - features: a head on cached features of the frozen base (or several, concatenated), chosen on validation;
 - frozen:   the frozen base and a new head, end to end on augmented images (validation on cached features);
 - finetune: the head on cached features first, then the top stages of the base with smaller learning rates;
@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -25,25 +24,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tlearn.augment import train_transform
-from tlearn.backbones import REGISTRY, Backbone, larger_offline
+from tlearn.backbones import Backbone
 from tlearn.config import AugmentConfig, RuntimeConfig, TrainConfig, parse_lr_mult
 from tlearn.data import ImageFolder, Sample
 from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, eval_transform, extract
 from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
 from tlearn.probe import Probe, Split, choose_head, describe, refit
 from tlearn.runtime import Engine, FrozenFeatures
-from tlearn.strategy import (
-    REPORT_SECONDS,
-    Clock,
-    Decision,
-    Measured,
-    Step,
-    affordable,
-    evaluation_reserve,
-    format_plan,
-    plan,
-    worth_finetuning,
-)
+from tlearn.strategy import REPORT_SECONDS, Clock, Decision, Step
 from tlearn.train import (
     Batches,
     History,
@@ -59,7 +47,6 @@ from tlearn.train import (
 )
 
 log = logging.getLogger("tlearn")
-AUTO_FINETUNE_PATIENCE = 2  # epochs of fine-tuning in mode auto without beating the best validation loss so far
 
 
 @dataclass
@@ -100,8 +87,13 @@ class Trained:
 
 
 def run_mode(job: Job) -> Trained:
-    recipe = {"auto": train_auto, "features": train_features, "frozen": train_frozen,
-              "finetune": train_finetune, "scratch": train_scratch}[job.decision.mode]
+    if job.decision.mode == "auto":
+        from tlearn.auto import train_auto  # mode auto is built from the recipes here, so it imports this module
+
+        recipe = train_auto
+    else:
+        recipe = {"features": train_features, "frozen": train_frozen, "finetune": train_finetune,
+                  "scratch": train_scratch}[job.decision.mode]
     torch.manual_seed(job.train.seed)
     return recipe(job)
 
@@ -146,7 +138,7 @@ def _probe_splits(job: Job, names: list[str]) -> tuple[Split, Split, dict[Path, 
     return split("train"), split("validation"), failed
 
 
-def _probe(job: Job, names: list[str]) -> tuple[Probe, Split, Split, dict[Path, str]]:
+def probe_features(job: Job, names: list[str]) -> tuple[Probe, Split, Split, dict[Path, str]]:
     train, val, failed = _probe_splits(job, names)
     log.info(f"choosing the head on {'+'.join(names)} features ({train.X.shape[1]} per image):")
     probe = choose_head(train, val, len(job.data.classes), job.train, _weight(job, train.y))
@@ -155,7 +147,7 @@ def _probe(job: Job, names: list[str]) -> tuple[Probe, Split, Split, dict[Path, 
     return probe, train, val, failed
 
 
-def _head_result(job: Job, names: list[str], found: tuple[Probe, Split, Split, dict[Path, str]]) -> Trained:
+def head_result(job: Job, names: list[str], found: tuple[Probe, Split, Split, dict[Path, str]]) -> Trained:
     """The chosen head, refit on train + validation where that applies, as a trained model."""
     probe, train, val, failed = found
     probe = refit(probe, train, val, len(job.data.classes), job.train)
@@ -166,99 +158,14 @@ def _head_result(job: Job, names: list[str], found: tuple[Probe, Split, Split, d
 
 def train_features(job: Job) -> Trained:
     start = time.perf_counter()
-    found = _probe(job, job.names)
+    found = probe_features(job, job.names)
     step = Step(f"features of {'+'.join(job.names)}, head chosen on validation", "features", 0.0)
-    _done(step, "kept", start, found[0])
+    record(step, "kept", start, found[0])
     job.decision.plan = [step.as_dict()]
-    return _head_result(job, job.names, found)
+    return head_result(job, job.names, found)
 
 
-def train_auto(job: Job) -> Trained:
-    """Features first; then, while the budget allows, a larger base and fine-tuning, each kept only if it lowers
-    the validation loss (see ``strategy.py``)."""
-    names, data = job.names, job.data
-    paths = [s.path for s in data.samples]
-    n = {split: len(data.split(split)) for split in ("train", "validation", "test")}
-    engine = job.engine(names[0])
-    rate = engine.rate([s.path for s in data.split("train")])
-    misses = sum(job.missing(paths, name, view) for name in names for view in ("center", "flip"))
-    m = Measured(n["train"], n["validation"], n["test"], sum(job.backbone(x).num_features for x in names), rate,
-                 misses)
-    larger = _larger(job, names)
-    if larger:
-        m.larger, m.larger_cost = larger
-        m.larger_features = job.backbone(m.larger).num_features
-        m.larger_misses = sum(job.missing(paths, m.larger, view) for view in ("center", "flip"))
-        larger = m.larger
-    job.decision.measured = {k: round(v, 1) if isinstance(v, float) else v for k, v in dataclasses.asdict(m).items()}
-    steps = plan(m, job.clock, job.train.max_epochs("finetune"), finetune=len(names) == 1, small=job.train.auto_small)
-    budget = "no limit" if job.clock.budget is None else f"{job.clock.budget:.0f} s"
-    log.info(f"auto: measured {rate:.0f} img/s through {names[0]} here; plan (time budget {budget}, "
-             f"{job.clock.elapsed():.0f} s spent):\n{format_plan(steps)}")
-
-    start = time.perf_counter()
-    first = best_found = _probe(job, names)
-    best, best_names = first[0], names
-    _done(steps[0], "kept", start, best)
-    for step in steps[1:]:
-        if step.status == "skipped":
-            continue
-        left = job.clock.left() - evaluation_reserve(m)
-        fits, why = affordable(step, left)
-        if fits and step.kind == "finetune":  # again, with the measured times of the steps before
-            fits, why = worth_finetuning(m, step, sum(s.seconds for s in steps), job.train.auto_small)
-        if not fits:
-            step.status, step.why = "skipped", why
-            log.info(f"auto: skipping '{step.name}' ({why})")
-            continue
-        start = time.perf_counter()
-        if step.kind == "larger":
-            got_names = [*names, larger]
-            got = _probe(job, got_names)
-            step.detail["features"] = "+".join(got_names)
-            if got[0].val_loss < best.val_loss:
-                best_found, best, best_names = got, got[0], got_names
-                _done(step, "kept", start, got[0])
-            else:
-                _done(step, "discarded", start, got[0])
-        elif step.kind == "finetune":
-            tuned = _auto_finetune(job, step, first, best.val_loss, job.clock.deadline(evaluation_reserve(m)), left)
-            _done(step, "kept" if tuned else "discarded", start)
-            if tuned:
-                return _finish(job, tuned, "finetune", steps)
-    return _finish(job, _head_result(job, best_names, best_found), "features", steps)
-
-
-def _auto_finetune(job: Job, step: Step, first: tuple[Probe, Split, Split, dict[Path, str]], bar: float,
-                   deadline: float | None, left: float) -> Trained | None:
-    """Fine-tune the top stage from the first step's head while it keeps beating ``bar`` (the best validation loss
-    so far); the fine-tuned model if it did, else None. The step records its best epoch's scores."""
-    probe, train, _, failed = first
-    shape = None if probe.chosen["head"] == "dense" else (0, 0.0)
-    epochs = int(min(job.train.max_epochs("finetune"), left // step.detail["epoch_estimate_s"]))
-    quick = dataclasses.replace(job, train=dataclasses.replace(job.train, patience=AUTO_FINETUNE_PATIENCE))
-    tuned = _finetune(quick, copy.deepcopy(probe.head), copy.deepcopy(probe.history), train.y, failed, deadline,
-                      shape=shape, epochs=epochs, bar=bar)
-    h = tuned.history
-    epochs_run = [i for i, stage in enumerate(h.stage) if stage == "finetune"]
-    step.detail["epochs"] = len(epochs_run)
-    if epochs_run:
-        i = min(epochs_run, key=lambda i: h.history["val_loss"][i])
-        step.val_loss, step.val_accuracy = h.history["val_loss"][i], h.history["val_accuracy"][i]
-    # _finetune keeps a fine-tuned epoch only if it beat the bar; otherwise its best epoch is the head's
-    return tuned if h.stage[h.best_epoch - 1] == "finetune" else None
-
-
-def _larger(job: Job, names: list[str]) -> tuple[str, float] | None:
-    """The larger offline base that auto may add, and its extraction cost relative to the chosen base: offered
-    where the chosen base has packaged weights (not a --weights file of its own)."""
-    if not job.backbone(names[0]).weights_source.startswith("package"):
-        return None
-    larger = larger_offline(names)
-    return (larger, REGISTRY[larger].cost / REGISTRY[names[0]].cost) if larger else None
-
-
-def _done(step: Step, status: str, start: float, probe: Probe | None = None) -> None:
+def record(step: Step, status: str, start: float, probe: Probe | None = None) -> None:
     step.status, step.seconds = status, time.perf_counter() - start
     if probe is not None:
         step.val_loss, step.val_accuracy = probe.val_loss, probe.val_accuracy
@@ -269,16 +176,6 @@ def _done(step: Step, status: str, start: float, probe: Probe | None = None) -> 
     log.info(f"auto: {step.name}: {status}{score} ({step.seconds:.1f} s)")
 
 
-def _finish(job: Job, trained: Trained, mode: str, steps: list[Step]) -> Trained:
-    """Record what mode auto kept, and why, in the decision."""
-    kept = [s for s in steps if s.status == "kept"][-1]
-    job.decision.mode, job.decision.plan = mode, [s.as_dict() for s in steps]
-    job.decision.reason = (f"auto: kept '{kept.name}'" + (f" ({kept.detail['features']})" if "features" in
-                                                          kept.detail else "")
-                           + f", which had the lowest validation loss of the {sum(s.seconds > 0 for s in steps)} "
-                           f"step(s) tried in {job.clock.elapsed():.0f} s")
-    log.info(f"{job.decision.reason}\n{format_plan(steps)}")
-    return trained
 def _image_batches(job: Job, samples: list[Sample], transform: Callable, failed: dict[Path, str],
                    generator: torch.Generator | None = None) -> Batches:
     """Batches of decoded images and labels; shuffled (and augmented, by ``transform``) when a generator is
@@ -365,10 +262,10 @@ def train_finetune(job: Job) -> Trained:
     else:
         head, history, _ = fit_head(*xy["train"], *xy["validation"], len(job.data.classes), job.train,
                                     epochs=job.train.head_epochs, weight=weight, progress=job.progress)
-    return _finetune(job, head, history, xy["train"][1], failed, resuming=resuming)
+    return finetune_stage(job, head, history, xy["train"][1], failed, resuming=resuming)
 
 
-def _finetune(job: Job, head: nn.Module, history: History, y_train: np.ndarray, failed: dict[Path, str],
+def finetune_stage(job: Job, head: nn.Module, history: History, y_train: np.ndarray, failed: dict[Path, str],
               deadline: float | None = None, resuming: bool = False, shape: tuple[int, float] | None = None,
               epochs: int | None = None, bar: float | None = None) -> Trained:
     """Stage 2 of fine-tuning: the top stages of a copy of the base, with ``head`` trained on its features as the
