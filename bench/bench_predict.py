@@ -30,6 +30,18 @@ VARIANTS = {"onnx fp32 (default here)": {"runtime": "auto"}, "torch fp32": {"run
             "torch bf16": {"runtime": "torch", "precision": "bf16"}}
 
 
+def row(label: str, model: ImageClassifier | Predictor, image: Path, repeats: int) -> str:
+    """A table row: p50 and p90 latency of ``model.predict(image)`` over ``repeats`` calls after 3 warm-up calls."""
+    times = []
+    for _ in range(repeats + 3):
+        start = time.perf_counter()
+        result = model.predict(image, top_k=1)
+        times.append(1000 * (time.perf_counter() - start))
+    top = result[0]["predictions"][0]
+    return (f"| {label} | {np.percentile(times[3:], 50):.1f} | {np.percentile(times[3:], 90):.1f} | "
+            f"{top['class']} {top['probability']:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "ants_bees")
@@ -48,26 +60,10 @@ def main() -> None:
         for name, options in VARIANTS.items():
             clf = ImageClassifier.load(run, verbose=False, runtime=options["runtime"])
             clf.train_config.precision = options.get("precision", clf.train_config.precision)
-            for _ in range(3):
-                result = clf.predict(image, top_k=1)
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                result = clf.predict(image, top_k=1)
-                times.append(1000 * (time.perf_counter() - start))
-            top = result[0]["predictions"][0]
-            print(f"| `ImageClassifier.predict`, {name} | {np.percentile(times, 50):.1f} | "
-                  f"{np.percentile(times, 90):.1f} | {top['class']} {top['probability']:.3f} |", flush=True)
+            print(row(f"`ImageClassifier.predict`, {name}", clf, image, args.repeats), flush=True)
         predictor = Predictor.load(run, verbose=False)
         assert predictor.fallback is None, "the ONNX predictor should apply to a head on features"
-        times = []
-        for _ in range(args.repeats + 3):
-            start = time.perf_counter()
-            result = predictor.predict(image, top_k=1)
-            times.append(1000 * (time.perf_counter() - start))
-        top = result[0]["predictions"][0]
-        print(f"| `Predictor.predict`, onnx fp32 + NumPy head | {np.percentile(times[3:], 50):.1f} | "
-              f"{np.percentile(times[3:], 90):.1f} | {top['class']} {top['probability']:.3f} |", flush=True)
+        print(row("`Predictor.predict`, onnx fp32 + NumPy head", predictor, image, args.repeats), flush=True)
         full = f"from tlearn.api import ImageClassifier; ImageClassifier.load({str(run)!r}).predict({str(image)!r})"
         for label, cmd in (("`tlearn predict RUN IMAGE`, one cold command",
                             [sys.executable, "-m", "tlearn.cli", "predict", str(run), str(image)]),

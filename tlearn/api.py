@@ -322,13 +322,14 @@ class ImageClassifier:
         evaluation splits go through the cache; predictions don't, so serving leaves no files behind."""
         views = tta_views(self.spec.preprocessing) if tta else self.spec.views
         total, failed = 0.0, {}
+        if self.spec.kind != "head":  # a whole network: base and head in one engine
+            engine = net_engine(self.model, self.spec.preprocessing, len(self.classes), self.run, self.runtime)
         for view in views:
             if self.spec.kind == "head":
                 out = self._extract(paths, view=view, announce=False, cache=cache and view in ("center", "flip"))
                 with torch.no_grad():
                     out.X = self.model.eval()(torch.from_numpy(out.X)).numpy()
             else:
-                engine = net_engine(self.model, self.spec.preprocessing, len(self.classes), self.run, self.runtime)
                 out = engine.extract(paths, progress=self.verbose, view=view)
             failed = out.failed
             total = total + out.X
