@@ -14,29 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench_train import machine, run_command  # bench/ is the script's folder, so it is on the path
 
 
 def run(data: Path, out: Path, *flags: str) -> dict:
     cmd = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--out", str(out), "--cache-dir",
            str(out.with_name(out.name + "-cache")), *flags]
-    log = out.with_suffix(".log")
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
+    wall, _, rss_mb = run_command(cmd, out.with_suffix(".log"))
     metrics = json.loads((out / "metrics.json").read_text())
-    decision = json.loads((out / "config.json").read_text())["decision"]
     config = json.loads((out / "config.json").read_text())
+    decision = config["decision"]
     kept = [s for s in decision.get("plan", []) if s["status"] == "kept"]
     if decision.get("plan") and len(decision["plan"]) > 1:
         plan = "; ".join(f"{s['kind']} {s['status']}" for s in decision["plan"])
@@ -45,7 +36,7 @@ def run(data: Path, out: Path, *flags: str) -> dict:
     else:
         plan = decision["mode"] + (f", {kept[-1]['head']}" if kept and "head" in kept[-1] else "")
     return {"wall": wall, "val": metrics["validation"]["accuracy"],
-            "test": metrics["test"]["accuracy"] if "test" in metrics else None, "rss_mb": usage.ru_maxrss / 1024,
+            "test": metrics["test"]["accuracy"] if "test" in metrics else None, "rss_mb": rss_mb,
             "plan": plan}
 
 
@@ -56,10 +47,7 @@ def main() -> None:
     parser.add_argument("--modes", default="features,auto,frozen,finetune")
     parser.add_argument("--budget", default="60s", help="an extra default run with this --time-budget ('' for none)")
     args = parser.parse_args()
-    import torch
-
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"CUDA {'yes' if torch.cuda.is_available() else 'no'}\n")
+    print(machine())
     print("| dataset | command | wall s | x features | val accuracy | test accuracy | peak RSS MB | plan / result |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

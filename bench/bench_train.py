@@ -21,18 +21,29 @@ from pathlib import Path
 import torch
 
 
-def run_train(data: Path, out: Path, cache: Path, backbone: str, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--mode", "features", "--backbone", backbone,
-           "--out", str(out), "--cache-dir", str(cache), *extra]
-    log = out.with_suffix(".log")
+def machine() -> str:
+    """The first line of every benchmark table here: processor, cores, torch and whether CUDA is there."""
+    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, CUDA {'yes' if torch.cuda.is_available() else 'no'}\n")
+
+
+def run_command(cmd: list[str], log: Path) -> tuple[float, str, float]:
+    """Run ``cmd`` with its output in ``log``: (wall seconds, the output, peak RSS in MB); exit on failure."""
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # reap it ourselves to get its peak RSS
     wall = time.perf_counter() - start
-    stderr = log.read_text()
+    output = log.read_text()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
+    return wall, output, usage.ru_maxrss / 1024
+
+
+def run_train(data: Path, out: Path, cache: Path, backbone: str, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--mode", "features", "--backbone", backbone,
+           "--out", str(out), "--cache-dir", str(cache), *extra]
+    wall, stderr, rss_mb = run_command(cmd, out.with_suffix(".log"))
     # the centre view's line; a run that found everything cached prints none
     m = re.search(r"features of \S+: (\d+) images, (\d+) from cache, (\d+) extracted(?: \(([\d.]+) img/s\))?", stderr)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -40,7 +51,7 @@ def run_train(data: Path, out: Path, cache: Path, backbone: str, *extra: str) ->
     epochs = [float(r) for r in re.findall(r"epoch \d+/\d+: .*, ([\d.]+) img/s\)", stderr)]
     return {"images": int(m[1]) if m else None, "extracted": int(m[3]) if m else 0,
             "img_s": float(m[4]) if m and m[4] else None, "wall": wall,
-            "split": split, "accuracy": metrics[split]["accuracy"], "rss_mb": usage.ru_maxrss / 1024,
+            "split": split, "accuracy": metrics[split]["accuracy"], "rss_mb": rss_mb,
             "epoch_img_s": sum(epochs) / len(epochs) if epochs else None}
 
 
@@ -58,8 +69,7 @@ def main() -> None:
     parser.add_argument("--datasets", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "datasets")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+    print(machine())
     print("| dataset | cache | images | extracted | extraction img/s | wall s | accuracy | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import TINY, make_folder, make_image
 from tlearn.backbones import load_backbone
 from tlearn.config import BackboneConfig
-from tlearn.features import FeatureCache, default_cache_dir, eval_transform, extract
+from tlearn.features import FeatureCache, eval_transform, extract
+from tlearn.fileio import default_cache_dir
 
 
 @pytest.fixture(scope="module")

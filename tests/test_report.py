@@ -16,7 +16,8 @@ from tests.conftest import TINY, make_folder
 from tlearn import ImageClassifier
 from tlearn.calibrate import calibrated, ece, fit_temperature, nll, reliability
 from tlearn.cli import main
-from tlearn.features import CropResize, tta_views, view_transform
+from tlearn.features import tta_views, view_transform
+from tlearn.images import CropResize
 from tlearn.plots import label
 
 SECTIONS = ["Decision", "Training curves", "Sample images", "Test metrics", "Misclassified: top losses", "Calibration",

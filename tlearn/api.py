@@ -272,7 +272,7 @@ class ImageClassifier:
                                   bases[0].preprocessing, dataclasses.replace(self.backbone_config, weights=weights),
                                   "+".join(b.weights_id for b in bases), sum(b.num_features for b in bases),
                                   hidden, dropout, views=["center", "flip"] if mirrored else ["center"],
-                                  bases=[{"name": b.name, **b.identity()} for b in bases])
+                                  bases=[{"name": b.name, "identity": b.identity()} for b in bases])
             head = trained.model.head if trained.kind == "finetuned" else trained.model
             head_params = sum(p.numel() for p in head.parameters())
             trainable = parameter_counts(trained.model)[0] if trained.kind == "finetuned" else head_params

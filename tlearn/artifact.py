@@ -54,7 +54,7 @@ class ModelSpec:
     dropout: float = 0.0
     temperature: float = 1.0  # fitted on held-out logits; predictions divide the logits by it
     views: list[str] = dataclasses.field(default_factory=lambda: ["center"])  # logits averaged over these views
-    bases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # name, arch, weights_id, preprocessing
+    bases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # each base's name and identity
 
     def build(self) -> nn.Module:
         """The untrained module whose state_dict ``model.safetensors`` holds."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from tlearn.backbones import REGISTRY, larger_offline
 from tlearn.modes import Job, Trained, finetune_stage, head_result, probe_features, record
 from tlearn.probe import Probe, Split
-from tlearn.strategy import Measured, Step, affordable, evaluation_reserve, format_plan, plan, worth_finetuning
+from tlearn.strategy import Measured, Step, can_take, evaluation_reserve, format_plan, plan
 
 log = logging.getLogger("tlearn")
 AUTO_FINETUNE_PATIENCE = 2  # epochs of fine-tuning in mode auto without beating the best validation loss so far
@@ -26,7 +26,6 @@ def train_auto(job: Job) -> Trained:
     the validation loss (see ``strategy.py``)."""
     names = job.names
     m = _measure(job, names)
-    larger = m.larger
     job.decision.measured = {k: round(v, 1) if isinstance(v, float) else v for k, v in dataclasses.asdict(m).items()}
     steps = plan(m, job.clock, job.train.max_epochs("finetune"), finetune=len(names) == 1, small=job.train.auto_small)
     budget = "no limit" if job.clock.budget is None else f"{job.clock.budget:.0f} s"
@@ -40,17 +39,15 @@ def train_auto(job: Job) -> Trained:
     for step in steps[1:]:
         if step.status == "skipped":
             continue
-        left = job.clock.left() - evaluation_reserve(m)
-        fits, why = affordable(step, left)
-        if fits and step.kind == "finetune":  # again, with the measured times of the steps before
-            fits, why = worth_finetuning(m, step, sum(s.seconds for s in steps), job.train.auto_small)
+        left = job.clock.left() - evaluation_reserve(m)  # again, with the measured times of the steps before
+        fits, why = can_take(m, step, left, sum(s.seconds for s in steps), job.train.auto_small)
         if not fits:
             step.status, step.why = "skipped", why
             log.info(f"auto: skipping '{step.name}' ({why})")
             continue
         start = time.perf_counter()
         if step.kind == "larger":
-            got_names = [*names, larger]
+            got_names = [*names, m.larger]
             got = probe_features(job, got_names)
             step.detail["features"] = "+".join(got_names)
             if got[0].val_loss < best.val_loss:
@@ -94,7 +91,7 @@ def _auto_finetune(job: Job, step: Step, first: tuple[Probe, Split, Split, dict[
     epochs = int(min(job.train.max_epochs("finetune"), left // step.detail["epoch_estimate_s"]))
     quick = dataclasses.replace(job, train=dataclasses.replace(job.train, patience=AUTO_FINETUNE_PATIENCE))
     tuned = finetune_stage(quick, copy.deepcopy(probe.head), copy.deepcopy(probe.history), train.y, failed, deadline,
-                      shape=shape, epochs=epochs, bar=bar)
+                           shape=shape, epochs=epochs, bar=bar)
     h = tuned.history
     epochs_run = [i for i, stage in enumerate(h.stage) if stage == "finetune"]
     step.detail["epochs"] = len(epochs_run)

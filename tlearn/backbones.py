@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tlearn.config import BackboneConfig, TlearnError
-from tlearn.fileio import file_sha256, identity_key  # noqa: F401 - identity_key is re-exported
+from tlearn.fileio import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 

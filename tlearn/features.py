@@ -28,9 +28,7 @@ from tqdm import tqdm
 from tlearn.backbones import Backbone
 from tlearn.data import ImageDecodeError, load_image
 from tlearn.fileio import atomic_path, atomic_write_text, default_cache_dir, file_sha256, identity_key
-from tlearn.images import RESAMPLE, VIEWS, CropResize, crop_resize_fits
-
-__all__ = ["RESAMPLE", "VIEWS", "CropResize", "default_cache_dir"]  # re-exported: their home is images/fileio
+from tlearn.images import VIEWS, CropResize, crop_resize_fits
 
 # Bump when decoding or preprocessing code changes in a way that changes features.
 PIPELINE_VERSION = "pil-2"

@@ -98,15 +98,16 @@ def run_mode(job: Job) -> Trained:
     return recipe(job)
 
 
-def _by_split(job: Job, paths: list[Path], feats: Features) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(X, y) of the train and validation splits from rows aligned with ``paths``; undecodable files are
-    dropped from the data first."""
-    job.data.drop(feats.failed)
+def _by_split(job: Job, paths: list[Path], *views: Features) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+    """([X of each view], y) of the train and validation splits from rows aligned with ``paths``; files that any
+    view could not decode are dropped from the data first."""
+    job.data.drop({p: reason for f in views for p, reason in f.failed.items()})
     rows = {p: i for i, p in enumerate(paths)}
     out = {}
     for split in ("train", "validation"):
         samples = job.data.split(split)
-        out[split] = feats.X[[rows[s.path] for s in samples]], np.array([s.label for s in samples], dtype=np.int64)
+        idx = [rows[s.path] for s in samples]
+        out[split] = [f.X[idx] for f in views], np.array([s.label for s in samples], dtype=np.int64)
     return out
 
 
@@ -114,7 +115,7 @@ def _cached_features(job: Job) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]]
     """(X, y) per split from the feature cache, and the files that could not be decoded."""
     paths = [s.path for s in job.data.samples]
     feats = job.features(paths)
-    return _by_split(job, paths, feats), feats.failed
+    return {split: (X[0], y) for split, (X, y) in _by_split(job, paths, feats).items()}, feats.failed
 
 
 def _weight(job: Job, y_train: np.ndarray) -> torch.Tensor | None:
@@ -126,16 +127,9 @@ def _probe_splits(job: Job, names: list[str]) -> tuple[Split, Split, dict[Path, 
     """Cached features of ``names`` (centre and mirrored views) of the train and validation splits."""
     paths = [s.path for s in job.data.samples]
     center, flip = job.features(paths, names, "center"), job.features(paths, names, "flip")
-    failed = {**center.failed, **flip.failed}
-    job.data.drop(failed)
-    rows = {p: i for i, p in enumerate(paths)}
-
-    def split(name: str) -> Split:
-        samples = job.data.split(name)
-        idx = [rows[s.path] for s in samples]
-        return Split(center.X[idx], flip.X[idx], np.array([s.label for s in samples], dtype=np.int64))
-
-    return split("train"), split("validation"), failed
+    xy = _by_split(job, paths, center, flip)
+    (train, y_train), (val, y_val) = xy["train"], xy["validation"]
+    return Split(*train, y_train), Split(*val, y_val), {**center.failed, **flip.failed}
 
 
 def probe_features(job: Job, names: list[str]) -> tuple[Probe, Split, Split, dict[Path, str]]:
@@ -266,8 +260,8 @@ def train_finetune(job: Job) -> Trained:
 
 
 def finetune_stage(job: Job, head: nn.Module, history: History, y_train: np.ndarray, failed: dict[Path, str],
-              deadline: float | None = None, resuming: bool = False, shape: tuple[int, float] | None = None,
-              epochs: int | None = None, bar: float | None = None) -> Trained:
+                   deadline: float | None = None, resuming: bool = False, shape: tuple[int, float] | None = None,
+                   epochs: int | None = None, bar: float | None = None) -> Trained:
     """Stage 2 of fine-tuning: the top stages of a copy of the base, with ``head`` trained on its features as the
     start. It must beat the head alone on validation loss, or the head-only weights are kept."""
     bb = job.backbone()
@@ -312,7 +306,7 @@ def _logreg_pixels(job: Job, preprocessing: dict[str, Any]) -> Trained:
                      dim=3 * preprocessing["input_size"][-1] ** 2, batch_size=64, lanes=cpu_cores(),
                      progress=job.progress)
     xy = _by_split(job, paths, pixels)
-    (X, y), (Xv, yv) = xy["train"], xy["validation"]
+    ([X], y), ([Xv], yv) = xy["train"], xy["validation"]
     model = PixelLinear(len(job.data.classes), preprocessing["input_size"][-1])
     model.linear.load_state_dict(fold_logreg(X, y, len(job.data.classes), job.train.seed,
                                              balanced=job.train.class_weight == "balanced").state_dict())

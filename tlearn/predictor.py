@@ -50,7 +50,8 @@ class Predictor:
     def __init__(self, spec: ModelSpec, sessions: list[Any], layers: list[tuple[np.ndarray, np.ndarray]]):
         self.spec, self.classes = spec, spec.classes
         self.sessions, self.layers = sessions, layers  # one ONNX session per base; the head's Linear layers
-        self.crops = {view: [CropResize(b["preprocessing"], *VIEWS[view]) for b in spec.bases] for view in TTA_VIEWS}
+        self.crops = {view: [CropResize(b["identity"]["preprocessing"], *VIEWS[view]) for b in spec.bases]
+                      for view in TTA_VIEWS}
         self.fallback: Any = None  # an ImageClassifier, where the fast path does not apply
 
     @classmethod
@@ -78,11 +79,10 @@ class Predictor:
             spec = spec_of(read_config(run_dir), run_dir / "config.json")
         except Exception:  # noqa: BLE001 - whatever is wrong, the full loader reports it properly
             return None
-        if spec.kind != "head" or not spec.bases or not all(crop_resize_fits(b["preprocessing"]) for b in spec.bases):
+        if spec.kind != "head" or not spec.bases or \
+                not all(crop_resize_fits(b["identity"]["preprocessing"]) for b in spec.bases):
             return None
-        files = [onnx_export_path(runtime.get("cache_dir"), b["name"], {k: b[k] for k in ("arch", "weights_id",
-                                                                                          "preprocessing")})
-                 for b in spec.bases]
+        files = [onnx_export_path(runtime.get("cache_dir"), b["name"], b["identity"]) for b in spec.bases]
         if not all(f.is_file() for f in files):
             return None
         import onnxruntime as ort

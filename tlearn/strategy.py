@@ -13,7 +13,7 @@ the cheap, cached ``features`` result, then estimates from the throughput it mea
 further step would cost, and takes a step only while the time budget allows it:
 
 1. features of the chosen base (and its mirror images), with the head chosen on validation (``probe.py``);
-2. the features of a larger offline base, alone and concatenated with the first;
+2. the features of a larger offline base, concatenated with the first;
 3. fine-tuning the top stage of the base, from the head of step 1.
 
 A step's result is kept only when it lowers the validation loss. The plan, the estimates, the measured times and
@@ -57,24 +57,28 @@ class Decision:
     measured: dict[str, Any] = field(default_factory=dict)  # what the plan was estimated from
 
 
+TABLE = ("features, a head on the frozen base's features", "fine-tune the top stage at lr/10",
+         "fine-tune every stage at lr/10")  # what each row of the strategy table recommends
+
+
+def _table_rows(config: TrainConfig) -> list[str]:
+    return [f"fewer than {config.auto_small} training images", f"up to {config.auto_large}",
+            f"{config.auto_large} or more"]
+
+
 def table_advice(n_train: int, n_classes: int, config: TrainConfig) -> tuple[int, str]:
     """The row of the strategy table the data falls in (0, 1, 2) and what it recommends."""
+    row = 0 if n_train < config.auto_small else 1 if n_train < config.auto_large else 2
     per_class = f"{n_train} training images, {n_train / n_classes:.0f} per class"
-    if n_train < config.auto_small:
-        return 0, f"{per_class} (< {config.auto_small}): features, a head on the frozen base"
-    if n_train < config.auto_large:
-        return 1, f"{per_class} (< {config.auto_large}): fine-tune the top stage"
-    return 2, f"{per_class} (>= {config.auto_large}): fine-tune every stage"
+    return row, f"{per_class}, in the row '{_table_rows(config)[row]}': {TABLE[row]}"
 
 
 def format_table(n_train: int, n_classes: int, config: TrainConfig) -> str:
     """The strategy table with an arrow at the row the data falls in."""
     row, _ = table_advice(n_train, n_classes, config)
-    rows = [f"fewer than {config.auto_small} training images: a head on the frozen base's features",
-            f"up to {config.auto_large}: then fine-tune the top stage at lr/10",
-            f"{config.auto_large} or more: fine-tune every stage at lr/10"]
-    return "\n".join(f"  {'->' if i == row else '  '} {text}" + (f"   <- your data: {n_train} images" if i == row
-                                                                  else "") for i, text in enumerate(rows))
+    return "\n".join(f"  {'->' if i == row else '  '} {size}: {advice}"
+                     + (f"   <- your data: {n_train} images" if i == row else "")
+                     for i, (size, advice) in enumerate(zip(_table_rows(config), TABLE, strict=True)))
 
 
 def choose(n_train: int, n_classes: int, config: TrainConfig) -> Decision:
@@ -175,14 +179,21 @@ def plan(m: Measured, clock: Clock, max_epochs: int, finetune: bool, small: int 
                           epoch * max_epochs, detail={"epoch_estimate_s": round(epoch, 1)}))
     spent = steps[0].estimate  # the first step is always taken: it gives the model to beat
     for step in steps[1:]:
-        fits, why = affordable(step, clock.left() - spent - evaluation_reserve(m))
-        if fits and step.kind == "finetune":
-            fits, why = worth_finetuning(m, step, spent, small)
+        fits, why = can_take(m, step, clock.left() - spent - evaluation_reserve(m), spent, small)
         if fits:
             spent += step.estimate
         else:
             step.status, step.why = "skipped", why
     return steps
+
+
+def can_take(m: Measured, step: Step, left: float, spent: float, small: int) -> tuple[bool, str]:
+    """Whether ``step`` may run with ``left`` seconds to spend after ``spent`` seconds on the steps before it,
+    and if not, why: when planning (with estimates) and again just before the step (with measured times)."""
+    fits, why = affordable(step, left)
+    if fits and step.kind == "finetune":
+        fits, why = worth_finetuning(m, step, spent, small)
+    return fits, why
 
 
 def worth_finetuning(m: Measured, step: Step, spent: float, small: int) -> tuple[bool, str]:
