@@ -188,9 +188,13 @@ def test_export_is_cached_checked_and_leaves_the_live_model_alone(tiny, tmp_path
         assert torch.equal(before, tiny.features(x))
     stamp = path.stat().st_mtime_ns
     assert export_onnx(tiny, tmp_path) == path and path.stat().st_mtime_ns == stamp
-    path.write_bytes(b"not a model")  # damaged in the cache: exported again
+    path.write_bytes(b"not a model")  # damaged in the cache: exported again when the first batch comes
     with caplog.at_level(logging.WARNING, logger="tlearn"):
         e = engine(tiny, "onnx", tmp=tmp_path)
+        assert "exporting the base again" not in caplog.text  # the session opens with the first batch
+        x = torch.randn(2, *tiny.preprocessing["input_size"])
+        with torch.no_grad():
+            np.testing.assert_allclose(e.forward(x), tiny.features(x).numpy(), atol=1e-4)
     assert "exporting the base again" in caplog.text
     assert e.runtime == "onnx" and path.stat().st_size > 1000
 
@@ -202,7 +206,8 @@ def test_predictions_leave_nothing_in_the_feature_cache(tmp_path: Path) -> None:
     clf = ImageClassifier(**TINY, mode="features", epochs=3, verbose=False, cache_dir=str(tmp_path / "c"))
     clf.fit(root)
     entries = set((tmp_path / "c").rglob("*.npy"))
-    assert len(entries) == 2 * 16  # each image and its mirror image
+    fitted_on = len(clf.data.split("train")) + len(clf.data.split("validation"))
+    assert len(entries) == 2 * fitted_on  # each training and validation image and its mirror image
     new = make_folder(tmp_path / "new", per_class=2, seed=7)
     assert len(clf.predict(new)) == 4
     assert set((tmp_path / "c").rglob("*.npy")) == entries

@@ -28,6 +28,11 @@ def test_atomic_write_replaces_whole_files_with_umask_permissions(tmp_path: Path
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    with atomic_path(tmp_path / "b.bin") as tmp:  # a writer that replaces the file with a private one
+        os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o666 & ~umask
     assert leftovers(tmp_path) == []
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.data import ImageNetInfo
 from torch import nn
 
 from tlearn import report
@@ -35,7 +34,7 @@ from tlearn.data import ImageFolder, Sample, expand_inputs, scan, scan_labelled,
 from tlearn.evaluate import calibrated_metrics, top_classes
 from tlearn.features import FeatureCache, Features, tta_views
 from tlearn.fileio import file_sha256
-from tlearn.models import base_parameters, parameter_counts
+from tlearn.models import parameter_counts
 from tlearn.modes import Job, Trained, run_mode
 from tlearn.probe import CALIBRATION_FOLDS, Probe, describe
 from tlearn.run import RunResult, write_run
@@ -118,7 +117,7 @@ class ImageClassifier:
             config = dataclasses.replace(self.backbone_config, backbone=name,
                                          weights=self.backbone_config.weights if name == names[0] else None)
             try:
-                bb = load_backbone(config)
+                bb = load_backbone(config, self.runtime.cache_dir)
             except TlearnError as e:
                 if not self.spec:
                     raise
@@ -129,8 +128,7 @@ class ImageClassifier:
                     raise TlearnError(
                         f"the backbone weights now available ({bb.weights_source}) differ from the ones this model "
                         f"was trained with ({expected}); pass the original file with --weights")
-            bb.model.to(self.run.device, memory_format=torch.channels_last)  # see Precision.prepare
-            self._bases[name] = bb
+            self._bases[name] = bb.to(self.run.device)
         return self._bases[name]
 
     @property
@@ -216,7 +214,8 @@ class ImageClassifier:
         self._check_names()
         job = Job(folder, self.decision, self.train_config, self.augment_config, self.runtime, self.run,
                   self.base, self.engine_of, functools.partial(self._extract, announce=False), clock,
-                  self.backbone_config.names(), self._missing, progress=self.verbose, resume=resume,
+                  self.backbone_config.names(), self._missing, lambda name, view: self._store(name, view).dir.name,
+                  progress=self.verbose, resume=resume,
                   checkpoint=self._checkpointer(Path(out)) if out is not None else None)
         trained = run_mode(job)
         folder.drop(trained.skipped)
@@ -246,7 +245,11 @@ class ImageClassifier:
         if out is not None:
             self.metrics["validation"] = self._metrics(scored, split="validation")
             if folder.split("test"):
-                self.metrics["test"] = self._metrics(self._scored(folder.split("test")), split="test")
+                test = self._scored(folder.split("test"))  # the test split's features are first read here
+                folder.drop(test[3])
+                for path, reason in test[3].items():
+                    log.warning(f"skipped {path}: {reason}")
+                self.metrics["test"] = self._metrics(test, split="test")
             for m in self.metrics.values():
                 m["calibration"]["fitted_on"] = where
             self.save(out)
@@ -276,7 +279,7 @@ class ImageClassifier:
             head = trained.model.head if trained.kind == "finetuned" else trained.model
             head_params = sum(p.numel() for p in head.parameters())
             trainable = parameter_counts(trained.model)[0] if trained.kind == "finetuned" else head_params
-            total = sum(base_parameters(b.model) for b in bases) + head_params
+            total = sum(b.params for b in bases) + head_params
         self.params = {"trainable": int(trainable), "total": int(total), "classes": n_classes}
 
     def _check_names(self) -> None:
@@ -418,7 +421,8 @@ class ImageClassifier:
         title = self.describe() + (f" on {self.data.root.name}" if self.data else "")
         return write_run(Path(run_dir), RunResult(self.spec, self.model, extra, title, self.history, data,
                                                   self.findings, self.metrics, self.predictions, base,
-                                                  self.runtime.tensorboard))
+                                                  self.runtime.tensorboard,
+                                                  Path(self.runtime.cache_dir) if self.runtime.cache_dir else None))
 
     def describe(self) -> str:
         """A short name: backbone and mode, or the scratch model."""
@@ -459,5 +463,7 @@ def predict_imagenet(inputs: list[str | Path], backbone: str = "efficientnet_lit
     engine = net_engine(bb.model, bb.preprocessing, 1000, Precision(torch.device("cpu")), RuntimeConfig())
     feats = engine.extract(paths)  # (N, 1000) logits
     proba = torch.softmax(torch.from_numpy(feats.X), 1).numpy()
+    from timm.data import ImageNetInfo
+
     info = ImageNetInfo()
     return top_classes(paths, feats.failed, proba, [info.index_to_description(i) for i in range(1000)], top_k)

@@ -9,6 +9,7 @@ always a complete model, even if a save is killed between the two files.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
 from dataclasses import dataclass
@@ -70,20 +71,22 @@ class ModelSpec:
         return Classifier(timm.create_model(self.arch, pretrained=False), head)
 
 
-def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str, Any]) -> None:
-    """Write the tensors and the config atomically; ``extra`` adds sections (data, train, ...) to config.json."""
-    import timm
+def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write the tensors and the config atomically; ``extra`` adds sections (data, train, ...) to config.json.
+    Returns the config as written."""
     import torch
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {"format": FORMAT, "format_version": FORMAT_VERSION,
-              "versions": {"tlearn": __version__, "torch": torch.__version__, "timm": timm.__version__},
+              "versions": {"tlearn": __version__, "torch": torch.__version__,
+                           "timm": importlib.metadata.version("timm")},
               "model": dataclasses.asdict(spec), **extra}
     text = json.dumps(config, indent=2) + "\n"
     with atomic_path(run_dir / MODEL_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT, "config": text})
     atomic_write_text(run_dir / CONFIG_FILE, text)
+    return json.loads(text)
 
 
 def read_config(run_dir: Path, text: str | None = None) -> dict[str, Any]:

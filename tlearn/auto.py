@@ -10,11 +10,11 @@ import copy
 import dataclasses
 import logging
 import time
-from pathlib import Path
+
+import numpy as np
 
 from tlearn.backbones import REGISTRY, larger_offline
-from tlearn.modes import Job, Trained, finetune_stage, head_result, probe_features, record
-from tlearn.probe import Probe, Split
+from tlearn.modes import Found, Job, Trained, finetune_stage, head_result, probe_features, record
 from tlearn.strategy import Measured, Step, can_take, evaluation_reserve, format_plan, plan
 
 log = logging.getLogger("tlearn")
@@ -82,15 +82,16 @@ def _measure(job: Job, names: list[str]) -> Measured:
     return m
 
 
-def _auto_finetune(job: Job, step: Step, first: tuple[Probe, Split, Split, dict[Path, str]], bar: float,
+def _auto_finetune(job: Job, step: Step, first: Found, bar: float,
                    deadline: float | None, left: float) -> Trained | None:
     """Fine-tune the top stage from the first step's head while it keeps beating ``bar`` (the best validation loss
     so far); the fine-tuned model if it did, else None. The step records its best epoch's scores."""
-    probe, train, _, failed = first
+    probe, _, _, failed = first
+    y_train = np.array([s.label for s in job.data.split("train")])
     shape = None if probe.chosen["head"] == "dense" else (0, 0.0)
     epochs = int(min(job.train.max_epochs("finetune"), left // step.detail["epoch_estimate_s"]))
     quick = dataclasses.replace(job, train=dataclasses.replace(job.train, patience=AUTO_FINETUNE_PATIENCE))
-    tuned = finetune_stage(quick, copy.deepcopy(probe.head), copy.deepcopy(probe.history), train.y, failed, deadline,
+    tuned = finetune_stage(quick, copy.deepcopy(probe.head), copy.deepcopy(probe.history), y_train, failed, deadline,
                            shape=shape, epochs=epochs, bar=bar)
     h = tuned.history
     epochs_run = [i for i, stage in enumerate(h.stage) if stage == "finetune"]

@@ -7,24 +7,29 @@ Weight sources, in the order they are tried:
 3. the Hugging Face hub through ``timm.create_model(arch, pretrained=True)`` (online).
 ``pretrained=False`` gives random weights, and only when asked for. Preprocessing (input size, mean, std,
 interpolation, crop_pct) always comes from timm's pretrained cfg of the architecture.
+
+A base is described once per architecture, weights and timm version (its preprocessing, feature width and
+parameter count, in ``bases/`` under the cache folder); after that, the network itself is built only when
+something runs it, so a command whose features are all cached never imports timm.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import pickle
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
 from tlearn.config import BackboneConfig, TlearnError
-from tlearn.fileio import file_sha256
+from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, identity_key
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 
@@ -64,6 +69,8 @@ def entry(name: str) -> BackboneEntry:
     """The registry entry for ``name``; any other timm model name gets an entry with hub weights."""
     if name in REGISTRY:
         return REGISTRY[name]
+    import timm
+
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
         hint = f" Similar timm models: {', '.join(close)}." if close else ""
@@ -89,11 +96,16 @@ def packaged_weights_file(e: BackboneEntry) -> Path | None:
 
 def preprocessing(model: nn.Module) -> dict[str, Any]:
     """timm's data config of ``model``: input_size, interpolation, mean, std, crop_pct, crop_mode."""
+    import timm.data
+
     return _plain(timm.data.resolve_model_data_config(model))
 
 
 def preprocessing_of(name: str) -> dict[str, Any]:
     """The same for a backbone name, from timm's pretrained cfg alone (no model is built)."""
+    import timm
+    import timm.data
+
     cfg = timm.get_pretrained_cfg(entry(name).arch)
     return _plain(timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg else {}))
 
@@ -104,21 +116,38 @@ def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Backbone:
-    """A frozen timm model with its ImageNet head kept, and what identifies its weights.
+    """A frozen timm model with its ImageNet head kept, and what identifies its weights. The model is built on
+    first use of ``model`` (see the module docstring).
 
     ``weights_id`` changes whenever the weights change, so it keys the feature cache and is saved with models.
     """
 
     name: str
     arch: str
-    model: nn.Module
     weights_source: str
     weights_id: str
     preprocessing: dict[str, Any]
+    num_features: int
+    params: int  # without the ImageNet classifier
+    build: Callable[[], nn.Module] = field(repr=False)
+    device: torch.device | None = None  # where ``to`` put it (None: as built, on the CPU)
+    _model: nn.Module | None = field(default=None, repr=False)
 
     @property
-    def num_features(self) -> int:
-        return int(self.model.num_features)
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._model = self.build().eval().requires_grad_(False)
+            if self.device is not None:
+                self.to(self.device)
+        return self._model
+
+    def to(self, device: torch.device) -> Backbone:
+        """Put the model on ``device``, channels-last (see ``train.Precision.prepare``): now if it is built, else
+        when it is."""
+        self.device = device
+        if self._model is not None:
+            self._model.to(device, memory_format=torch.channels_last)
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, F) pooled features, as the classifier sees them."""
@@ -128,8 +157,9 @@ class Backbone:
         return {"arch": self.arch, "weights_id": self.weights_id, "preprocessing": self.preprocessing}
 
 
-def load_backbone(config: BackboneConfig) -> Backbone:
-    """Build the backbone named in ``config`` with its weights, in eval mode with gradients off.
+def load_backbone(config: BackboneConfig, cache_dir: str | Path | None = None) -> Backbone:
+    """The backbone named in ``config`` with its weights, in eval mode with gradients off; the model is built when
+    first used, once the base has been described (under ``cache_dir``, by default the cache folder).
 
     >>> bb = load_backbone(BackboneConfig("efficientnet_lite0"))  # doctest: +SKIP
     >>> bb.num_features                                           # doctest: +SKIP
@@ -137,20 +167,67 @@ def load_backbone(config: BackboneConfig) -> Backbone:
     """
     e = entry(config.backbone)
     if config.weights:
-        model, source, wid = _from_file(e, Path(config.weights).expanduser())
+        path = _weights_file(Path(config.weights).expanduser())
+        source, wid = f"file {path}", f"sha256:{file_sha256(path)}"
+
+        def build() -> nn.Module:
+            return _from_file(e, path)
     elif not config.pretrained:
-        torch.manual_seed(0)
-        model, source, wid = timm.create_model(e.arch, pretrained=False), "random", "random-seed0"
+        source, wid = "random", "random-seed0"
+
+        def build() -> nn.Module:
+            import timm
+
+            torch.manual_seed(0)
+            return timm.create_model(e.arch, pretrained=False)
     elif (packaged := packaged_weights_file(e)) is not None:
-        model, source, wid = _from_package(e, packaged)
+        version = importlib.metadata.version(e.package.replace("_", "-"))
+        source, wid = f"package {e.package.replace('_', '-')}=={version}", f"sha256:{file_sha256(packaged)}"
+
+        def build() -> nn.Module:
+            return _from_package(e, packaged)
     else:
         model, source, wid = _from_hub(e)
-    model.eval().requires_grad_(False)
-    return Backbone(config.backbone, e.arch, model, source, wid, preprocessing(model))
+
+        def build() -> nn.Module:
+            return model
+    about, model = _described(e.arch, wid, build, cache_dir)
+    bb = Backbone(config.backbone, e.arch, source, wid, about["preprocessing"], about["num_features"],
+                  about["params"], build)
+    if model is not None:
+        bb._model = model.eval().requires_grad_(False)
+    return bb
 
 
-def _from_package(e: BackboneEntry, path: Path) -> tuple[nn.Module, str, str]:
+def _described(arch: str, weights_id: str, build: Callable[[], nn.Module],
+               cache_dir: str | Path | None) -> tuple[dict[str, Any], nn.Module | None]:
+    """(preprocessing, feature width and parameter count of the base, the model if it had to be built for that):
+    read from ``bases/`` under the cache folder, or built once and written there."""
+    timm_version = importlib.metadata.version("timm")
+    path = Path(cache_dir or default_cache_dir()) / "bases" / \
+        f"{arch}-{identity_key({'arch': arch, 'weights_id': weights_id, 'timm': timm_version})}.json"
+    try:
+        about = json.loads(path.read_text())
+        if {"preprocessing", "num_features", "params"} <= about.keys():
+            return about, None
+    except (OSError, ValueError):
+        pass  # not described yet, or a damaged file: describe again
+    model = build()
+    classifier = model.get_classifier()
+    about = {"arch": arch, "weights_id": weights_id, "timm": timm_version, "preprocessing": preprocessing(model),
+             "num_features": int(model.num_features),
+             "params": sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in classifier.parameters())}
+    try:
+        atomic_write_text(path, json.dumps(about, indent=2))
+    except TlearnError:
+        pass  # a read-only cache folder: described again next time
+    return about, model
+
+
+def _from_package(e: BackboneEntry, path: Path) -> nn.Module:
     """Map the packaged state dict onto timm's model key by key, in order, checking every shape."""
+    import timm
+
     model = timm.create_model(e.arch, pretrained=False)
     theirs = torch.load(path, map_location="cpu", weights_only=True)
     ours = model.state_dict()
@@ -164,15 +241,18 @@ def _from_package(e: BackboneEntry, path: Path) -> tuple[nn.Module, str, str]:
                               f"{e.arch}'s {k_ours} needs {tuple(v_ours.shape)}; reinstall {e.package}")
         mapped[k_ours] = v_theirs
     model.load_state_dict(mapped, strict=True)
-    version = importlib.metadata.version(e.package.replace("_", "-"))
-    return model, f"package {e.package.replace('_', '-')}=={version}", f"sha256:{file_sha256(path)}"
+    return model
 
 
-def _from_file(e: BackboneEntry, path: Path) -> tuple[nn.Module, str, str]:
+def _weights_file(path: Path) -> Path:
     if not path.is_file():
         raise TlearnError(f"--weights {path} does not exist")
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise TlearnError(f"--weights {path}: expected a {', '.join(WEIGHT_SUFFIXES)} file")
+    return path
+
+
+def _from_file(e: BackboneEntry, path: Path) -> nn.Module:
     try:
         model = _create_pretrained(e.arch, overlay={"file": str(path)})
     except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, OSError) as err:
@@ -182,7 +262,7 @@ def _from_file(e: BackboneEntry, path: Path) -> tuple[nn.Module, str, str]:
                               "state dict alone, preferably as .safetensors") from err
         first = str(err).split("\n")[0][:300]
         raise TlearnError(f"--weights {path} does not fit architecture {e.arch}: {first}") from err
-    return model, f"file {path}", f"sha256:{file_sha256(path)}"
+    return model
 
 
 def _from_hub(e: BackboneEntry) -> tuple[nn.Module, str, str]:
@@ -200,6 +280,8 @@ def _from_hub(e: BackboneEntry) -> tuple[nn.Module, str, str]:
 
 def _create_pretrained(arch: str, overlay: dict[str, Any] | None = None) -> nn.Module:
     """timm's pretrained loader: the hub by default, or the local file given in ``overlay``."""
+    import timm
+
     return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay)
 
 

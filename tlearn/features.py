@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm.data
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -106,6 +105,8 @@ def eval_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], tor
     ``CropResize`` covers the usual square centre crop; other crop modes use timm's transform itself."""
     if crop_resize_fits(preprocessing):
         return CropResize(preprocessing)
+    import timm.data
+
     return timm.data.create_transform(**preprocessing, is_training=False)
 
 

@@ -5,14 +5,18 @@ A crash or kill at any moment leaves either the old file or the new one, never a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import importlib.metadata
 import io
 import json
 import os
+import sqlite3
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ def atomic_path(path: Path | str) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # again: some writers (safetensors) replace the file, as 0600
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -70,21 +75,81 @@ def atomic_write_csv(path: Path | str, header: list[str], rows: Iterable[Iterabl
     atomic_write_text(path, buf.getvalue())
 
 
-_digests: dict[tuple[str, int, int, int], str] = {}
+class DigestIndex:
+    """File digests remembered across commands, in ``digests.sqlite`` under the cache folder: a file whose path,
+    size, modification and change times, inode and device are all unchanged is not read again (the test ``git``
+    makes of its index). Any problem with the index file only costs the saving: digests are then computed."""
+
+    def __init__(self) -> None:
+        self.db: sqlite3.Connection | None = None
+        self.folder: Path | None = None  # the cache folder the index was opened (or failed to open) in
+        self.pending = 0
+        self.lock = threading.Lock()
+
+    def _open(self) -> sqlite3.Connection | None:
+        folder = default_cache_dir()
+        if self.folder != folder:  # first use, after close(), or $TLEARN_CACHE_DIR changed: the index follows it
+            self.close()
+            self.folder = folder
+            with contextlib.suppress(OSError, sqlite3.Error):
+                folder.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(folder / "digests.sqlite", timeout=5, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("CREATE TABLE IF NOT EXISTS digests (stat BLOB PRIMARY KEY, sha256 TEXT NOT NULL)")
+                self.db = db
+        return self.db
+
+    def get(self, key: str) -> str | None:
+        with self.lock, contextlib.suppress(sqlite3.Error):
+            db = self._open()
+            row = db.execute("SELECT sha256 FROM digests WHERE stat = ?", (_blob(key),)).fetchone() if db else None
+            return row[0] if row else None
+        return None
+
+    def put(self, key: str, digest: str) -> None:
+        with self.lock, contextlib.suppress(sqlite3.Error):
+            db = self._open()
+            if db is not None:
+                db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?)", (_blob(key), digest))
+                self.pending += 1
+                if self.pending >= 1000:  # one commit per thousand new files (and at exit)
+                    db.commit()
+                    self.pending = 0
+
+    def close(self) -> None:
+        if self.db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.commit()
+                self.db.close()
+        self.db, self.pending, self.folder = None, 0, None
+
+
+def _blob(key: str) -> bytes:
+    return key.encode("utf-8", errors="surrogateescape")  # file names need not be valid UTF-8
+
+
+_index = DigestIndex()
+atexit.register(_index.close)
+_digests: dict[str, str] = {}
 
 
 def file_sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks. Remembered for the life of the process while the
-    file's size, modification time and inode stay the same, so checking, extracting and evaluating the same
-    folder read each file once."""
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks. Remembered while the file's path, size, times, inode
+    and device stay the same: for the life of the process and, in the cache folder's index, across commands. So
+    checking, extracting and evaluating a folder read each file once, and a warm re-run reads none."""
+    path = os.path.abspath(path)
     st = os.stat(path)
-    key = (os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    key = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}:{path}"
     if key not in _digests:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        _digests[key] = h.hexdigest()
+        digest = _index.get(key)
+        if digest is None:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            digest = h.hexdigest()
+            _index.put(key, digest)
+        _digests[key] = digest
     return _digests[key]
 
 
@@ -106,6 +171,25 @@ def default_cache_dir() -> Path:
 def identity_key(identity: dict[str, Any]) -> str:
     """A short stable hash of a backbone identity, used to namespace the feature cache and the ONNX exports."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """``json.dumps``'s fallback for ``keyed_path``: arrays by their bytes' digest, paths as text, dataclasses
+    field by field."""
+    if hasattr(value, "tobytes") and hasattr(value, "dtype"):
+        return [str(value.dtype), list(value.shape), hashlib.sha256(value.tobytes()).hexdigest()]
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    raise TypeError(f"cannot key on {type(value).__name__}")
+
+
+def keyed_path(cache_dir: str | Path | None, folder: str, inputs: Any, suffix: str) -> Path:
+    """Where something computed from ``inputs`` alone (JSON-able values, numpy arrays, paths) is kept under the
+    cache folder: the same inputs give the same file, so a warm re-run reuses it instead of computing again."""
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=_plain).encode()).hexdigest()[:32]
+    return Path(cache_dir or default_cache_dir()) / folder / f"{digest}{suffix}"
 
 
 def onnx_export_path(cache_dir: str | Path | None, name: str, identity: dict[str, Any]) -> Path:

@@ -9,24 +9,26 @@ the data-quality findings. The figures are also written beside it as PNG files.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import platform
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from tlearn import plots
+from tlearn import fileio, plots
 from tlearn.artifact import load_model, read_config
 from tlearn.calibrate import binned
 from tlearn.config import AugmentConfig, TlearnError, from_dict
 from tlearn.data import ImageDecodeError, load_image, thumbnail
-from tlearn.fileio import atomic_write_text, read_csv_rows
+from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, read_csv_rows
 from tlearn.report import read_predictions_csv
+
+if TYPE_CHECKING:
+    from torch import nn
 
 GALLERY = 12  # highest-loss images shown
 PER_CLASS = 2  # plain and augmented samples per class in the grid
@@ -141,24 +143,47 @@ def _curves(run_dir: Path, config: dict[str, Any]) -> str:
     return note + _png(path)
 
 
-def _samples(config: dict[str, Any], run_dir: Path) -> str:
-    """A few training images per class after preprocessing, and augmented versions of them."""
-    from tlearn.augment import train_transform
-
+def _train_rows(config: dict[str, Any], run_dir: Path) -> list[tuple[Path, str]]:
+    """The training images and their classes, from the run's split.csv."""
     root = Path(config.get("data_summary", {}).get("root", ""))
-    rows = [r for r in read_csv_rows(run_dir / "split.csv") if r.get("split") == "train"]
-    if not rows:
+    return [(root / r["path"], r["class"]) for r in read_csv_rows(run_dir / "split.csv") if r.get("split") == "train"]
+
+
+def _samples(config: dict[str, Any], train: list[tuple[Path, str]], run_dir: Path, cache: Path) -> str:
+    """A few training images per class after preprocessing, and augmented versions of them."""
+    if not train:
         return "<p class='muted'>No training images are listed in this run's split.csv.</p>"
     pp = config["model"]["preprocessing"]
     augment = from_dict(AugmentConfig, config.get("augment", {}), str(run_dir / "config.json"))
+    classes = config["model"]["classes"][:MAX_CLASSES_IN_GRID]
+    chosen = {name: [p for p, c in train if c == name][:PER_CLASS] for name in classes}
+    try:
+        key = ["samples", 1, pp, augment, [[name, [file_sha256(p) for p in paths]] for name, paths in chosen.items()]]
+    except OSError:
+        key = None  # moved or unreadable since training: drawn from what is still there
+    more = len(config["model"]["classes"]) - len(classes)
+    path = plots.reuse(run_dir / "samples.png", key, lambda: _sample_grid(chosen, pp, augment, run_dir), cache)
+    if path is None:
+        return "<p class='muted'>The training images are not readable from here.</p>"
+    return (f"<p>{PER_CLASS} training images per class as the model sees them (resized and cropped), then the same "
+            f"images augmented as the image modes train on them (<code>--augment {augment.augment}</code>).</p>"
+            + _png(path) + (f"<p class='muted'>{more} more classes not shown.</p>" if more > 0 else ""))
+
+
+def _sample_grid(chosen: dict[str, list[Path]], pp: dict[str, Any], augment: AugmentConfig,
+                 run_dir: Path) -> Path | None:
+    import torch
+
+    from tlearn.augment import train_transform
+
     plain = train_transform(pp, AugmentConfig(augment="none"), normalize=False)
     augmented = train_transform(pp, augment, normalize=False)
-    tiles, classes = [], config["model"]["classes"][:MAX_CLASSES_IN_GRID]
+    tiles = []
     with torch.random.fork_rng(devices=[]):  # the same augmentations every time, without moving the caller's RNG
         torch.manual_seed(0)
-        for name in classes:
+        for name, paths in chosen.items():
             images = []
-            for p in [root / r["path"] for r in rows if r["class"] == name][:PER_CLASS]:
+            for p in paths:
                 try:
                     images.append(load_image(p))
                 except ImageDecodeError:  # moved or damaged since training: leave it out
@@ -166,45 +191,50 @@ def _samples(config: dict[str, Any], run_dir: Path) -> str:
             tiles += [(plain(im).permute(1, 2, 0).numpy(), name) for im in images]
             tiles += [(augmented(im).permute(1, 2, 0).numpy(), f"{name} (augmented)") for im in images]
             tiles += [(np.ones((8, 8, 3)), "")] * (2 * PER_CLASS - 2 * len(images))
-    if not tiles:
-        return "<p class='muted'>The training images are not readable from here.</p>"
-    more = len(config["model"]["classes"]) - len(classes)
-    path = plots.image_grid(tiles, run_dir / "samples.png", cols=4 * PER_CLASS, tile=1.6)
-    return (f"<p>{PER_CLASS} training images per class as the model sees them (resized and cropped), then the same "
-            f"images augmented as the image modes train on them (<code>--augment {augment.augment}</code>).</p>"
-            + _png(path) + (f"<p class='muted'>{more} more classes not shown.</p>" if more > 0 else ""))
+    if not any(caption for _, caption in tiles):
+        return None
+    return plots.image_grid(tiles, run_dir / "samples.png", cols=4 * PER_CLASS, tile=1.6)
 
 
-def _metrics(metrics: dict[str, Any], run_dir: Path) -> str:
+def _metrics(metrics: dict[str, Any], run_dir: Path, cache: Path) -> str:
     split = "test" if "test" in metrics else "validation"
     m = metrics[split]
     per_class = [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in m["per_class"].items()]
-    path = plots.confusion(m["confusion_matrix"], m["classes"], run_dir / "confusion.png")
+    path = plots.reuse(run_dir / "confusion.png", ["confusion", m["confusion_matrix"], m["classes"]],
+                       lambda: plots.confusion(m["confusion_matrix"], m["classes"], run_dir / "confusion.png"), cache)
     return (f"<p class='big'>{split}: accuracy {m['accuracy']:.2%}, loss {m['loss']:.4f} on {m['n']} images</p>"
             + _table(per_class, ["class", "precision", "recall", "f1", "support"]) + _png(path))
 
 
-def _gallery(predictions: list[dict[str, Any]], run_dir: Path) -> str:
+def _gallery(predictions: list[dict[str, Any]], run_dir: Path, cache: Path) -> str:
     split = "test" if any(r["split"] == "test" for r in predictions) else "validation"
     rows = sorted((r for r in predictions if r["split"] == split), key=lambda r: -r["loss"])
     wrong = [r for r in rows if r["true"] != r["predicted"]]
     pairs = Counter((r["true"], r["predicted"]) for r in wrong).most_common(10)
-    tiles = []
-    for r in rows[:GALLERY]:
-        try:
-            image = thumbnail(Path(r["path"]))
-        except ImageDecodeError:  # moved or damaged since training: leave it out
-            continue
-        tiles.append((image, f"true {r['true']}\npredicted {r['predicted']} ({r['probability']:.0%})\n"
-                             f"loss {r['loss']:.2f}"))
+    shown = [(Path(r["path"]), f"true {r['true']}\npredicted {r['predicted']} ({r['probability']:.0%})\n"
+                                f"loss {r['loss']:.2f}") for r in rows[:GALLERY]]
+
+    def draw() -> Path | None:
+        tiles = []
+        for path, caption in shown:
+            try:
+                tiles.append((thumbnail(path), caption))
+            except ImageDecodeError:  # moved or damaged since training: leave it out
+                continue
+        return plots.image_grid(tiles, run_dir / "top_losses.png", cols=4, tile=2.6) if tiles else None
+
+    try:
+        key = ["gallery", 1, [[file_sha256(p), caption] for p, caption in shown]]
+    except OSError:
+        key = None
+    grid = plots.reuse(run_dir / "top_losses.png", key, draw, cache) if shown else None
     intro = (f"<p>{len(wrong)} of {len(rows)} {split} images are misclassified. The {min(GALLERY, len(rows))} "
              "images with the highest loss (the lowest probability of their true class), worst first:</p>")
     pair_table = _table([[t, p, n] for (t, p), n in pairs], ["true class", "predicted as", "images"]) if pairs else ""
-    grid = _png(plots.image_grid(tiles, run_dir / "top_losses.png", cols=4, tile=2.6)) if tiles else ""
-    return intro + pair_table + grid
+    return intro + pair_table + (_png(grid) if grid else "")
 
 
-def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run_dir: Path) -> str:
+def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run_dir: Path, cache: Path) -> str:
     split = "test" if "test" in metrics else "validation"
     c = metrics[split].get("calibration")
     if not c:
@@ -213,7 +243,9 @@ def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run
     correct = np.array([r["true"] == r["predicted"] for r in rows])
     before, after = (binned(np.array([r[key] for r in rows]), correct)
                      for key in ("probability_uncalibrated", "probability"))
-    path = plots.reliability_diagram(before, after, c["temperature"], run_dir / "reliability.png")
+    path = plots.reuse(run_dir / "reliability.png", ["reliability", before, after, c["temperature"]],
+                       lambda: plots.reliability_diagram(before, after, c["temperature"], run_dir / "reliability.png"),
+                       cache)
     text = (f"<p>Expected calibration error (ECE, 15 bins) on the {split} split: <b>{c['ece_uncalibrated']:.4f}</b> "
             f"before and <b>{c['ece']:.4f}</b> after temperature scaling. The temperature, "
             f"<b>{c['temperature']:.3f}</b>, was fitted on {html.escape(c.get('fitted_on', 'validation'))} by "
@@ -226,20 +258,51 @@ def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run
     return text + _png(path)
 
 
-def _summary(model: nn.Module, config: dict[str, Any], base: Any) -> str:
-    from tlearn.models import Classifier, summary, unfreeze_groups
-
+def _summary(model: nn.Module | None, config: dict[str, Any], base: Any, run_dir: Path, cache: Path) -> str:
+    """Keras's model summary. Its rows depend on the architecture, the weights and the head's shape only, so they
+    are kept under the cache folder, and a re-run does not build the network to list its layers again."""
     spec = config["model"]
     concatenated = spec["kind"] == "head" and "+" in spec["arch"]
+    shape = {k: spec.get(k) for k in ("kind", "arch", "weights_id", "num_features", "hidden", "dropout")}
+    key = ["summary", 1, shape, len(spec["classes"]), spec["preprocessing"]["input_size"],
+           config.get("decision", {}).get("unfreeze") if spec["kind"] == "finetuned" else None]
+    stored = fileio.keyed_path(cache, "report", key, ".json")
+    try:
+        rows = json.loads(stored.read_text())
+    except (OSError, ValueError):
+        rows = _summary_rows(model, config, base, run_dir)
+        with contextlib.suppress(TlearnError):
+            atomic_write_text(stored, json.dumps(rows))
+    table = [[r["layer"], r["type"], str(tuple(r["output"])) if isinstance(r["output"], list) else r["output"],
+              r["params"], "yes" if r["trainable"] else "no"] for r in rows]
+    header = ["layer", "type", "output shape", "parameters", "trained"]
     if concatenated:  # bases of different input sizes: the head alone, on their concatenated features
-        rows = summary(model, [spec["num_features"]])
-        table = [[r["layer"], r["type"], str(r["output"]), r["params"], "yes"] for r in rows]
         return (f"<p>The head reads the concatenated pooled features ({spec['num_features']:,} per image) of the "
                 f"frozen bases {html.escape(spec['backbone']['backbone'].replace('+', ' and '))} "
                 f"({config.get('params', {}).get('total', 0):,} parameters in all, "
-                f"{sum(r['params'] for r in rows):,} of them trained).</p>"
-                + _table(table, ["layer", "type", "output shape", "parameters", "trained"]))
+                f"{sum(r['params'] for r in rows):,} of them trained).</p>" + _table(table, header))
+    total = sum(r["params"] for r in rows)
+    trainable = sum(r["trainable"] for r in rows)
+    return (f"<p>{trainable:,} trainable and {total - trainable:,} frozen parameters, {total:,} in all. Output "
+            "shapes are for one image.</p>" + _table(table, header))
+
+
+def _summary_rows(model: nn.Module | None, config: dict[str, Any], base: Any, run_dir: Path) -> list[dict[str, Any]]:
+    """The summary's rows, with the model (and for a head, its base) loaded from the run when not given."""
+    from tlearn.models import Classifier, summary, unfreeze_groups
+
+    spec = config["model"]
+    if model is None:
+        _, model, _ = load_model(run_dir)
+    if spec["kind"] == "head" and "+" in spec["arch"]:
+        rows = summary(model, [spec["num_features"]])
+        return [{**r, "trainable": r["params"]} for r in rows]
     if spec["kind"] == "head":
+        if base is None:
+            from tlearn.backbones import load_backbone
+            from tlearn.config import BackboneConfig
+
+            base = load_backbone(from_dict(BackboneConfig, spec["backbone"], str(run_dir / "config.json")))
         model = Classifier(base.model, model)
     flags = {p: p.requires_grad for p in model.parameters()}  # set to what trained, then put back
     try:
@@ -250,17 +313,10 @@ def _summary(model: nn.Module, config: dict[str, Any], base: Any) -> str:
                 p.requires_grad_(True)
         if spec["kind"] == "finetuned" and config.get("decision", {}).get("unfreeze"):
             unfreeze_groups(model.base, config["decision"]["unfreeze"], 1.0, (0.1, 0.01))
-        rows = summary(model, spec["preprocessing"]["input_size"])
+        return summary(model, spec["preprocessing"]["input_size"])
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    table = [[r["layer"], r["type"], str(r["output"]), r["params"], "yes" if r["trainable"] else "no"]
-             for r in rows]
-    total = sum(r["params"] for r in rows)
-    trainable = sum(r["trainable"] for r in rows)
-    return (f"<p>{trainable:,} trainable and {total - trainable:,} frozen parameters, {total:,} in all. Output "
-            "shapes are for one image.</p>" + _table(table, ["layer", "type", "output shape", "parameters",
-                                                              "trained"]))
 
 
 def _findings(run_dir: Path) -> str:
@@ -278,33 +334,35 @@ def _findings(run_dir: Path) -> str:
         "<p>Run <code>tlearn check DATA</code> for the full report, including near-duplicates.</p>"
 
 
-def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any = None) -> Path:
-    """Write ``run_dir/report.html`` (and its PNG figures) from the run's files. ``model`` and ``base`` (the
-    backbone, for a head) can be passed when already loaded; otherwise they are loaded from the run."""
+def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any = None, *,
+                 config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                 predictions: list[dict[str, Any]] | None = None, train: list[tuple[Path, str]] | None = None,
+                 cache_dir: str | Path | None = None) -> Path:
+    """Write ``run_dir/report.html`` (and its PNG figures). The run writer passes what the run has in memory: the
+    config, metrics, per-image predictions (``report.prediction_rows``), the training images with their classes,
+    the model and, for a head, its base. ``tlearn report RUN`` passes nothing, and they are read from the run's
+    files. Figures and the model summary drawn before from the same inputs are reused from the cache folder."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    metrics_path, predictions_path = run_dir / "metrics.json", run_dir / "predictions.csv"
-    if not metrics_path.is_file() or not predictions_path.is_file():
-        raise TlearnError(f"{run_dir} has no metrics.json or predictions.csv: was it written by `tlearn train` with "
-                          "--out? (a model saved by ImageClassifier.save after fit without out has no evaluation)")
-    metrics = json.loads(metrics_path.read_text())
-    predictions = read_predictions_csv(predictions_path)
-    if model is None:
-        _, model, _ = load_model(run_dir)
-    if base is None and config["model"]["kind"] == "head" and "+" not in config["model"]["arch"]:
-        from tlearn.backbones import load_backbone
-        from tlearn.config import BackboneConfig
-
-        base = load_backbone(from_dict(BackboneConfig, config["model"]["backbone"], str(run_dir / "config.json")))
+    config = read_config(run_dir) if config is None else config
+    if metrics is None or predictions is None:
+        metrics_path, predictions_path = run_dir / "metrics.json", run_dir / "predictions.csv"
+        if not metrics_path.is_file() or not predictions_path.is_file():
+            raise TlearnError(f"{run_dir} has no metrics.json or predictions.csv: was it written by `tlearn train` "
+                              "with --out? (a model saved by ImageClassifier.save after fit without out has no "
+                              "evaluation)")
+        metrics = json.loads(metrics_path.read_text())
+        predictions = read_predictions_csv(predictions_path)
+    train = _train_rows(config, run_dir) if train is None else train
+    cache = Path(cache_dir or default_cache_dir())
     body = "\n".join([
         _header(config, run_dir),
         _section("Decision", _decision(config)),
         _section("Training curves", _curves(run_dir, config)),
-        _section("Sample images", _samples(config, run_dir)),
-        _section("Test metrics", _metrics(metrics, run_dir)),
-        _section("Misclassified: top losses", _gallery(predictions, run_dir)),
-        _section("Calibration", _calibration(metrics, predictions, run_dir)),
-        _section("Model summary", _summary(model, config, base)),
+        _section("Sample images", _samples(config, train, run_dir, cache)),
+        _section("Test metrics", _metrics(metrics, run_dir, cache)),
+        _section("Misclassified: top losses", _gallery(predictions, run_dir, cache)),
+        _section("Calibration", _calibration(metrics, predictions, run_dir, cache)),
+        _section("Model summary", _summary(model, config, base, run_dir, cache)),
         _section("Data quality", _findings(run_dir)),
     ])
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tlearn report: "

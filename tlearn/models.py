@@ -23,7 +23,6 @@ def make_head(num_features: int, num_classes: int, hidden: int = 0, dropout: flo
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
 
 
-
 class Classifier(nn.Module):
     """Images → logits through a timm base and a head. (B, 3, H, W) -> (B, F) -> (B, C)."""
 
@@ -155,12 +154,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def base_parameters(model: nn.Module) -> int:
-    """Parameters of a timm base without its ImageNet classifier."""
-    classifier = model.get_classifier()
-    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in classifier.parameters())
 
 
 def summary(model: nn.Module, input_size: list[int]) -> list[dict[str, Any]]:

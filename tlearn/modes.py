@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import logging
 import math
 import time
@@ -23,13 +24,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tlearn.augment import train_transform
 from tlearn.backbones import Backbone
-from tlearn.config import AugmentConfig, RuntimeConfig, TrainConfig, parse_lr_mult
+from tlearn.config import AugmentConfig, RuntimeConfig, TrainConfig, parse_lr_mult, to_dict
 from tlearn.data import ImageFolder, Sample
 from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, eval_transform, extract
+from tlearn.fileio import file_sha256, keyed_path
 from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
-from tlearn.probe import Probe, Split, choose_head, describe, refit
+from tlearn.probe import MEMO_VERSION, Probe, Split, choose_head, describe, load_probe, refit, save_probe
 from tlearn.runtime import Engine, FrozenFeatures
 from tlearn.strategy import REPORT_SECONDS, Clock, Decision, Step
 from tlearn.train import (
@@ -65,6 +66,7 @@ class Job:
     clock: Clock
     names: list[str]  # the bases whose features are concatenated (--backbone A+B); the first is "the" base
     missing: Callable[[list[Path], str, str], int] | None = None  # (paths, name, view) -> images not yet cached
+    namespace: Callable[[str, str], str] | None = None  # (name, view) -> what keys that base's cached features
     checkpoint: Callable[[dict[str, Any], dict[str, torch.Tensor]], None] | None = None
     resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None  # (state, RNG) from a checkpoint
     progress: bool = True
@@ -98,24 +100,28 @@ def run_mode(job: Job) -> Trained:
     return recipe(job)
 
 
-def _by_split(job: Job, paths: list[Path], *views: Features) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
-    """([X of each view], y) of the train and validation splits from rows aligned with ``paths``; files that any
-    view could not decode are dropped from the data first."""
-    job.data.drop({p: reason for f in views for p, reason in f.failed.items()})
-    rows = {p: i for i, p in enumerate(paths)}
-    out = {}
+def _by_split(job: Job, get: Callable[[list[Path], str], Features],
+              views: tuple[str, ...] = ("center",)) -> tuple[dict[str, tuple[list[np.ndarray], np.ndarray]],
+                                                             dict[Path, str]]:
+    """([X of each view], y) of the train and validation splits, each split's features got on their own (no copy
+    of the whole folder's), and the files that any view could not decode, which are dropped from the data."""
+    out, failed = {}, {}
     for split in ("train", "validation"):
         samples = job.data.split(split)
-        idx = [rows[s.path] for s in samples]
-        out[split] = [f.X[idx] for f in views], np.array([s.label for s in samples], dtype=np.int64)
-    return out
+        feats = [get([s.path for s in samples], view) for view in views]
+        bad = {p: reason for f in feats for p, reason in f.failed.items()}
+        keep = np.array([s.path not in bad for s in samples], dtype=bool)
+        y = np.array([s.label for s in samples], dtype=np.int64)
+        out[split] = [f.X if keep.all() else f.X[keep] for f in feats], y[keep]
+        failed.update(bad)
+    job.data.drop(failed)
+    return out, failed
 
 
 def _cached_features(job: Job) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[Path, str]]:
     """(X, y) per split from the feature cache, and the files that could not be decoded."""
-    paths = [s.path for s in job.data.samples]
-    feats = job.features(paths)
-    return {split: (X[0], y) for split, (X, y) in _by_split(job, paths, feats).items()}, feats.failed
+    xy, failed = _by_split(job, lambda paths, view: job.features(paths, None, view))
+    return {split: (X[0], y) for split, (X, y) in xy.items()}, failed
 
 
 def _weight(job: Job, y_train: np.ndarray) -> torch.Tensor | None:
@@ -123,31 +129,84 @@ def _weight(job: Job, y_train: np.ndarray) -> torch.Tensor | None:
     return None if w is None else w.to(job.run.device)
 
 
+Found = tuple[Probe, Split | None, Split | None, dict[Path, str]]  # a chosen head, its splits (None when it
+# was remembered), and the files that failed
+
+
 def _probe_splits(job: Job, names: list[str]) -> tuple[Split, Split, dict[Path, str]]:
     """Cached features of ``names`` (centre and mirrored views) of the train and validation splits."""
-    paths = [s.path for s in job.data.samples]
-    center, flip = job.features(paths, names, "center"), job.features(paths, names, "flip")
-    xy = _by_split(job, paths, center, flip)
+    xy, failed = _by_split(job, lambda paths, view: job.features(paths, names, view), ("center", "flip"))
     (train, y_train), (val, y_val) = xy["train"], xy["validation"]
-    return Split(*train, y_train), Split(*val, y_val), {**center.failed, **flip.failed}
+    return Split(*train, y_train), Split(*val, y_val), failed
 
 
-def probe_features(job: Job, names: list[str]) -> tuple[Probe, Split, Split, dict[Path, str]]:
+def probe_features(job: Job, names: list[str]) -> Found:
+    """The head chosen on the features of ``names``; remembered under the cache folder, so that a re-run on the
+    same images, labels, split and settings takes it from there (the splits' features are then not loaded:
+    None)."""
+    memo = _memo_path(job, names)
+    found = load_probe(memo) if memo else None
+    if found is not None:
+        probe, failed = found[0], _failed_paths(job, found[1])
+        job.data.drop(failed)
+        log.info(f"head on {'+'.join(names)} features: {describe(probe.chosen)}, as chosen before on the same images, "
+                 f"labels and settings")
+        return probe, None, None, failed
     train, val, failed = _probe_splits(job, names)
     log.info(f"choosing the head on {'+'.join(names)} features ({train.X.shape[1]} per image):")
     probe = choose_head(train, val, len(job.data.classes), job.train, _weight(job, train.y))
     log.info(f"  chosen: {describe(probe.chosen)} (val_loss {probe.val_loss:.4f}, "
              f"val_accuracy {probe.val_accuracy:.4f}, {probe.seconds:.1f} s)")
+    if memo:
+        save_probe(memo, probe, _failed_rows(job, failed))
     return probe, train, val, failed
 
 
-def head_result(job: Job, names: list[str], found: tuple[Probe, Split, Split, dict[Path, str]]) -> Trained:
+def head_result(job: Job, names: list[str], found: Found) -> Trained:
     """The chosen head, refit on train + validation where that applies, as a trained model."""
     probe, train, val, failed = found
-    probe = refit(probe, train, val, len(job.data.classes), job.train)
+    memo = _memo_path(job, names, "refit")
+    again = load_probe(memo) if memo and probe.chosen["head"] == "logreg" else None
+    if again is not None:
+        probe = again[0]
+    else:
+        if train is None:  # the choice was remembered but not the refit: its features are needed after all
+            train, val, _ = _probe_splits(job, names)
+        probe = refit(probe, train, val, len(job.data.classes), job.train)
+        if memo and probe.refit:
+            save_probe(memo, probe, [])
     bb = job.backbone(names[0])
     shape = None if probe.chosen["head"] == "dense" else (0, 0.0)
     return Trained("head", probe.head, probe.history, bb.arch, bb.preprocessing, failed, "+".join(names), shape, probe)
+
+
+def _memo_path(job: Job, names: list[str], what: str = "chosen") -> Path | None:
+    """Where the head chosen on these features is remembered: keyed by what decides it (the feature caches'
+    identities, each training and validation image's content and label, the training settings and the library
+    versions), or None when a file cannot be read."""
+    if job.namespace is None:
+        return None
+    try:
+        rows = {split: [(file_sha256(s.path), s.label) for s in job.data.split(split)]
+                for split in ("train", "validation")}
+    except OSError:
+        return None
+    settings = {k: v for k, v in to_dict(job.train).items() if k not in ("mode", "time_budget")}
+    key = {"version": MEMO_VERSION, "what": what, "features": [job.namespace(n, v) for n in names
+                                                               for v in ("center", "flip")],
+           "rows": rows, "classes": len(job.data.classes), "train": settings,
+           "libraries": [importlib.metadata.version(m) for m in ("scikit-learn", "torch", "numpy")]}
+    return keyed_path(job.runtime.cache_dir, "heads", key, f"-{what}.safetensors")
+
+
+def _failed_rows(job: Job, failed: dict[Path, str]) -> list[list[Any]]:
+    return [[split, i, failed[s.path]] for split in ("train", "validation")
+            for i, s in enumerate(job.data.split(split)) if s.path in failed]
+
+
+def _failed_paths(job: Job, rows: list[list[Any]]) -> dict[Path, str]:
+    samples = {split: job.data.split(split) for split in ("train", "validation")}
+    return {samples[split][i].path: reason for split, i, reason in rows}
 
 
 def train_features(job: Job) -> Trained:
@@ -192,6 +251,8 @@ def _image_batches(job: Job, samples: list[Sample], transform: Callable, failed:
 def _image_stage(job: Job, name: str, model: nn.Module, groups: list[dict], preprocessing: dict[str, Any],
                  failed: dict[Path, str], val: Batches | None = None, val_model: nn.Module | None = None) -> Stage:
     """A stage that trains ``model`` end to end on augmented training images."""
+    from tlearn.augment import train_transform  # torchvision, only for the modes that train on images
+
     generator = torch.Generator().manual_seed(job.train.seed)
     train = job.data.split("train")
     if val is None:
@@ -301,11 +362,12 @@ def train_scratch(job: Job) -> Trained:
 
 def _logreg_pixels(job: Job, preprocessing: dict[str, Any]) -> Trained:
     """scikit-learn's logistic regression on 32x32 pixels, folded into ``PixelLinear``."""
-    paths = [s.path for s in job.data.samples]
-    pixels = extract(paths, lambda x: x.flatten(1), transform=eval_transform(preprocessing),
-                     dim=3 * preprocessing["input_size"][-1] ** 2, batch_size=64, lanes=cpu_cores(),
-                     progress=job.progress)
-    xy = _by_split(job, paths, pixels)
+    def pixels(paths: list[Path], view: str) -> Features:
+        return extract(paths, lambda x: x.flatten(1), transform=eval_transform(preprocessing),
+                       dim=3 * preprocessing["input_size"][-1] ** 2, batch_size=64, lanes=cpu_cores(),
+                       progress=job.progress)
+
+    xy, failed = _by_split(job, pixels)
     ([X], y), ([Xv], yv) = xy["train"], xy["validation"]
     model = PixelLinear(len(job.data.classes), preprocessing["input_size"][-1])
     model.linear.load_state_dict(fold_logreg(X, y, len(job.data.classes), job.train.seed,
@@ -315,4 +377,4 @@ def _logreg_pixels(job: Job, preprocessing: dict[str, Any]) -> Trained:
     val_loss, val_acc = evaluate(model, tensor_batches(Xv, yv, 1024)(), cpu)
     history = History(best_epoch=1)
     history.append("scratch", loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
-    return Trained("scratch", model.eval(), history, "logreg-pixels", preprocessing, pixels.failed)
+    return Trained("scratch", model.eval(), history, "logreg-pixels", preprocessing, failed)

@@ -6,14 +6,16 @@ long names are wrapped or shortened, and fonts and figure sizes follow the class
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlearn.fileio import atomic_path
+from tlearn.config import TlearnError
+from tlearn.fileio import atomic_path, atomic_write_bytes, keyed_path
 
 if TYPE_CHECKING:
     from tlearn.calibrate import Reliability
@@ -36,6 +38,27 @@ def _save(fig, path: Path) -> Path:
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def reuse(path: Path, key: Any, draw: Callable[[], Path | None], cache: Path) -> Path | None:
+    """The figure at ``path``, which ``draw()`` writes (or returns None for no figure). A figure is a function of
+    its inputs, so one drawn before from the same ``key`` is copied from ``figures/`` under the cache folder
+    instead; ``key`` None always draws."""
+    if key is None:
+        return draw()
+    stored = keyed_path(cache, "figures", key, ".png")
+    try:
+        data = stored.read_bytes()
+    except OSError:
+        data = None
+    if data is not None:
+        atomic_write_bytes(path, data)
+        return Path(path)
+    out = draw()
+    if out is not None:
+        with contextlib.suppress(TlearnError):  # a read-only cache folder: drawn again next time
+            atomic_write_bytes(stored, Path(out).read_bytes())
+    return out
 
 
 def label(name: str, width: int = 18) -> str:

@@ -22,31 +22,39 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from joblib import Parallel, delayed
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from tlearn.calibrate import nll
-from tlearn.config import TrainConfig
+from tlearn.config import TlearnError, TrainConfig
 from tlearn.features import cpu_cores
+from tlearn.fileio import atomic_path
 from tlearn.train import History, fit_head, make_head
+
+if TYPE_CHECKING:
+    from sklearn.linear_model import LogisticRegression
 
 log = logging.getLogger("tlearn")
 C_GRID = (1.0, 3.0, 10.0)  # inverse L2 strengths tried by cross-validation: raw features peak near 3, and C=0.3
 # was never chosen on the shared datasets while costing a third of the search
 FOLDS = 3  # for choosing C (on the training split)
 CALIBRATION_FOLDS = 3  # for the out-of-fold logits the temperature is fitted on
+LARGE_TRAIN = 20_000  # training images above which --head auto trains the dense head alone: scikit-learn's
+# full-batch solver copies the training features to float64 (0.9 GB for 42,000 images and their mirror images)
+# and its cross-validation takes minutes, while the dense head reads mini-batches in place
+MEMO_VERSION = "1"  # bump when a change to this module changes the heads it chooses
 
 
 @dataclass
@@ -104,11 +112,15 @@ def logreg_logits(clf: LogisticRegression, X: np.ndarray) -> np.ndarray:
 
 
 def _logreg(C: float, config: TrainConfig) -> LogisticRegression:
+    from sklearn.linear_model import LogisticRegression
+
     return LogisticRegression(C=C, max_iter=3000, random_state=config.seed, warm_start=True,
                               class_weight="balanced" if config.class_weight == "balanced" else None)
 
 
 def _fit(clf: LogisticRegression, X: np.ndarray, y: np.ndarray) -> LogisticRegression:
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a C that is too weak converges slowly; CV judges it
         return clf.fit(X, y)
@@ -128,6 +140,9 @@ def _path(train: Split, fit_idx: np.ndarray, held_idx: np.ndarray, flip: bool, C
 
 def out_of_fold(data: Split, flip: bool, Cs: tuple[float, ...], folds: int, config: TrainConfig) -> list[np.ndarray]:
     """Out-of-fold logits of every image of ``data`` for each C (mirror images stay with their image's fold)."""
+    from joblib import Parallel, delayed
+    from sklearn.model_selection import StratifiedKFold
+
     classes = np.unique(data.y)
     folds = max(2, min(folds, int(np.bincount(data.y).min())))
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=config.seed).split(data.X, data.y))
@@ -179,10 +194,12 @@ def _dense_candidate(train: Split, val: Split, flip: bool, num_classes: int, con
                      weight: torch.Tensor | None) -> dict[str, Any]:
     """The dense head, early-stopped on a stratified 15 % of the training split, so that its validation score is
     as honest as the logistic regression's (stopping on the validation split itself would flatter it)."""
+    from sklearn.model_selection import train_test_split
+
     fit_idx, stop_idx = train_test_split(np.arange(len(train.y)), test_size=0.15, stratify=train.y,
                                          random_state=config.seed)
-    head, history, _ = fit_head(*train.rows(flip, fit_idx), train.X[stop_idx], train.y[stop_idx], num_classes,
-                                config, weight=weight)
+    head, history, _ = fit_head(train.X, train.y, train.X, train.y, num_classes, config, weight=weight,
+                                mirror=train.X_flip if flip else None, rows=fit_idx, val_rows=stop_idx)
     logits = val.logits(functools.partial(_torch_logits, head), flip)
     return {"head": "dense", "flip": flip, "val_logits": logits, "model": head, "history": history,
             "val_loss": nll(logits, val.y), "val_accuracy": _accuracy(logits, val.y)}
@@ -193,8 +210,14 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
     """Train every candidate head of ``config.head`` on ``train`` and keep the best on ``val``."""
     start = time.perf_counter()
     flips = (False, True) if train.X_flip is not None else (False,)
-    candidates = []
-    if config.head in ("auto", "logreg"):
+    candidates, notes = [], []
+    large = config.head == "auto" and len(train.y) > LARGE_TRAIN
+    if large:
+        notes.append(f"{len(train.y)} training images: the dense head alone (above {LARGE_TRAIN:,}, the logistic "
+                     "regression's solver and cross-validation cost too much memory and time; --head logreg forces "
+                     "it)")
+        log.info(f"  {notes[-1]}")
+    if config.head == "logreg" or (config.head == "auto" and not large):
         candidates.append(_logreg_candidate(train, val, flips, config))
     if config.head in ("auto", "dense"):
         # with the mirror images only under auto (they rarely hurt a head that stops early); both when asked for
@@ -214,7 +237,7 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
                        val_loss=best["val_loss"], val_accuracy=best["val_accuracy"])
         probe = Probe(_linear_head(clf, train.X.shape[1], num_classes), history, chosen, table, best["val_logits"],
                       model=clf)
-    probe.seconds = time.perf_counter() - start
+    probe.seconds, probe.notes = time.perf_counter() - start, notes
     return probe
 
 
@@ -239,3 +262,43 @@ def describe(c: dict[str, Any]) -> str:
     """'logreg C=1, mirrored' / 'dense'."""
     what = f"logreg C={c['C']:g}" if c["head"] == "logreg" else "dense"
     return what + (", + mirrored images" if c["flip"] else "")
+
+
+def save_probe(path: Path, probe: Probe, failed: list[list[Any]]) -> None:
+    """Remember a chosen (or refit) head under the cache folder, with the files that failed on the way as
+    [split, row, reason]; a cache folder that cannot be written only loses the saving."""
+    arrays = {f"head.{k}": v.numpy() for k, v in probe.head.state_dict().items()}
+    arrays["val_logits"] = probe.val_logits
+    if probe.calibration is not None:
+        arrays["calibration_logits"], arrays["calibration_y"] = probe.calibration
+    shape = [probe.head[1].out_features if len(probe.head) > 2 else 0, float(probe.head[0].p)]  # see make_head
+    about = {"chosen": probe.chosen, "candidates": probe.candidates, "history": probe.history.to_dict(),
+             "refit": probe.refit, "seconds": probe.seconds, "notes": probe.notes, "failed": failed, "shape": shape}
+    try:
+        with atomic_path(path) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
+                      metadata={"probe": json.dumps(about)})
+    except TlearnError as e:
+        log.debug(f"head not remembered: {e}")
+
+
+def load_probe(path: Path) -> tuple[Probe, list[list[Any]]] | None:
+    """A head remembered by ``save_probe`` and the failed files, or None when there is none (or it is damaged)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "np") as f:
+            about = json.loads(f.metadata()["probe"])
+        arrays = load_file(str(path))
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+    weights = {k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("head.")}
+    last = max(weights, key=lambda k: int(k.split(".")[0]))
+    head = make_head(weights["1.weight"].shape[1], weights[last].shape[0], about["shape"][0], about["shape"][1])
+    head.load_state_dict(weights)
+    h = about["history"]
+    history = History(h["epoch"], h["history"], h["stage"], h["best_epoch"])
+    calibration = (arrays["calibration_logits"], arrays["calibration_y"]) if "calibration_y" in arrays else None
+    probe = Probe(head.eval(), history, about["chosen"], about["candidates"], arrays["val_logits"], calibration,
+                  about["refit"], about["seconds"], about["notes"])
+    return probe, about["failed"]

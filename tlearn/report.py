@@ -27,22 +27,28 @@ PREDICTION_COLUMNS = ["split", "path", "true", "predicted", "probability", "prob
                       "loss"]
 
 
-def write_predictions_csv(predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]], classes: list[str],
-                          temperature: float, path: Path) -> None:
+def prediction_rows(predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]], classes: list[str],
+                    temperature: float) -> list[dict[str, Any]]:
     """One row per evaluated image: true and predicted class, the predicted class's probability with and without
     temperature scaling, the true class's probability and the image's loss (-log of it)."""
     from tlearn.calibrate import calibrated
 
-    def rows():
-        for split, (paths, y, logits) in predictions.items():
-            proba, raw = calibrated(logits, temperature), calibrated(logits, 1.0)
-            for i, p in enumerate(paths):
-                k = int(proba[i].argmax())
-                p_true = float(proba[i, y[i]])
-                yield [split, str(p), classes[y[i]], classes[k], f"{proba[i, k]:.6f}", f"{raw[i, k]:.6f}",
-                       f"{p_true:.6f}", f"{-np.log(max(p_true, 1e-12)):.6f}"]
+    rows = []
+    for split, (paths, y, logits) in predictions.items():
+        proba, raw = calibrated(logits, temperature), calibrated(logits, 1.0)
+        k = proba.argmax(1)
+        p_true = proba[np.arange(len(y)), y]
+        for i, p in enumerate(paths):
+            rows.append({"split": split, "path": str(p), "true": classes[y[i]], "predicted": classes[k[i]],
+                         "probability": float(proba[i, k[i]]), "probability_uncalibrated": float(raw[i, k[i]]),
+                         "p_true": float(p_true[i]), "loss": float(-np.log(max(p_true[i], 1e-12)))})
+    return rows
 
-    atomic_write_csv(path, PREDICTION_COLUMNS, rows())
+
+def write_predictions_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """``prediction_rows`` as predictions.csv."""
+    atomic_write_csv(path, PREDICTION_COLUMNS, ([r[c] if i < 4 else f"{r[c]:.6f}" for i, c in
+                                                 enumerate(PREDICTION_COLUMNS)] for r in rows))
 
 
 def read_predictions_csv(path: Path) -> list[dict[str, Any]]:

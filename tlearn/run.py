@@ -19,7 +19,7 @@ from tlearn import plots, report
 from tlearn.artifact import ModelSpec, save_model
 from tlearn.check import Finding
 from tlearn.data import ImageFolder, write_manifest
-from tlearn.fileio import atomic_write_text
+from tlearn.fileio import atomic_write_text, default_cache_dir
 from tlearn.htmlreport import build_report
 from tlearn.train import History
 
@@ -40,13 +40,16 @@ class RunResult:
     findings: list[Finding] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     predictions: dict[str, tuple] = field(default_factory=dict)
-    base: Any = None  # the loaded backbone, for the report's model summary (None: the report loads it)
+    base: Any = None  # the loaded backbone, for the report's model summary (None: the report loads it if needed)
     tensorboard: bool = False
+    cache_dir: Path | None = None  # where the report's figures are reused from (None: the default cache folder)
 
 
 def write_run(run_dir: Path, result: RunResult) -> Path:
-    """Write every file of the run into ``run_dir``; the model last but the report, each file atomically."""
+    """Write every file of the run into ``run_dir``; the model last but the report, each file atomically. The report
+    is built from what is in memory here, nothing is read back."""
     run_dir = Path(run_dir)
+    cache = Path(result.cache_dir or default_cache_dir())
     if result.data is not None:
         write_manifest(result.data, run_dir / "split.csv")
         report.write_skipped_csv(result.data.skipped, run_dir / "skipped.csv")
@@ -54,15 +57,20 @@ def write_run(run_dir: Path, result: RunResult) -> Path:
         atomic_write_text(run_dir / "check.json", json.dumps({"findings": findings}, indent=2) + "\n")
     if result.history:
         report.write_history_csv(result.history, run_dir / "history.csv")
-        plots.curves(result.history, run_dir / "curves.png", title=result.title)
+        plots.reuse(run_dir / "curves.png", ["curves", result.history.to_dict(), result.title],
+                    lambda: plots.curves(result.history, run_dir / "curves.png", title=result.title), cache)
     if result.metrics:
         atomic_write_text(run_dir / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
+    rows = report.prediction_rows(result.predictions, result.spec.classes, result.spec.temperature)
     if result.predictions:
-        report.write_predictions_csv(result.predictions, result.spec.classes, result.spec.temperature,
-                                     run_dir / "predictions.csv")
-    save_model(run_dir, result.spec, result.model, result.config)
+        report.write_predictions_csv(rows, run_dir / "predictions.csv")
+    config = save_model(run_dir, result.spec, result.model, result.config)
     if result.history and result.tensorboard:
         report.write_tensorboard(result.history, result.metrics, run_dir / "tensorboard")
     if result.metrics:
-        log.info(f"report: {build_report(run_dir, result.model, result.base)}")
+        train = None if result.data is None else [(s.path, result.data.classes[s.label])
+                                                  for s in result.data.split("train")]
+        page = build_report(run_dir, result.model, result.base, config=config, metrics=result.metrics,
+                            predictions=rows, train=train, cache_dir=cache)
+        log.info(f"report: {page}")
     return run_dir

@@ -19,10 +19,12 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +49,10 @@ def cpu_has_bf16() -> bool:
 
 
 def onnxruntime_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except ValueError:  # a module entry without a spec (e.g. blocked with sys.modules["onnxruntime"] = None)
+        return False
 
 
 @dataclass
@@ -186,11 +191,11 @@ def export_onnx(bb: Backbone, cache_dir: str | Path | None = None) -> Path:
     The export is checked against PyTorch's fp32 output on a random batch before it is kept, so a wrong graph is
     never used. It runs on a copy of the model: the exporter leaves the module it is given in training mode.
     """
-    import onnxruntime as ort
-
     path = onnx_export_path(cache_dir, bb.name, bb.identity())
     if path.exists():
         return path
+    import onnxruntime as ort
+
     pooled = _Pooled(copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
     x = torch.randn(2, *bb.preprocessing["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -213,27 +218,41 @@ def export_onnx(bb: Backbone, cache_dir: str | Path | None = None) -> Path:
 
 
 def _onnx_engine(bb: Backbone, runtime: RuntimeConfig, reason: str) -> Engine:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise TlearnError(f"--runtime onnx needs onnxruntime ({e}): pip install onnxruntime, or use --runtime "
-                          "torch") from e
-
+    if not onnxruntime_available():
+        raise TlearnError("--runtime onnx needs onnxruntime (it is not installed): pip install onnxruntime, or use "
+                         "--runtime torch")
     lanes, batch_size, threads = _lanes(torch.device("cpu"), runtime)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    path = export_onnx(bb, runtime.cache_dir)
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
-        log.warning(f"{path} cannot be loaded ({e}); exporting the base again")
-        path.unlink(missing_ok=True)
-        session = ort.InferenceSession(str(export_onnx(bb, runtime.cache_dir)), options,
-                                       providers=["CPUExecutionProvider"])
-
-    def forward(x: torch.Tensor) -> np.ndarray:
-        return session.run(None, {"image": x.numpy()})[0]
-
-    return Engine(forward, bb.preprocessing, bb.num_features, "onnx", "fp32", torch.device("cpu"), lanes,
+    path = export_onnx(bb, runtime.cache_dir)  # once per machine and weights; after that only a path
+    session = _Session(bb, runtime.cache_dir, path, threads)
+    return Engine(session.run, bb.preprocessing, bb.num_features, "onnx", "fp32", torch.device("cpu"), lanes,
                   batch_size, threads, reason)
+
+
+class _Session:
+    """An ONNX Runtime session of the exported base, opened when the first batch comes (a run whose features
+    are all cached never opens it), and exported again if the file on disk cannot be loaded."""
+
+    def __init__(self, bb: Backbone, cache_dir: str | Path | None, path: Path, threads: int):
+        self.bb, self.cache_dir, self.path, self.threads = bb, cache_dir, path, threads
+        self.session = None
+        self.lock = threading.Lock()
+
+    def _open(self) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+            log.warning(f"{self.path} cannot be loaded ({e}); exporting the base again")
+            self.path.unlink(missing_ok=True)
+            self.path = export_onnx(self.bb, self.cache_dir)
+            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
+    def run(self, x: torch.Tensor) -> np.ndarray:
+        with self.lock:  # lanes call this from several threads; the first opens the session
+            if self.session is None:
+                self.session = self._open()
+        return self.session.run(None, {"image": x.numpy()})[0]

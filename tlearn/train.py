@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
@@ -168,15 +166,24 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-def tensor_batches(X: np.ndarray, y: np.ndarray, batch_size: int,
-                   generator: torch.Generator | None = None) -> Batches:
-    """Batches of in-memory features; shuffled each pass when a generator is given."""
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y).long()
+def tensor_batches(X: np.ndarray, y: np.ndarray, batch_size: int, generator: torch.Generator | None = None,
+                   mirror: np.ndarray | None = None, rows: np.ndarray | None = None) -> Batches:
+    """Batches of in-memory features; shuffled each pass when a generator is given. ``rows`` picks the rows of
+    ``X`` to use (all by default); ``mirror``, the features of the mirror images aligned with ``X``, adds each
+    picked row's mirror image as one more row. Rows are gathered per batch, so no copy of ``X`` is ever made."""
+    Xt, Mt, yt = torch.from_numpy(X), None if mirror is None else torch.from_numpy(mirror), torch.from_numpy(y).long()
+    picked = torch.arange(len(Xt)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    if Mt is not None:  # row i of the mirror view is index i + len(X)
+        picked = torch.cat([picked, picked + len(Xt)])
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(Xt), generator=generator) if generator is not None else torch.arange(len(Xt))
+        order = picked[torch.randperm(len(picked), generator=generator)] if generator is not None else picked
         for idx in order.split(batch_size):
-            yield Xt[idx], yt[idx]
+            if Mt is None:
+                yield Xt[idx], yt[idx]
+            else:
+                plain, flipped = idx[idx < len(Xt)], idx[idx >= len(Xt)] - len(Xt)
+                yield torch.cat([Xt[plain], Mt[flipped]]), torch.cat([yt[plain], yt[flipped]])
 
     return batches
 
@@ -254,8 +261,11 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
 
 def fit_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, num_classes: int,
              config: TrainConfig, *, epochs: int | None = None, history: History | None = None,
-             weight: torch.Tensor | None = None, progress: bool = False) -> tuple[nn.Sequential, History, dict]:
-    """Train a head on cached features (mode features, and the first stage of finetune)."""
+             weight: torch.Tensor | None = None, progress: bool = False, mirror: np.ndarray | None = None,
+             rows: np.ndarray | None = None, val_rows: np.ndarray | None = None) -> tuple[nn.Sequential, History, dict]:
+    """Train a head on cached features (mode features, and the first stage of finetune). The dense head trains on
+    the ``rows`` of ``X_train`` (all by default) and their ``mirror`` rows, if given, and stops early on the
+    ``val_rows`` of ``X_val`` (see ``tensor_batches``)."""
     history = history if history is not None else History()
     if config.head == "logreg":
         head = _logreg_head(X_train, y_train, num_classes, config)
@@ -269,9 +279,10 @@ def fit_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val:
     generator = torch.Generator().manual_seed(config.seed)
     head = make_head(X_train.shape[1], num_classes, config.hidden, config.dropout)
     n_epochs = epochs or config.max_epochs("features")
+    n_rows = (len(X_train) if rows is None else len(rows)) * (1 if mirror is None else 2)
     stage = Stage("head", head, [{"params": list(head.parameters()), "lr": config.lr}],
-                  tensor_batches(X_train, y_train, config.batch_size, generator),
-                  tensor_batches(X_val, y_val, 4096), n_epochs, math.ceil(len(X_train) / config.batch_size),
+                  tensor_batches(X_train, y_train, config.batch_size, generator, mirror, rows),
+                  tensor_batches(X_val, y_val, 4096, rows=val_rows), n_epochs, math.ceil(n_rows / config.batch_size),
                   schedule=False)
     best = fit(stage, config, Precision(torch.device("cpu")), weight, history, progress=progress)
     return head.eval(), history, best
@@ -288,6 +299,9 @@ def _logreg_head(X: np.ndarray, y: np.ndarray, num_classes: int, config: TrainCo
 
 def fold_logreg(X: np.ndarray, y: np.ndarray, num_classes: int, seed: int, balanced: bool = False) -> nn.Linear:
     """Fit scikit-learn's LogisticRegression (C=1) on standardised ``X`` and return the equivalent nn.Linear."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     scaler = StandardScaler().fit(X)
     clf = LogisticRegression(max_iter=2000, random_state=seed, class_weight="balanced" if balanced else None)
     clf.fit(scaler.transform(X), y)
