@@ -1,6 +1,8 @@
 """The fixed cost of a command: wall time of the everyday commands, and where a warm `tlearn train` spends its time.
 
-Usage: python bench/bench_profile.py [--data examples/ants_bees]
+Usage: python bench/bench_profile.py [--data examples/ants_bees] [--images N]
+
+With ``--images N``, the folder is N distinct JPEG files built from ``--data`` (bench_scaling.build).
 
 1. Wall time of `tlearn --help`, `tlearn check DATA`, `tlearn train DATA --mode features` with a cold and a warm
    feature cache, and a cold `tlearn predict RUN IMAGE`, each a fresh process (Python start-up included).
@@ -43,9 +45,15 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "ants_bees")
+    parser.add_argument("--images", type=int, default=0, help="build a folder of this many distinct JPEGs from --data")
     args = parser.parse_args()
     tlearn = [sys.executable, "-m", "tlearn.cli"]
     with tempfile.TemporaryDirectory() as tmp:
+        if args.images:
+            from bench_scaling import build
+
+            build(args.data, Path(tmp) / f"{args.data.name}-{args.images}", args.images)
+            args.data = Path(tmp) / f"{args.data.name}-{args.images}"
         env = {**os.environ, "TLEARN_CACHE_DIR": str(Path(tmp) / "cache")}
         run = Path(tmp) / "run"
         image = sorted(args.data.rglob("*.jpg"))[0]

@@ -44,13 +44,16 @@ def run_train(data: Path, out: Path, cache: Path, backbone: str, *extra: str) ->
     cmd = [sys.executable, "-m", "tlearn.cli", "train", str(data), "--mode", "features", "--backbone", backbone,
            "--out", str(out), "--cache-dir", str(cache), *extra]
     wall, stderr, rss_mb = run_command(cmd, out.with_suffix(".log"))
-    # the centre view's line; a run that found everything cached prints none
-    m = re.search(r"features of \S+: (\d+) images, (\d+) from cache, (\d+) extracted(?: \(([\d.]+) img/s\))?", stderr)
+    # the centre view's lines, one per split; a run that found everything cached prints none
+    lines = re.findall(r"features of \S+: (\d+) images, (\d+) from cache, (\d+) extracted(?: \(([\d.]+) img/s\))?,"
+                       r" \d+ skipped, ([\d.]+) s", stderr)
+    images, extracted = sum(int(m[0]) for m in lines), sum(int(m[2]) for m in lines)
+    seconds = sum(float(m[4]) for m in lines if int(m[2]))
     metrics = json.loads((out / "metrics.json").read_text())
     split = "test" if "test" in metrics else "validation"
     epochs = [float(r) for r in re.findall(r"epoch \d+/\d+: .*, ([\d.]+) img/s\)", stderr)]
-    return {"images": int(m[1]) if m else None, "extracted": int(m[3]) if m else 0,
-            "img_s": float(m[4]) if m and m[4] else None, "wall": wall,
+    return {"images": images or None, "extracted": extracted,
+            "img_s": extracted / seconds if extracted and seconds else None, "wall": wall,
             "split": split, "accuracy": metrics[split]["accuracy"], "rss_mb": rss_mb,
             "epoch_img_s": sum(epochs) / len(epochs) if epochs else None}
 

@@ -4,8 +4,9 @@ Candidates, each trained on the training split and scored on the validation spli
 that does not tie on small splits, then accuracy):
 
 - ``logreg``: scikit-learn's multinomial logistic regression on the raw pooled features (standardising them
-  loses about a point on Oxford-17), its C and whether to add the mirrored images' cached features as extra
-  training rows chosen by k-fold cross-validation on the training split (out-of-fold log loss);
+  loses about a point on Oxford-17), its C (and, under ``--head logreg``, whether to add the mirrored images'
+  cached features as extra training rows; ``--head auto`` always adds them) chosen by k-fold cross-validation on
+  the training split (out-of-fold log loss);
 - ``dense``: the Dropout + Linear head trained with early stopping (``train.fit_head``) on 15 % of the training
   split, on the images and their mirror images.
 
@@ -54,7 +55,7 @@ CALIBRATION_FOLDS = 3  # for the out-of-fold logits the temperature is fitted on
 LARGE_TRAIN = 20_000  # training images above which --head auto trains the dense head alone: scikit-learn's
 # full-batch solver copies the training features to float64 (0.9 GB for 42,000 images and their mirror images)
 # and its cross-validation takes minutes, while the dense head reads mini-batches in place
-MEMO_VERSION = "1"  # bump when a change to this module changes the heads it chooses
+MEMO_VERSION = "2"  # bump when a change to this module changes the heads it chooses
 
 
 @dataclass
@@ -217,11 +218,14 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
                      "regression's solver and cross-validation cost too much memory and time; --head logreg forces "
                      "it)")
         log.info(f"  {notes[-1]}")
+    # --head auto trains with the mirror images where they are cached: in every benchmark here the candidates
+    # with them won (BENCHMARKS.md), and trying without them cost a third of the search; --head logreg or dense
+    # tries both
+    tried = flips[-1:] if config.head == "auto" else flips
     if config.head == "logreg" or (config.head == "auto" and not large):
-        candidates.append(_logreg_candidate(train, val, flips, config))
+        candidates.append(_logreg_candidate(train, val, tried, config))
     if config.head in ("auto", "dense"):
-        # with the mirror images only under auto (they rarely hurt a head that stops early); both when asked for
-        for flip in flips[-1:] if config.head == "auto" else flips:
+        for flip in tried:
             candidates.append(_dense_candidate(train, val, flip, num_classes, config, weight))
     for c in candidates:
         log.info(f"  head {describe(c)}: val_loss {c['val_loss']:.4f}, val_accuracy {c['val_accuracy']:.4f}")
