@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from torch import nn
 
 from tlearn.calibrate import nll
@@ -291,9 +291,9 @@ def load_probe(path: Path) -> tuple[Probe, list[list[Any]]] | None:
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "np") as f:
+        with safe_open(str(path), "np") as f:  # one read: the metadata and the arrays
             about = json.loads(f.metadata()["probe"])
-        arrays = load_file(str(path))
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError, KeyError, ValueError):
         return None
     weights = {k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("head.")}
