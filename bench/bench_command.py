@@ -5,7 +5,8 @@ Usage: python bench/bench_command.py [--data ../shared/datasets/oxford17_flowers
 Builds a folder of N distinct JPEG files (bench_scaling.build), then runs each as a whole process, Python start-up
 and imports included: bench/tutorial_features.py; `tlearn train DATA --mode features --out RUN` with an empty
 cache folder (the one-time ONNX export of the base included); the same with only that export in the cache (as on
-any machine after its first run: every image is new); and the same command again (warm). Prints a Markdown table.
+any machine after its first run: every image is new); the same command again (warm); and with
+--no-horizontal-flip (the centre view only, no mirror images) on new images. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -42,16 +43,18 @@ def main() -> None:
         print(f"| tutorial-style script (bench/tutorial_features.py) | {wall:.1f} | 1.00x | {rss:.0f} | "
               f"{accuracy:.4f} |", flush=True)
         train = [sys.executable, "-m", "tlearn.cli", "train", str(tmp / "data"), "--mode", "features"]
-        cases = [("`tlearn train --mode features`, empty cache folder (ONNX export included)", "cold"),
-                 ("`tlearn train --mode features`, new images (the ONNX export cached)", "new"),
-                 ("`tlearn train --mode features` again (warm)", "new")]
-        for label, cache in cases:
-            if cache == "new" and not (tmp / "new").exists():  # the one-time export only, no features
-                (tmp / "new").mkdir()
+        cases = [("`tlearn train --mode features`, empty cache folder (ONNX export included)", "cold", []),
+                 ("`tlearn train --mode features`, new images (the ONNX export cached)", "new", []),
+                 ("`tlearn train --mode features` again (warm)", "new", []),
+                 ("`tlearn train --mode features --no-horizontal-flip`, new images (no mirror views)", "plain",
+                  ["--no-horizontal-flip"])]
+        for label, cache, extra in cases:
+            if cache != "cold" and not (tmp / cache).exists():  # the one-time export only, no features
+                (tmp / cache).mkdir()
                 for part in ("onnx", "bases"):
-                    shutil.copytree(tmp / "cold" / part, tmp / "new" / part)
+                    shutil.copytree(tmp / "cold" / part, tmp / cache / part)
             run = tmp / f"run-{len(list(tmp.glob('run-*')))}"
-            wall, _, rss = run_command([*train, "--out", str(run), "--cache-dir", str(tmp / cache)],
+            wall, _, rss = run_command([*train, *extra, "--out", str(run), "--cache-dir", str(tmp / cache)],
                                        run.with_suffix(".log"))
             accuracy = json.loads((run / "metrics.json").read_text())["test"]["accuracy"]
             print(f"| {label} | {wall:.1f} | {reference / wall:.2f}x | {rss:.0f} | {accuracy:.4f} |", flush=True)

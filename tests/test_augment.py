@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tlearn.augment import PRESETS, KerasAffine, resolve, train_transform
-from tlearn.config import AugmentConfig, TlearnError, validate
+from tlearn.augment import KerasAffine, train_transform
+from tlearn.config import AUGMENT_PARAMS, AugmentConfig, TlearnError, validate
 
 PLAIN = {"input_size": [3, 64, 64], "interpolation": "bilinear", "mean": [0.0] * 3, "std": [1.0] * 3,
          "crop_pct": 1.0}
@@ -21,9 +21,9 @@ def gradient_image() -> Image.Image:
 
 
 def test_presets_and_overrides() -> None:
-    assert resolve(AugmentConfig()) == PRESETS["default"]
-    assert PRESETS["default"]["rotation_range"] == 40 and PRESETS["default"]["zoom_range"] == 0.2
-    params = resolve(AugmentConfig(augment="light", rotation_range=5, fill_mode="wrap"))
+    assert AugmentConfig().resolved() == AUGMENT_PARAMS["default"]
+    assert AUGMENT_PARAMS["default"]["rotation_range"] == 40 and AUGMENT_PARAMS["default"]["zoom_range"] == 0.2
+    params = AugmentConfig(augment="light", rotation_range=5, fill_mode="wrap").resolved()
     assert params["rotation_range"] == 5 and params["fill_mode"] == "wrap" and params["zoom_range"] == 0.1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,10 @@ def test_logreg_probe_chooses_c_by_cross_validation_and_refits_with_out_of_fold_
     final = refit(probe, train, val, 3, config)
     oof, y = final.calibration
     assert final.refit and oof.shape == (150, 3) and (y == np.concatenate([train.y, val.y])).all()
+    # held out, every row: the validation split's from the model fitted on train, the training split's out of fold
+    np.testing.assert_array_equal(oof[90:], probe.val_logits)
+    seen = train.logits(lambda X: logreg_logits(probe.model, X), probe.chosen["flip"])
+    assert np.abs(oof[:90] - seen).max() > 1e-3
     # the folded head is the refit scikit-learn model
     with torch.no_grad():
         ours = final.head(torch.from_numpy(val.X)).numpy()
@@ -217,3 +222,27 @@ def test_a_short_budget_on_real_photos_keeps_the_plan_and_stops(tmp_path: Path) 
     page = (tmp_path / "run" / "report.html").read_text()
     assert "<h2>Decision</h2>" in page and "images/s through the base on this machine" in page
     assert decision["measured"]["rate"] > 0 and decision["measured"]["n_val"] == 12
+
+
+@pytest.mark.parametrize("options", [{"horizontal_flip": False}, {"augment": "none"}])
+def test_no_horizontal_flip_keeps_mirror_images_out_of_the_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture,
+                                                                options: dict) -> None:
+    """Where a mirror image means something else (text, left and right arrows), --no-horizontal-flip keeps the
+    mirror view out of the head's training and out of its predictions, and does not compute it."""
+    data = make_folder(tmp_path / "photos", per_class=10)
+    clf = ImageClassifier(**TINY, **FAST, mode="features", head="logreg", **options)
+    seen = []
+    real = clf._extract
+
+    def extract(paths, names=None, view="center", **kw):
+        seen.append(view)
+        return real(paths, names, view, **kw)
+
+    monkeypatch.setattr(clf, "_extract", extract)
+    with caplog.at_level(logging.INFO, logger="tlearn"):
+        clf.fit(data)
+        assert clf.spec.views == ["center"] and set(seen) == {"center"}
+        assert "mirrored" not in caplog.text
+        ImageClassifier(**TINY, **FAST, mode="features", head="logreg").fit(data)
+        assert "+ mirrored images: val_loss" in caplog.text  # by default they are tried

@@ -36,7 +36,7 @@ from tlearn.features import FeatureCache, Features, tta_views
 from tlearn.fileio import file_sha256
 from tlearn.models import parameter_counts
 from tlearn.modes import Job, Trained, run_mode
-from tlearn.probe import CALIBRATION_FOLDS, Probe, describe
+from tlearn.probe import FOLDS, Probe, describe
 from tlearn.run import RunResult, write_run
 from tlearn.runtime import Engine, base_engine, net_engine
 from tlearn.strategy import Clock, Decision, budget_seconds, choose, format_table
@@ -238,7 +238,7 @@ class ImageClassifier:
         logits, y, where = scored[0], scored[1], "validation"
         if trained.probe is not None and trained.probe.calibration is not None:
             (logits, y), where = trained.probe.calibration, \
-                f"out-of-fold logits of train + validation ({CALIBRATION_FOLDS}-fold)"
+                f"held-out logits of train ({FOLDS}-fold) and validation"
         self.spec.temperature = fit_temperature(logits, y)
         log.info(f"calibration: temperature {self.spec.temperature:.3f}, fitted on {where} (loss "
                  f"{nll(logits, y):.4f} -> {nll(logits, y, self.spec.temperature):.4f})")

@@ -18,30 +18,7 @@ from torch import nn
 
 from tlearn.config import AugmentConfig
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "none": {"rotation_range": 0.0, "width_shift_range": 0.0, "height_shift_range": 0.0, "shear_range": 0.0,
-             "zoom_range": 0.0, "horizontal_flip": False, "vertical_flip": False, "brightness_range": None,
-             "fill_mode": "nearest"},
-    "light": {"rotation_range": 10.0, "width_shift_range": 0.1, "height_shift_range": 0.1, "shear_range": 0.0,
-              "zoom_range": 0.1, "horizontal_flip": True, "vertical_flip": False, "brightness_range": None,
-              "fill_mode": "nearest"},
-    # Deep Learning with Python, 5.2.5; its shear_range=0.2 was radians in the Keras of the time: 11.5 degrees.
-    "default": {"rotation_range": 40.0, "width_shift_range": 0.2, "height_shift_range": 0.2, "shear_range": 11.5,
-                "zoom_range": 0.2, "horizontal_flip": True, "vertical_flip": False, "brightness_range": None,
-                "fill_mode": "nearest"},
-    "strong": {"rotation_range": 40.0, "width_shift_range": 0.25, "height_shift_range": 0.25, "shear_range": 20.0,
-               "zoom_range": 0.3, "horizontal_flip": True, "vertical_flip": False, "brightness_range": "0.7,1.3",
-               "fill_mode": "reflect"},
-}
-
 _PAD_MODES = {"nearest": "replicate", "reflect": "reflect", "wrap": "circular"}
-
-
-def resolve(config: AugmentConfig) -> dict[str, Any]:
-    """The preset's parameters with every parameter set in ``config`` taking its place."""
-    params = dict(PRESETS[config.augment])
-    params.update({k: v for k, v in vars(config).items() if k != "augment" and v is not None})
-    return params
 
 
 class KerasAffine(nn.Module):
@@ -88,7 +65,7 @@ class _Clamp(nn.Module):
 
 def train_transform(preprocessing: dict[str, Any], config: AugmentConfig, normalize: bool = True) -> T.Compose:
     """Augmented training transform: PIL image → normalised (3, H, W) float tensor of the model's input size."""
-    p = resolve(config)
+    p = config.resolved()
     size = preprocessing["input_size"][-1]
     interpolation = T.InterpolationMode(preprocessing.get("interpolation", "bilinear"))
     steps: list[nn.Module] = [

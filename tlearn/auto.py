@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from tlearn.backbones import REGISTRY, larger_offline
-from tlearn.modes import Found, Job, Trained, finetune_stage, head_result, probe_features, record
+from tlearn.modes import Found, Job, Trained, finetune_stage, head_result, head_views, probe_features, record
 from tlearn.strategy import Measured, Step, can_take, evaluation_reserve, format_plan, plan
 
 log = logging.getLogger("tlearn")
@@ -71,14 +71,14 @@ def _measure(job: Job, names: list[str]) -> Measured:
     paths = [s.path for s in data.samples]
     n = {split: len(data.split(split)) for split in ("train", "validation", "test")}
     rate = job.engine(names[0]).rate([s.path for s in data.split("train")])
-    misses = sum(job.missing(paths, name, view) for name in names for view in ("center", "flip"))
+    misses = sum(job.missing(paths, name, view) for name in names for view in head_views(job))
     m = Measured(n["train"], n["validation"], n["test"], sum(job.backbone(x).num_features for x in names), rate,
                  misses)
     larger = _larger(job, names)
     if larger:
         m.larger, m.larger_cost = larger
         m.larger_features = job.backbone(m.larger).num_features
-        m.larger_misses = sum(job.missing(paths, m.larger, view) for view in ("center", "flip"))
+        m.larger_misses = sum(job.missing(paths, m.larger, view) for view in head_views(job))
     return m
 
 

@@ -169,7 +169,23 @@ class TrainConfig:
 
 
 FILL_MODES = ("nearest", "reflect", "constant", "wrap")
-AUGMENT_PRESETS = ("none", "light", "default", "strong")
+AUGMENT_PARAMS: dict[str, dict[str, Any]] = {
+    "none": {"rotation_range": 0.0, "width_shift_range": 0.0, "height_shift_range": 0.0, "shear_range": 0.0,
+             "zoom_range": 0.0, "horizontal_flip": False, "vertical_flip": False, "brightness_range": None,
+             "fill_mode": "nearest"},
+    "light": {"rotation_range": 10.0, "width_shift_range": 0.1, "height_shift_range": 0.1, "shear_range": 0.0,
+              "zoom_range": 0.1, "horizontal_flip": True, "vertical_flip": False, "brightness_range": None,
+              "fill_mode": "nearest"},
+    # Deep Learning with Python, 5.2.5; its shear_range=0.2 was radians in the Keras of the time: 11.5 degrees.
+    "default": {"rotation_range": 40.0, "width_shift_range": 0.2, "height_shift_range": 0.2, "shear_range": 11.5,
+                "zoom_range": 0.2, "horizontal_flip": True, "vertical_flip": False, "brightness_range": None,
+                "fill_mode": "nearest"},
+    "strong": {"rotation_range": 40.0, "width_shift_range": 0.25, "height_shift_range": 0.25, "shear_range": 20.0,
+               "zoom_range": 0.3, "horizontal_flip": True, "vertical_flip": False, "brightness_range": "0.7,1.3",
+               "fill_mode": "reflect"},
+}
+
+AUGMENT_PRESETS = tuple(AUGMENT_PARAMS)
 
 
 @dataclass
@@ -211,6 +227,11 @@ class AugmentConfig:
                 out.append(f"--brightness-range must be two factors lo,hi with 0 < lo <= hi, e.g. 0.8,1.2. "
                            f"Received: brightness_range={self.brightness_range!r}")
         return out
+
+    def resolved(self) -> dict[str, Any]:
+        """The preset's parameters with every parameter set here taking its place."""
+        return {**AUGMENT_PARAMS[self.augment], **{k: v for k, v in vars(self).items()
+                                                   if k != "augment" and v is not None}}
 
 
 @dataclass

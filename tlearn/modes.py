@@ -133,11 +133,18 @@ Found = tuple[Probe, Split | None, Split | None, dict[Path, str]]  # a chosen he
 # was remembered), and the files that failed
 
 
+def head_views(job: Job) -> tuple[str, ...]:
+    """The views a head on cached features trains with: the centre crop and its mirror image, unless the
+    augmentation turns horizontal flips off (--no-horizontal-flip, or --augment none), as for images whose
+    mirror image means something else."""
+    return ("center", "flip") if job.augment.resolved()["horizontal_flip"] else ("center",)
+
+
 def _probe_splits(job: Job, names: list[str]) -> tuple[Split, Split, dict[Path, str]]:
-    """Cached features of ``names`` (centre and mirrored views) of the train and validation splits."""
-    xy, failed = _by_split(job, lambda paths, view: job.features(paths, names, view), ("center", "flip"))
-    (train, y_train), (val, y_val) = xy["train"], xy["validation"]
-    return Split(*train, y_train), Split(*val, y_val), failed
+    """Cached features of ``names`` (the views of ``head_views``) of the train and validation splits."""
+    xy, failed = _by_split(job, lambda paths, view: job.features(paths, names, view), head_views(job))
+    train, val = (Split(X[0], X[1] if len(X) > 1 else None, y) for X, y in (xy["train"], xy["validation"]))
+    return train, val, failed
 
 
 def probe_features(job: Job, names: list[str]) -> Found:
@@ -193,7 +200,7 @@ def _memo_path(job: Job, names: list[str], what: str = "chosen") -> Path | None:
         return None
     settings = {k: v for k, v in to_dict(job.train).items() if k not in ("mode", "time_budget")}
     key = {"version": MEMO_VERSION, "what": what, "features": [job.namespace(n, v) for n in names
-                                                               for v in ("center", "flip")],
+                                                               for v in head_views(job)],
            "rows": rows, "classes": len(job.data.classes), "train": settings,
            "libraries": [importlib.metadata.version(m) for m in ("scikit-learn", "torch", "numpy")]}
     return keyed_path(job.runtime.cache_dir, "heads", key, f"-{what}.safetensors")

@@ -14,8 +14,9 @@ A head trained with mirror images also predicts from both views, averaging their
 mirror-consistent predictions cost a second pass of the base and gained 0.4 to 1.1 points on Oxford-17.
 
 The winner is refit on train + validation when it is a logistic regression (its settings no longer need the
-held-out split), and the temperature for calibration is then fitted on out-of-fold logits of train + validation,
-so it is never fitted on predictions of images the model trained on. A dense head keeps its early-stopped
+held-out split), and the temperature for calibration is then fitted on held-out logits of train + validation
+(the search's out-of-fold logits of the training split, and the validation split's from the model fitted on the
+training split), so it is never fitted on predictions of images the model trained on. A dense head keeps its early-stopped
 weights and is calibrated on validation as before.
 """
 
@@ -51,11 +52,10 @@ log = logging.getLogger("tlearn")
 C_GRID = (1.0, 3.0, 10.0)  # inverse L2 strengths tried by cross-validation: raw features peak near 3, and C=0.3
 # was never chosen on the shared datasets while costing a third of the search
 FOLDS = 3  # for choosing C (on the training split)
-CALIBRATION_FOLDS = 3  # for the out-of-fold logits the temperature is fitted on
 LARGE_TRAIN = 20_000  # training images above which --head auto trains the dense head alone: scikit-learn's
 # full-batch solver copies the training features to float64 (0.9 GB for 42,000 images and their mirror images)
 # and its cross-validation takes minutes, while the dense head reads mini-batches in place
-MEMO_VERSION = "2"  # bump when a change to this module changes the heads it chooses
+MEMO_VERSION = "3"  # bump when a change to this module changes the heads it chooses
 
 
 @dataclass
@@ -91,6 +91,7 @@ class Probe:
     chosen: dict[str, Any]
     candidates: list[dict[str, Any]]
     val_logits: np.ndarray  # (N_val, C) of the model trained on the training split only
+    train_oof: np.ndarray | None = None  # (N_train, C) out-of-fold logits of the chosen logistic regression
     calibration: tuple[np.ndarray, np.ndarray] | None = None  # out-of-fold (logits, y), when refit
     refit: bool = False
     seconds: float = 0.0
@@ -182,13 +183,15 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 def _logreg_candidate(train: Split, val: Split, flips: tuple[bool, ...], config: TrainConfig) -> dict[str, Any]:
     """The logistic regression whose C and use of mirror images have the lowest out-of-fold loss on the training
     split, refit on all of it and scored on validation."""
-    scores = {(flip, C): nll(z, train.y) for flip in flips
-              for C, z in zip(C_GRID, out_of_fold(train, flip, C_GRID, FOLDS, config), strict=True)}
+    oof = {(flip, C): z for flip in flips for C, z in zip(C_GRID, out_of_fold(train, flip, C_GRID, FOLDS, config),
+                                                          strict=True)}
+    scores = {key: nll(z, train.y) for key, z in oof.items()}
     flip, C = min(scores, key=scores.get)
     clf = _fit(_logreg(C, config), *train.rows(flip))
     logits = val.logits(functools.partial(logreg_logits, clf), flip)
     return {"head": "logreg", "flip": flip, "C": C, "cv_loss": float(scores[flip, C]), "val_logits": logits,
-            "model": clf, "val_loss": nll(logits, val.y), "val_accuracy": _accuracy(logits, val.y)}
+            "model": clf, "val_loss": nll(logits, val.y), "val_accuracy": _accuracy(logits, val.y),
+            "train_oof": oof[flip, C]}
 
 
 def _dense_candidate(train: Split, val: Split, flip: bool, num_classes: int, config: TrainConfig,
@@ -230,8 +233,9 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
     for c in candidates:
         log.info(f"  head {describe(c)}: val_loss {c['val_loss']:.4f}, val_accuracy {c['val_accuracy']:.4f}")
     best = min(candidates, key=lambda c: (c["val_loss"], -c["val_accuracy"]))
-    chosen = {k: v for k, v in best.items() if k not in ("val_logits", "model", "history")}
-    table = [{k: v for k, v in c.items() if k not in ("val_logits", "model", "history")} for c in candidates]
+    arrays = ("val_logits", "model", "history", "train_oof")
+    chosen = {k: v for k, v in best.items() if k not in arrays}
+    table = [{k: v for k, v in c.items() if k not in arrays} for c in candidates]
     if best["head"] == "dense":
         probe = Probe(best["model"].eval(), best["history"], chosen, table, best["val_logits"], model=best["model"])
     else:
@@ -240,24 +244,26 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
         history.append("head", loss=nll(train_logits, train.y), accuracy=_accuracy(train_logits, train.y),
                        val_loss=best["val_loss"], val_accuracy=best["val_accuracy"])
         probe = Probe(_linear_head(clf, train.X.shape[1], num_classes), history, chosen, table, best["val_logits"],
-                      model=clf)
+                      best["train_oof"], model=clf)
     probe.seconds, probe.notes = time.perf_counter() - start, notes
     return probe
 
 
 def refit(probe: Probe, train: Split, val: Split, num_classes: int, config: TrainConfig) -> Probe:
-    """A logistic-regression probe refit on train + validation with its chosen settings, with out-of-fold logits
-    of those images for calibration; a dense probe as it is (it needs the held-out split for early stopping)."""
+    """A logistic-regression probe refit on train + validation with its chosen settings, with held-out logits of
+    those images for calibration (the search's out-of-fold logits of the training split, and the validation
+    split's from the model fitted on the training split); a dense probe as it is (it needs the held-out split
+    for early stopping)."""
     if probe.chosen["head"] != "logreg":
         return probe
     start = time.perf_counter()
     flip, C = probe.chosen["flip"], probe.chosen["C"]
     both = Split(np.vstack([train.X, val.X]), np.vstack([train.X_flip, val.X_flip]) if flip else None,
                  np.concatenate([train.y, val.y]))
-    (oof,) = out_of_fold(both, flip, (C,), CALIBRATION_FOLDS, config)
     clf = _fit(_logreg(C, config), *both.rows(flip))
+    held_out = np.vstack([probe.train_oof, probe.val_logits])
     return dataclasses.replace(
-        probe, head=_linear_head(clf, train.X.shape[1], num_classes), model=clf, calibration=(oof, both.y),
+        probe, head=_linear_head(clf, train.X.shape[1], num_classes), model=clf, calibration=(held_out, both.y),
         refit=True, seconds=probe.seconds + time.perf_counter() - start,
         notes=[*probe.notes, f"refit on train + validation ({len(both.y)} images) with the chosen settings"])
 
@@ -273,6 +279,8 @@ def save_probe(path: Path, probe: Probe, failed: list[list[Any]]) -> None:
     [split, row, reason]; a cache folder that cannot be written only loses the saving."""
     arrays = {f"head.{k}": v.numpy() for k, v in probe.head.state_dict().items()}
     arrays["val_logits"] = probe.val_logits
+    if probe.train_oof is not None:
+        arrays["train_oof"] = probe.train_oof
     if probe.calibration is not None:
         arrays["calibration_logits"], arrays["calibration_y"] = probe.calibration
     shape = [probe.head[1].out_features if len(probe.head) > 2 else 0, float(probe.head[0].p)]  # see make_head
@@ -303,6 +311,6 @@ def load_probe(path: Path) -> tuple[Probe, list[list[Any]]] | None:
     h = about["history"]
     history = History(h["epoch"], h["history"], h["stage"], h["best_epoch"])
     calibration = (arrays["calibration_logits"], arrays["calibration_y"]) if "calibration_y" in arrays else None
-    probe = Probe(head.eval(), history, about["chosen"], about["candidates"], arrays["val_logits"], calibration,
-                  about["refit"], about["seconds"], about["notes"])
+    probe = Probe(head.eval(), history, about["chosen"], about["candidates"], arrays["val_logits"],
+                  arrays.get("train_oof"), calibration, about["refit"], about["seconds"], about["notes"])
     return probe, about["failed"]
