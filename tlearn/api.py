@@ -252,8 +252,7 @@ class ImageClassifier:
                 self.metrics["test"] = self._metrics(test, split="test")
             for m in self.metrics.values():
                 m["calibration"]["fitted_on"] = where
-            self.save(out)
-            (Path(out) / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete
+            self.save(out)  # removes the checkpoint once the model is written
         return self.history
 
     def _adopt(self, trained: Trained, folder: ImageFolder) -> None:

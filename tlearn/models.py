@@ -184,10 +184,14 @@ def summary(model: nn.Module, input_size: list[int]) -> list[dict[str, Any]]:
                 watch(full, child)
 
     walk("", model, 0)
+    # shapes only: the forward pass runs on the meta device, so it computes nothing and works wherever the
+    # model's parts live (a base on the GPU and a head on the CPU included)
+    meta = {name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(),
+                                                                      *model.named_buffers()]}
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size))
+            torch.func.functional_call(model.eval(), meta, (torch.zeros(1, *input_size, device="meta"),))
     finally:
         for h in hooks:
             h.remove()

@@ -16,8 +16,8 @@ mirror-consistent predictions cost a second pass of the base and gained 0.4 to 1
 The winner is refit on train + validation when it is a logistic regression (its settings no longer need the
 held-out split), and the temperature for calibration is then fitted on held-out logits of train + validation
 (the search's out-of-fold logits of the training split, and the validation split's from the model fitted on the
-training split), so it is never fitted on predictions of images the model trained on. A dense head keeps its early-stopped
-weights and is calibrated on validation as before.
+training split), so it is never fitted on predictions of images the model trained on. A dense head keeps its
+early-stopped weights and is calibrated on validation as before.
 """
 
 from __future__ import annotations

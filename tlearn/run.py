@@ -18,6 +18,7 @@ from torch import nn
 from tlearn import plots, report
 from tlearn.artifact import ModelSpec, save_model
 from tlearn.check import Finding
+from tlearn.checkpoint import CHECKPOINT_FILE
 from tlearn.data import ImageFolder, write_manifest
 from tlearn.fileio import atomic_write_text, default_cache_dir
 from tlearn.htmlreport import build_report
@@ -46,8 +47,9 @@ class RunResult:
 
 
 def write_run(run_dir: Path, result: RunResult) -> Path:
-    """Write every file of the run into ``run_dir``; the model last but the report, each file atomically. The report
-    is built from what is in memory here, nothing is read back."""
+    """Write every file of the run into ``run_dir``; the model last but the report, each file atomically, and
+    then remove the training checkpoint, so that a failure in the report cannot leave a finished run resumable.
+    The report is built from what is in memory here, nothing is read back."""
     run_dir = Path(run_dir)
     cache = Path(result.cache_dir or default_cache_dir())
     if result.data is not None:
@@ -65,6 +67,7 @@ def write_run(run_dir: Path, result: RunResult) -> Path:
     if result.predictions:
         report.write_predictions_csv(rows, run_dir / "predictions.csv")
     config = save_model(run_dir, result.spec, result.model, result.config)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the model is saved: nothing is left to resume
     if result.history and result.tensorboard:
         report.write_tensorboard(result.history, result.metrics, run_dir / "tensorboard")
     if result.metrics:
