@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from tests.conftest import TINY, make_folder
 from tlearn import run
 from tlearn.api import ImageClassifier
 from tlearn.backbones import load_backbone
 from tlearn.checkpoint import CHECKPOINT_FILE
-from tlearn.config import BackboneConfig
+from tlearn.config import BackboneConfig, TrainConfig
 from tlearn.models import Classifier, make_head, summary
+from tlearn.train import DevicePlacementError, Precision, fit_head, tensor_batches, train_one_epoch
 
 
 def test_the_model_summary_runs_wherever_the_model_lives() -> None:
@@ -40,3 +47,73 @@ def test_a_failing_report_leaves_the_saved_model_and_no_checkpoint(tmp_path: Pat
         clf.fit(make_folder(tmp_path / "photos", per_class=6), out=tmp_path / "run")
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+
+
+def test_class_weights_reach_the_loss_through_the_loops_device_owner() -> None:
+    """On CUDA the class weights were put on the GPU while heads on features train on the CPU. Now the loop places
+    them itself; the armed check (as in every test) fails a loop that uses weights it did not place, on the CPU
+    as a GPU would."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 1, 1], 10)
+    X = (rng.normal(0, 1, (40, 8)) + 3 * y[:, None]).astype(np.float32)
+    weight = torch.tensor([2.0, 0.5])  # made by the caller, on no device the loop chose
+    head, history, _ = fit_head(X, y, X, y, 2, TrainConfig(head="dense", epochs=3), weight=weight)
+    assert len(history.epoch) == 3 and next(head.parameters()).device.type == "cpu"
+    run = Precision(torch.device("cpu"))
+    model = run.module(make_head(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(DevicePlacementError, match="training: tensor 2 is on cpu, not placed by the loop"):
+        train_one_epoch(model, tensor_batches(X, y, 8)(), opt, run, weight)
+    train_one_epoch(model, tensor_batches(X, y, 8)(), opt, run, run.put(weight))
+
+
+def test_the_armed_device_check_fails_on_the_cpu_for_what_skipped_the_owner(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run = Precision(torch.device("cpu"))
+    head = run.module(make_head(4, 2, dropout=0.0))
+    placed, stray = run.put(torch.zeros(3)), torch.zeros(3)
+    run.check("test", head, placed)
+    with pytest.raises(DevicePlacementError, match="tensor 1 is on cpu, not placed by the loop"):
+        run.check("test", head, placed, stray)
+    with pytest.raises(DevicePlacementError, match="model.1.weight"):
+        run.check("test", make_head(4, 2, dropout=0.0))
+    monkeypatch.setenv("TLEARN_CHECK_DEVICES", "0")  # disarmed: only the device type is compared
+    run.check("test", head, placed, stray)
+    with pytest.raises(DevicePlacementError, match="is on meta"):
+        run.check("test", head, stray.to("meta"))
+
+
+@pytest.mark.parametrize("mode,options", [("features", {"head": "dense", "class_weight": "balanced"}),
+                                          ("features", {"head": "logreg"}), ("frozen", {}),
+                                          ("finetune", {"class_weight": "balanced"}), ("scratch", {}),
+                                          ("scratch", {"model": "logreg-pixels"}), ("auto", {})])
+def test_every_mode_trains_with_the_device_check_armed(tmp_path: Path, mode: str, options: dict) -> None:
+    assert os.environ["TLEARN_CHECK_DEVICES"] == "1"  # armed for every test (conftest)
+    extra = {} if mode == "scratch" else TINY
+    clf = ImageClassifier(**extra, mode=mode, epochs=2, head_epochs=1, verbose=False, workers=0, batch_size=8,
+                          **options)
+    data = make_folder(tmp_path / "photos", per_class=8, classes=("blue", "red", "green"))
+    (data / "green" / "green_000.png").unlink()  # imbalanced, so that balanced class weights are not all 1
+    clf.fit(data)
+    assert clf.history.epoch
+
+
+@pytest.mark.parametrize("kind", ["features", "finetune"])
+def test_a_model_trained_on_cuda_predicts_on_this_machine_where_the_caller_says(tmp_path: Path, kind: str) -> None:
+    data = make_folder(tmp_path / "photos", per_class=6)
+    trained = ImageClassifier(**TINY, mode=kind, epochs=1, head_epochs=1, verbose=False, workers=0, batch_size=8)
+    trained.fit(data)
+    trained.train_config.device, trained.train_config.precision = "cuda", "fp16"  # as a run on a GPU saves it
+    trained.save(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["device"] == "cuda"
+    expected = [r["predictions"][0]["class"] for r in ImageClassifier.load(tmp_path / "run", verbose=False,
+                                                                          device="cpu").predict([data / "red"])]
+    for options in ({}, {"device": "cpu", "precision": "fp32"}):
+        clf = ImageClassifier.load(tmp_path / "run", verbose=False, **options)
+        assert clf.run.device.type == "cpu" and clf.run.dtype is None
+        assert [r["predictions"][0]["class"] for r in clf.predict([data / "red"])] == expected
+        assert clf.train_config.epochs == 1  # how it was trained is still read from the run
+    out = subprocess.run([sys.executable, "-m", "tlearn.cli", "predict", str(tmp_path / "run"), str(data / "red"),
+                          "--device", "cpu", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert [r["predictions"][0]["class"] for r in json.loads(out.stdout)] == expected

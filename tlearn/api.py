@@ -40,7 +40,7 @@ from tlearn.probe import FOLDS, Probe, describe
 from tlearn.run import RunResult, write_run
 from tlearn.runtime import Engine, base_engine, net_engine
 from tlearn.strategy import Clock, Decision, budget_seconds, choose, format_table
-from tlearn.train import History, Precision, resolve_precision
+from tlearn.train import CPU, History, Precision, resolve_precision
 
 log = logging.getLogger("tlearn")
 CONFIGS = (BackboneConfig, TrainConfig, AugmentConfig, RuntimeConfig)
@@ -434,14 +434,17 @@ class ImageClassifier:
     def load(cls, run_dir: str | Path, *, weights: str | None = None, verbose: bool = True,
              **runtime_options: Any) -> ImageClassifier:
         """Load a saved model. A head on a pretrained base loads that base on first use, which must have the
-        weights it was trained with (by SHA-256); ``weights`` points to the file if it has moved."""
+        weights it was trained with (by SHA-256); ``weights`` points to the file if it has moved. The model runs
+        where ``device`` and ``precision`` say (default: auto), never where it was trained."""
         spec, model, config = load_model(Path(run_dir))
         backbone = spec.backbone or BackboneConfig()
         clf = cls(backbone.backbone, verbose=verbose, weights=weights or backbone.weights,
                   pretrained=backbone.pretrained, **runtime_options)
         where = str(Path(run_dir) / "config.json")
-        if "train" in config:
-            clf.train_config = from_dict(TrainConfig, config["train"], where)
+        if "train" in config:  # how it was trained; where it runs stays the caller's choice
+            saved = from_dict(TrainConfig, config["train"], where)
+            clf.train_config = dataclasses.replace(saved, device=clf.train_config.device,
+                                                   precision=clf.train_config.precision)
         if "decision" in config:
             clf.decision = Decision(**config["decision"])
         clf.classes, clf.model, clf.spec = spec.classes, model, spec
@@ -459,7 +462,7 @@ def predict_imagenet(inputs: list[str | Path], backbone: str = "efficientnet_lit
     paths = expand_inputs(inputs)
     if not paths:
         return []
-    engine = net_engine(bb.model, bb.preprocessing, 1000, Precision(torch.device("cpu")), RuntimeConfig())
+    engine = net_engine(bb.model, bb.preprocessing, 1000, CPU, RuntimeConfig())
     feats = engine.extract(paths)  # (N, 1000) logits
     proba = torch.softmax(torch.from_numpy(feats.X), 1).numpy()
     from timm.data import ImageNetInfo

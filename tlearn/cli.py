@@ -91,7 +91,7 @@ def evaluate(args: argparse.Namespace) -> None:
     """Evaluate a trained run on its test split, or on DATA (class sub-folders, or a split folder's test/)."""
     from tlearn.api import ImageClassifier
 
-    clf = ImageClassifier.load(args.run, weights=args.weights, verbose=not args.json, **_runtime(args))
+    clf = ImageClassifier.load(args.run, weights=args.weights, verbose=not args.json, **_where(args))
     metrics = clf.evaluate(args.data)
     if args.tta:  # both, so the difference shows
         plain, metrics = metrics, clf.evaluate(args.data, tta=True)
@@ -123,7 +123,7 @@ def predict(args: argparse.Namespace) -> None:
 
         if len(args.paths) < 2:
             raise TlearnError("usage: tlearn predict RUN IMAGE [IMAGE ...] (or tlearn predict --imagenet IMAGE ...)")
-        model = Predictor.load(args.paths[0], weights=args.weights, verbose=not args.json, **_runtime(args))
+        model = Predictor.load(args.paths[0], weights=args.weights, verbose=not args.json, **_where(args))
         results = model.predict(args.paths[1:], top_k=args.top_k, calibration=not args.no_calibration, tta=args.tta)
     print(json.dumps(results, indent=2) if args.json else report.format_predictions(results))
     if args.plot:
@@ -209,6 +209,17 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     return dataclasses.asdict(_config(RuntimeConfig, args))
 
 
+def _where(args: argparse.Namespace) -> dict[str, Any]:
+    """The runtime settings of a loaded model, with where it runs: the caller's choice, never the run's."""
+    return {**_runtime(args), "device": args.device, "precision": args.precision}
+
+
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, cuda:N, or auto (CUDA when "
+                   "present), whatever the run was trained on (default: auto)")
+    p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 (CUDA) or auto (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tlearn import __version__
 
@@ -263,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation (centre, mirrored, "
                    "four corners; mean logits) and show both")
     _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard"))  # nothing is trained here
+    _add_placement(p)
 
     p = verb(report_)
     p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`")
@@ -279,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "mirror image and four corner crops")
     _add_fields(p, BackboneConfig, skip=("pretrained",))
     _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard"))
+    _add_placement(p)
 
     p = verb(split)
     _add_fields(p, DataConfig, skip=("split_manifest",))

@@ -34,6 +34,7 @@ from tlearn.probe import MEMO_VERSION, Probe, Split, choose_head, describe, load
 from tlearn.runtime import Engine, FrozenFeatures
 from tlearn.strategy import REPORT_SECONDS, Clock, Decision, Step
 from tlearn.train import (
+    CPU,
     Batches,
     History,
     Precision,
@@ -125,8 +126,7 @@ def _cached_features(job: Job) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def _weight(job: Job, y_train: np.ndarray) -> torch.Tensor | None:
-    w = class_weights(y_train, len(job.data.classes), job.train.class_weight)
-    return None if w is None else w.to(job.run.device)
+    return class_weights(y_train, len(job.data.classes), job.train.class_weight)  # the loop places them
 
 
 Found = tuple[Probe, Split | None, Split | None, dict[Path, str]]  # a chosen head, its splits (None when it
@@ -264,7 +264,7 @@ def _image_stage(job: Job, name: str, model: nn.Module, groups: list[dict], prep
     train = job.data.split("train")
     if val is None:
         val = _image_batches(job, job.data.split("validation"), eval_transform(preprocessing), failed)
-    stage = Stage(name, model.to(job.run.device, memory_format=torch.channels_last), groups,
+    stage = Stage(name, model, groups,
                   _image_batches(job, train, train_transform(preprocessing, job.augment), failed, generator),
                   val, job.train.max_epochs(job.decision.mode), math.ceil(len(train) / job.train.batch_size),
                   val_model=val_model, images_per_epoch=len(train), generator=generator,
@@ -379,9 +379,8 @@ def _logreg_pixels(job: Job, preprocessing: dict[str, Any]) -> Trained:
     model = PixelLinear(len(job.data.classes), preprocessing["input_size"][-1])
     model.linear.load_state_dict(fold_logreg(X, y, len(job.data.classes), job.train.seed,
                                              balanced=job.train.class_weight == "balanced").state_dict())
-    cpu = Precision(torch.device("cpu"))
-    loss, acc = evaluate(model, tensor_batches(X, y, 1024)(), cpu)
-    val_loss, val_acc = evaluate(model, tensor_batches(Xv, yv, 1024)(), cpu)
+    loss, acc = evaluate(CPU.module(model), tensor_batches(X, y, 1024)(), CPU)
+    val_loss, val_acc = evaluate(model, tensor_batches(Xv, yv, 1024)(), CPU)
     history = History(best_epoch=1)
     history.append("scratch", loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
     return Trained("scratch", model.eval(), history, "logreg-pixels", preprocessing, failed)

@@ -73,7 +73,10 @@ class Predictor:
     @classmethod
     def _fast(cls, run_dir: Path, runtime: dict[str, Any]) -> Predictor | None:
         """The ONNX predictor, or None where it does not apply (see the module docstring)."""
-        if runtime.get("runtime", "auto") == "torch" or not _no_gpu() or not importlib.util.find_spec("onnxruntime"):
+        device, precision = runtime.get("device", "auto"), runtime.get("precision", "auto")
+        on_cpu = device == "cpu" or (device == "auto" and _no_gpu())
+        if runtime.get("runtime", "auto") == "torch" or not on_cpu or precision not in ("auto", "fp32") \
+                or not importlib.util.find_spec("onnxruntime"):
             return None
         try:
             spec = spec_of(read_config(run_dir), run_dir / "config.json")

@@ -11,7 +11,9 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,24 +53,65 @@ class History:
         return {"epoch": self.epoch, "history": self.history, "stage": self.stage, "best_epoch": self.best_epoch}
 
 
-@dataclass
+class DevicePlacementError(RuntimeError):
+    """A model, its inputs or its loss's class weights were not placed on the training loop's device."""
+
+
+@dataclass(eq=False)
 class Precision:
-    """Where and in which precision the loop runs; ``autocast()`` wraps a forward pass."""
+    """The one owner of where and in which precision a training loop runs. The loop places its model, batches,
+    labels and class weights through it (``module``, ``prepare``, ``put``), so that they share one device by
+    construction, and ``check`` confirms it before the first batch of each pass. With the environment variable
+    ``TLEARN_CHECK_DEVICES=1`` the check is armed: everything checked must also have been placed by this owner,
+    so a tensor that skipped it fails on the CPU as it would fail on a GPU."""
 
     device: torch.device
     dtype: torch.dtype | None = None  # None: fp32
+    _placed: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary, repr=False)
+
+    def _mark(self, x: Any) -> Any:
+        self._placed[id(x)] = x
+        return x
+
+    def module(self, model: nn.Module) -> nn.Module:
+        """Move a model to the device (convolution weights channels-last)."""
+        model = model.to(self.device, memory_format=torch.channels_last)
+        for t in (*model.parameters(), *model.buffers()):
+            self._mark(t)
+        return self._mark(model)
+
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        """Move a tensor (labels, class weights) to the device."""
+        return self._mark(x.to(self.device, non_blocking=True))
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Move a batch to the device; image batches (B, C, H, W) go channels-last, which convolutions run
         about 1.6x faster on, on CPUs as on GPUs, with the same results."""
         if x.dim() == 4:
-            return x.to(self.device, memory_format=torch.channels_last, non_blocking=True)
-        return x.to(self.device, non_blocking=True)
+            return self._mark(x.to(self.device, memory_format=torch.channels_last, non_blocking=True))
+        return self.put(x)
+
+    def check(self, where: str, model: nn.Module, *tensors: torch.Tensor | None) -> None:
+        """Raise ``DevicePlacementError`` unless the model's parameters and buffers and the tensors all sit on
+        the device (and, armed, were placed by this owner)."""
+        armed = os.environ.get("TLEARN_CHECK_DEVICES") == "1"
+        named = [*(("model." + n, t) for n, t in (*model.named_parameters(), *model.named_buffers())),
+                 *((f"tensor {i}", t) for i, t in enumerate(tensors) if t is not None)]
+        for name, t in named:
+            if t.device.type != self.device.type or (armed and self._placed.get(id(t)) is not t):
+                got = t.device if t.device.type != self.device.type else f"{t.device}, not placed by the loop"
+                raise DevicePlacementError(f"{where}: {name} is on {got}; the loop runs on {self.device}. "
+                                           "This is a bug in tlearn: please report it with the command you ran.")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+# Heads on cached features train on the CPU, where the features are: a head of a few thousand parameters gains
+# nothing from a GPU, and the features need no copy.
+CPU = Precision(torch.device("cpu"))
 
 
 def resolve_precision(device: str = "auto", precision: str = "auto") -> Precision:
@@ -127,7 +170,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
-        x, y = run.prepare(x), y.to(run.device, non_blocking=True)
+        x, y = run.prepare(x), run.put(y)
+        if not seen:
+            run.check("training", model, x, y, weight)
         with run.autocast():
             logits = model(x)  # (B, C)
             loss = F.cross_entropy(logits.float(), y, weight=weight)
@@ -157,7 +202,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
-        x, y = run.prepare(x), y.to(run.device)
+        x, y = run.prepare(x), run.put(y)
+        if not seen:
+            run.check("evaluation", model, x, y, weight)
         with run.autocast():
             logits = model(x).float()
         total_loss += F.cross_entropy(logits, y, weight=weight, reduction="sum").item()
@@ -211,7 +258,9 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
         checkpoint: Callable[[dict[str, Any]], None] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``stage`` and return the best state ``{"loss", "epoch", "weights"}`` (``best`` carries a previous
     stage's best in, so a stage that never improves on it leaves the weights as they were)."""
-    model, val_model = stage.model, stage.val_model or stage.model
+    model = run.module(stage.model)
+    val_model = model if stage.val_model is None else run.module(stage.val_model)
+    weight = None if weight is None else run.put(weight)
     opt = make_optimizer(stage.groups, config)
     total = stage.epochs * stage.steps_per_epoch
     warmup = round(config.warmup_epochs * stage.steps_per_epoch)
@@ -269,9 +318,8 @@ def fit_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val:
     history = history if history is not None else History()
     if config.head == "logreg":
         head = _logreg_head(X_train, y_train, num_classes, config)
-        run = Precision(torch.device("cpu"))
-        loss, acc = evaluate(head, tensor_batches(X_train, y_train, 4096)(), run)
-        val_loss, val_acc = evaluate(head, tensor_batches(X_val, y_val, 4096)(), run)
+        loss, acc = evaluate(CPU.module(head), tensor_batches(X_train, y_train, 4096)(), CPU)
+        val_loss, val_acc = evaluate(head, tensor_batches(X_val, y_val, 4096)(), CPU)
         history.append("head", loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
         history.best_epoch = len(history.epoch)
         return head, history, {"loss": val_loss, "epoch": history.best_epoch, "weights": head.state_dict()}
@@ -284,7 +332,7 @@ def fit_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val:
                   tensor_batches(X_train, y_train, config.batch_size, generator, mirror, rows),
                   tensor_batches(X_val, y_val, 4096, rows=val_rows), n_epochs, math.ceil(n_rows / config.batch_size),
                   schedule=False)
-    best = fit(stage, config, Precision(torch.device("cpu")), weight, history, progress=progress)
+    best = fit(stage, config, CPU, weight, history, progress=progress)
     return head.eval(), history, best
 
 
