@@ -117,3 +117,30 @@ def test_a_model_trained_on_cuda_predicts_on_this_machine_where_the_caller_says(
                           "--device", "cpu", "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert [r["predictions"][0]["class"] for r in json.loads(out.stdout)] == expected
+
+
+@pytest.mark.parametrize("mode", ["frozen", "features"])
+def test_fitting_twice_with_one_seed_gives_one_result_and_leaves_the_global_rng_alone(tmp_path: Path,
+                                                                                     mode: str) -> None:
+    data = make_folder(tmp_path / "photos", per_class=8)
+    clf = ImageClassifier(**TINY, mode=mode, head="dense", epochs=3, verbose=False, workers=0, batch_size=8)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = clf.fit(data).history["val_loss"]
+    assert torch.equal(torch.get_rng_state(), state)  # training drew nothing from the caller's generator
+    torch.rand(7)  # the caller's own random draws change nothing in the next fit
+    assert clf.fit(data).history["val_loss"] == first
+
+
+def test_the_api_seed_seeds_the_split_as_the_cli_seed_does(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "photos", per_class=20)
+    splits = {}
+    for seed in (0, 5):
+        clf = ImageClassifier(**TINY, mode="features", head="logreg", verbose=False, workers=0, seed=seed)
+        clf.fit(data)
+        assert clf.data_config.seed == seed
+        splits[seed] = sorted(s.path.name for s in clf.data.split("validation"))
+    assert splits[0] != splits[5]
+    given = ImageClassifier(**TINY, mode="features", head="logreg", verbose=False, workers=0, seed=5)
+    given.fit(data, seed=0)  # a split seed given to fit still wins
+    assert sorted(s.path.name for s in given.data.split("validation")) == splits[0]

@@ -189,7 +189,9 @@ class ImageClassifier:
         if resume:
             out = self.runtime.resume
             data_options = {**data_options, "split_manifest": str(Path(out) / "split.csv")}
-        (self.data_config,) = _options((DataConfig,), {"path": str(data), **data_options})
+        # one seed, as the CLI's --seed: the split's too, unless given here
+        (self.data_config,) = _options((DataConfig,), {"path": str(data), "seed": self.train_config.seed,
+                                                       **data_options})
         validate(self.data_config)
         start = time.perf_counter()
         budget, budget_why = budget_seconds(self.train_config, self.run.device.type)

@@ -178,8 +178,9 @@ def load_backbone(config: BackboneConfig, cache_dir: str | Path | None = None) -
         def build() -> nn.Module:
             import timm
 
-            torch.manual_seed(0)
-            return timm.create_model(e.arch, pretrained=False)
+            with torch.random.fork_rng(devices=[]):  # the same weights, whenever it is built, and the
+                torch.manual_seed(0)  # caller's random state untouched
+                return timm.create_model(e.arch, pretrained=False)
     elif (packaged := packaged_weights_file(e)) is not None:
         version = importlib.metadata.version(e.package.replace("_", "-"))
         source, wid = f"package {e.package.replace('_', '-')}=={version}", f"sha256:{file_sha256(packaged)}"

@@ -45,6 +45,7 @@ from tlearn.train import (
     fit_head,
     fold_logreg,
     make_head,
+    seeded,
     tensor_batches,
 )
 
@@ -97,8 +98,8 @@ def run_mode(job: Job) -> Trained:
     else:
         recipe = {"features": train_features, "frozen": train_frozen, "finetune": train_finetune,
                   "scratch": train_scratch}[job.decision.mode]
-    torch.manual_seed(job.train.seed)
-    return recipe(job)
+    with seeded(job.train.seed, job.run.device):
+        return recipe(job)
 
 
 def _by_split(job: Job, get: Callable[[list[Path], str], Features],

@@ -109,6 +109,17 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block from ``seed`` on PyTorch's global generators (weight initialisation and dropout draw from them,
+    and take no generator of their own), then give the caller back its random state untouched: what ran before
+    cannot change a result, and training changes nothing outside it."""
+    cuda = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
 # Heads on cached features train on the CPU, where the features are: a head of a few thousand parameters gains
 # nothing from a GPU, and the features need no copy.
 CPU = Precision(torch.device("cpu"))
@@ -323,16 +334,16 @@ def fit_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val:
         history.append("head", loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
         history.best_epoch = len(history.epoch)
         return head, history, {"loss": val_loss, "epoch": history.best_epoch, "weights": head.state_dict()}
-    torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    head = make_head(X_train.shape[1], num_classes, config.hidden, config.dropout)
-    n_epochs = epochs or config.max_epochs("features")
-    n_rows = (len(X_train) if rows is None else len(rows)) * (1 if mirror is None else 2)
-    stage = Stage("head", head, [{"params": list(head.parameters()), "lr": config.lr}],
-                  tensor_batches(X_train, y_train, config.batch_size, generator, mirror, rows),
-                  tensor_batches(X_val, y_val, 4096, rows=val_rows), n_epochs, math.ceil(n_rows / config.batch_size),
-                  schedule=False)
-    best = fit(stage, config, CPU, weight, history, progress=progress)
+    with seeded(config.seed):
+        head = make_head(X_train.shape[1], num_classes, config.hidden, config.dropout)
+        n_epochs = epochs or config.max_epochs("features")
+        n_rows = (len(X_train) if rows is None else len(rows)) * (1 if mirror is None else 2)
+        stage = Stage("head", head, [{"params": list(head.parameters()), "lr": config.lr}],
+                      tensor_batches(X_train, y_train, config.batch_size, generator, mirror, rows),
+                      tensor_batches(X_val, y_val, 4096, rows=val_rows), n_epochs,
+                      math.ceil(n_rows / config.batch_size), schedule=False)
+        best = fit(stage, config, CPU, weight, history, progress=progress)
     return head.eval(), history, best
 
 
