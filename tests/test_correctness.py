@@ -6,19 +6,22 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY, make_folder
-from tlearn import run
+from tests.conftest import TINY, make_folder, make_image
+from tlearn import fileio, run
 from tlearn.api import ImageClassifier
 from tlearn.backbones import load_backbone
 from tlearn.checkpoint import CHECKPOINT_FILE
 from tlearn.config import BackboneConfig, TrainConfig
 from tlearn.models import Classifier, make_head, summary
+from tlearn.runtime import Engine
 from tlearn.train import DevicePlacementError, Precision, fit_head, tensor_batches, train_one_epoch
 
 
@@ -144,3 +147,63 @@ def test_the_api_seed_seeds_the_split_as_the_cli_seed_does(tmp_path: Path) -> No
     given = ImageClassifier(**TINY, mode="features", head="logreg", verbose=False, workers=0, seed=5)
     given.fit(data, seed=0)  # a split seed given to fit still wins
     assert sorted(s.path.name for s in given.data.split("validation")) == splits[0]
+
+
+def test_a_class_missing_from_training_is_an_error_that_survives_python_O() -> None:
+    code = ("import numpy as np\nfrom tlearn.train import fold_logreg\nfrom tlearn.config import TlearnError\n"
+            "try:\n    fold_logreg(np.eye(4, dtype=np.float32), np.array([0, 1, 0, 1]), 3, 0)\n"
+            "except TlearnError as e:\n    print('error:', e)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
+    assert "error: classes [2] (by index) have no image in the training split" in out.stdout, out.stderr
+
+
+def test_predict_takes_a_tuple_of_paths(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "photos", per_class=4)
+    files = tuple(sorted((data / "red").iterdir())[:2])
+    clf = ImageClassifier(**TINY, mode="features", head="logreg", verbose=False, workers=0)
+    clf.fit(data)
+    for inputs in (files, iter(files), list(files)):
+        assert [r["path"] for r in clf.predict(inputs)] == [str(p) for p in files]
+
+
+def test_the_digest_memo_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fileio, "_digests", {})
+    monkeypatch.setattr(fileio, "MEMO_ENTRIES", 3)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * 10)
+    digests = [fileio.file_sha256(p) for p in paths]
+    assert len(fileio._digests) == 3 and len(set(digests)) == 6
+    assert fileio.file_sha256(paths[0]) == digests[0]  # forgotten here, still right
+
+
+def test_concurrent_torch_extractions_leave_the_thread_count_as_it_was(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two extractions at once, the second starting while the first runs and ending after it: without taking
+    turns, the second would restore the first one's setting. PyTorch's thread count is process-wide in its
+    thread pool and MKL (OpenMP's part is per thread), so a process-wide stand-in models it here."""
+    setting = {"threads": 2}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: setting["threads"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: setting.update(threads=n))
+    paths = [make_image(tmp_path / f"{i}.png", (10 * i, 0, 0), i) for i in range(2)]
+    inside = threading.Event()
+
+    def first(x: torch.Tensor) -> torch.Tensor:
+        inside.wait(timeout=1.0)  # taking turns, the second cannot start before this returns
+        return x.mean((2, 3))
+
+    def second(x: torch.Tensor) -> torch.Tensor:
+        inside.set()
+        time.sleep(0.3)
+        return x.mean((2, 3))
+
+    plain = {"input_size": [3, 16, 16], "interpolation": "bilinear", "mean": [0.0] * 3, "std": [1.0] * 3,
+             "crop_pct": 1.0, "crop_mode": "center"}
+    engines = [Engine(fn, plain, 3, "torch", "fp32", torch.device("cpu"), 1, 8, 1) for fn in (first, second)]
+    a = threading.Thread(target=engines[0].extract, args=(paths,), kwargs={"progress": False})
+    a.start()
+    time.sleep(0.1)
+    engines[1].extract(paths, progress=False)
+    a.join()
+    assert setting["threads"] == 2

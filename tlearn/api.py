@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -384,7 +385,7 @@ class ImageClassifier:
             raise TlearnError("no data split is recorded with this model; pass the folder to evaluate on")
         return scan(DataConfig(path=summary["root"], split_manifest=str(manifest)))
 
-    def predict(self, inputs: str | Path | list[str | Path], top_k: int = 3, *, calibration: bool = True,
+    def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
                 tta: bool = False) -> list[dict[str, Any]]:
         """Top-k classes with probabilities for image files and the images in folders, in order.
 
@@ -393,7 +394,7 @@ class ImageClassifier:
         unless ``calibration`` is False; ``tta`` averages six test-time views.
         """
         self._require_fitted()
-        paths = expand_inputs(inputs if isinstance(inputs, list) else [inputs])
+        paths = expand_inputs(inputs)
         if not paths:
             return []
         logits, failed = self._logits(paths, cache=False, tta=tta)

@@ -15,6 +15,7 @@ import os
 import shutil
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,11 +264,12 @@ def scan_labelled(path: Path | str, classes: list[str]) -> ImageFolder:
     return ImageFolder(root, list(classes), samples, skipped, layout=f"evaluation folder {folder.name}/")
 
 
-def expand_inputs(inputs: list[Path | str]) -> list[Path]:
-    """Image files, and the images inside folders, in the given order. Paths that do not exist are kept, so that
-    the results line up with the inputs and the missing ones are reported in place."""
+def expand_inputs(inputs: Path | str | Iterable[Path | str]) -> list[Path]:
+    """Image files, and the images inside folders, in the given order: one path, or any list, tuple or other
+    iterable of them. Paths that do not exist are kept, so that the results line up with the inputs and the
+    missing ones are reported in place."""
     paths: list[Path] = []
-    for item in inputs:
+    for item in [inputs] if isinstance(inputs, str | os.PathLike) else inputs:
         p = Path(item).expanduser()
         paths += list_images(p, []) if p.is_dir() else [p]
     return paths

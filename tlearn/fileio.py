@@ -130,7 +130,8 @@ def _blob(key: str) -> bytes:
 
 _index = DigestIndex()
 atexit.register(_index.close)
-_digests: dict[str, str] = {}
+_digests: dict[str, str] = {}  # this process's memo, oldest first
+MEMO_ENTRIES = 100_000  # at most (about 20 MB); the oldest are forgotten first, so a long-lived server stays flat
 
 
 def file_sha256(path: Path | str) -> str:
@@ -149,6 +150,8 @@ def file_sha256(path: Path | str) -> str:
                     h.update(chunk)
             digest = h.hexdigest()
             _index.put(key, digest)
+        while len(_digests) >= MEMO_ENTRIES:
+            del _digests[next(iter(_digests))]
         _digests[key] = digest
     return _digests[key]
 

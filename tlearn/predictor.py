@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +129,13 @@ class Predictor:
                 x = np.maximum(x, 0)
         return x
 
-    def predict(self, inputs: str | Path | list[str | Path], top_k: int = 3, *, calibration: bool = True,
+    def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
                 tta: bool = False) -> list[dict[str, Any]]:
         """Top-k classes with probabilities for image files and the images in folders, in order, exactly as
         ``ImageClassifier.predict`` returns them."""
         if self.fallback is not None:
             return self.fallback.predict(inputs, top_k, calibration=calibration, tta=tta)
-        paths = expand_inputs(inputs if isinstance(inputs, list) else [inputs])
+        paths = expand_inputs(inputs)
         if not paths:
             return []
         logits, failed = self._logits(paths, TTA_VIEWS if tta else self.spec.views)

@@ -55,6 +55,9 @@ def onnxruntime_available() -> bool:
         return False
 
 
+_THREADS = threading.Lock()  # held while PyTorch's process-wide thread count is set for one extraction
+
+
 @dataclass
 class Engine:
     """A frozen network as a batch function, and how to feed it: ``extract(paths)`` decodes, preprocesses and
@@ -97,14 +100,19 @@ class Engine:
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
-        """PyTorch's intra-op threads per lane while extracting (lanes x threads = cores), restored after."""
-        before = torch.get_num_threads()
-        if self.runtime == "torch" and self.device.type == "cpu":
-            torch.set_num_threads(self.threads)
-        try:
+        """PyTorch's intra-op threads per lane while extracting (lanes x threads = cores), restored after. The
+        setting is process-wide, so extractions on the CPU with PyTorch take turns (each uses every core already):
+        two at once would each restore what the other set."""
+        if self.runtime != "torch" or self.device.type != "cpu":
             yield
-        finally:
-            torch.set_num_threads(before)
+            return
+        with _THREADS:
+            before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(before)
 
 
 def _lanes(device: torch.device, runtime: RuntimeConfig) -> tuple[int, int, int]:

@@ -178,7 +178,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
                     scaler: torch.amp.GradScaler | None = None,
                     progress: tqdm | None = None) -> tuple[float, float]:
     """One pass over the batches; returns mean loss and accuracy."""
-    model.train()
+    model = run.module(model).train()  # in place: the optimizer's parameters stay the model's
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
         x, y = run.prepare(x), run.put(y)
@@ -210,7 +210,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], run: Precision,
              weight: torch.Tensor | None = None) -> tuple[float, float]:
     """Mean loss and accuracy in eval mode."""
-    model.eval()
+    model = run.module(model).eval()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
         x, y = run.prepare(x), run.put(y)
@@ -367,7 +367,10 @@ def fold_logreg(X: np.ndarray, y: np.ndarray, num_classes: int, seed: int, balan
     coef, bias = clf.coef_, clf.intercept_
     if coef.shape[0] == 1:  # binary: sklearn keeps one logit z for class 1; softmax([0, z]) == sigmoid(z)
         coef, bias = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, bias[0]])
-    assert clf.classes_.tolist() == list(range(num_classes)), "every class is in the training split"
+    missing = sorted(set(range(num_classes)) - set(clf.classes_.tolist()))
+    if missing:  # a check, not an assert: it must hold under python -O too
+        raise TlearnError(f"classes {missing} (by index) have no image in the training split, so a logistic "
+                          "regression cannot learn them: add images to those class folders, or lower --val/--test")
     # (x - mean) / scale @ W.T + b  ==  x @ (W / scale).T + (b - W @ (mean / scale))
     weight = coef / scaler.scale_
     linear = nn.Linear(X.shape[1], num_classes)
