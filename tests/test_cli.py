@@ -86,7 +86,9 @@ def test_hymenoptera_end_to_end_with_real_weights(tmp_path: Path) -> None:
     assert {p.name for p in run.iterdir()} == RUN_FILES
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"validation"}  # hymenoptera has train/ and val/ only
-    assert metrics["validation"]["accuracy"] >= 0.93
+    # a margin, not today's number (0.93 to 0.96 across settings): far above chance (0.5) and above what pixels
+    # alone reach on these photos, so only a broken pipeline fails it
+    assert metrics["validation"]["accuracy"] >= 0.85
     assert metrics["validation"]["n"] == 153
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["weights_id"].startswith("sha256:")

@@ -16,3 +16,5 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "tlearn train examples/" in example and "pytest" in tests
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert tests in ci
+    assert '-m "not slow"' in tests, "the README's test command is the fast set"
+    assert any(line.endswith("pytest -m slow") for line in ci), "CI runs the slow set too"
