@@ -183,12 +183,9 @@ def test_auto_head_reports_every_candidate() -> None:
     assert probe.val_loss == min(c["val_loss"] for c in probe.candidates)
 
 
-def test_a_mirror_trained_head_predicts_from_both_views(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = make_folder(tmp_path / "photos", per_class=10)
-    clf = ImageClassifier(**TINY, **FAST, mode="features", head="logreg")
-    clf.fit(data)
-    clf.spec.views = ["center", "flip"]
-    seen = []
+def spy_views(clf: ImageClassifier, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The views ``clf`` extracts from now on, in order."""
+    seen: list[str] = []
     real = clf._extract
 
     def extract(paths, names=None, view="center", **kw):
@@ -196,6 +193,15 @@ def test_a_mirror_trained_head_predicts_from_both_views(tmp_path: Path, monkeypa
         return real(paths, names, view, **kw)
 
     monkeypatch.setattr(clf, "_extract", extract)
+    return seen
+
+
+def test_a_mirror_trained_head_predicts_from_both_views(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_folder(tmp_path / "photos", per_class=10)
+    clf = ImageClassifier(**TINY, **FAST, mode="features", head="logreg")
+    clf.fit(data)
+    clf.spec.views = ["center", "flip"]
+    seen = spy_views(clf, monkeypatch)
     clf.predict([data / "red"])
     assert seen == ["center", "flip"]
 
@@ -232,14 +238,7 @@ def test_no_horizontal_flip_keeps_mirror_images_out_of_the_head(tmp_path: Path, 
     mirror view out of the head's training and out of its predictions, and does not compute it."""
     data = make_folder(tmp_path / "photos", per_class=10)
     clf = ImageClassifier(**TINY, **FAST, mode="features", head="logreg", **options)
-    seen = []
-    real = clf._extract
-
-    def extract(paths, names=None, view="center", **kw):
-        seen.append(view)
-        return real(paths, names, view, **kw)
-
-    monkeypatch.setattr(clf, "_extract", extract)
+    seen = spy_views(clf, monkeypatch)
     with caplog.at_level(logging.INFO, logger="tlearn"):
         clf.fit(data)
         assert clf.spec.views == ["center"] and set(seen) == {"center"}
