@@ -215,9 +215,11 @@ def _where(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_placement(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, cuda:N, or auto (CUDA when "
-                   "present), whatever the run was trained on (default: auto)")
-    p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 (CUDA) or auto (default: auto)")
+    """--device and --precision of a loaded model, as TrainConfig describes them."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("device", "precision"):
+            p.add_argument(f"--{f.name}", default=f.default, help=f"{f.metadata['help']}; whatever the run was "
+                           f"trained on (default: {f.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:

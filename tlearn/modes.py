@@ -380,7 +380,7 @@ def _logreg_pixels(job: Job, preprocessing: dict[str, Any]) -> Trained:
     model = PixelLinear(len(job.data.classes), preprocessing["input_size"][-1])
     model.linear.load_state_dict(fold_logreg(X, y, len(job.data.classes), job.train.seed,
                                              balanced=job.train.class_weight == "balanced").state_dict())
-    loss, acc = evaluate(CPU.module(model), tensor_batches(X, y, 1024)(), CPU)
+    loss, acc = evaluate(model, tensor_batches(X, y, 1024)(), CPU)
     val_loss, val_acc = evaluate(model, tensor_batches(Xv, yv, 1024)(), CPU)
     history = History(best_epoch=1)
     history.append("scratch", loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)

@@ -329,7 +329,7 @@ def fit_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val:
     history = history if history is not None else History()
     if config.head == "logreg":
         head = _logreg_head(X_train, y_train, num_classes, config)
-        loss, acc = evaluate(CPU.module(head), tensor_batches(X_train, y_train, 4096)(), CPU)
+        loss, acc = evaluate(head, tensor_batches(X_train, y_train, 4096)(), CPU)
         val_loss, val_acc = evaluate(head, tensor_batches(X_val, y_val, 4096)(), CPU)
         history.append("head", loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
         history.best_epoch = len(history.epoch)
