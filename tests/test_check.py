@@ -179,7 +179,7 @@ def test_train_on_a_messy_folder_completes_and_lists_what_it_skipped(corpus, tmp
 
 
 def test_real_image_decodes_even_with_a_wrong_extension(tmp_path: Path) -> None:
-    from tlearn.data import load_image
+    from tlearn.images import load_image
 
     make_image(tmp_path / "x.png", (200, 10, 10), 0)
     (tmp_path / "x.png").rename(tmp_path / "x.jpg")

@@ -149,6 +149,56 @@ def test_the_api_seed_seeds_the_split_as_the_cli_seed_does(tmp_path: Path) -> No
     assert sorted(s.path.name for s in given.data.split("validation")) == splits[0]
 
 
+@pytest.mark.parametrize(("pixels", "expected"), [
+    (np.full((16, 16), 0.5, dtype=np.float32), 128),  # floats in [0, 1], as scientific and HDR tools write them
+    (np.full((16, 16), 300.0, dtype=np.float32), 255),  # above 255: the brightest pixel becomes 255
+    (np.full((16, 16), np.nan, dtype=np.float32), 0),
+])
+def test_a_float_tiff_decodes_to_its_brightness_and_check_says_so(tmp_path: Path, pixels: np.ndarray,
+                                                                   expected: int) -> None:
+    from PIL import Image
+
+    from tlearn.check import inspect_file
+    from tlearn.images import load_image
+
+    path = tmp_path / "float.tif"
+    Image.fromarray(pixels, "F").save(path)
+    assert np.asarray(load_image(path))[0, 0].tolist() == [expected] * 3  # was black for [0, 1]
+    findings, _ = inspect_file(path)
+    assert [f.kind for f in findings if f.severity == "info"] == ["high-bit-depth"]
+
+
+def test_check_reports_exactly_the_conversions_the_decoder_makes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tlearn.check import inspect_file
+    from tlearn.images import decode, open_image
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [photo, photo.rotate(90)]
+    files = {"grey.png": (photo.convert("L"), {}), "print.jpg": (photo.convert("CMYK"), {}),
+             "alpha.png": (photo.convert("RGBA"), {}), "grey-alpha.png": (photo.convert("LA"), {}),
+             "deep.png": (Image.fromarray(np.full((40, 40), 40000, dtype=np.uint16)), {}),
+             "anim.gif": (frames[0], {"save_all": True, "append_images": frames[1:]}),
+             "rotated.jpg": (photo, {"exif": exif}), "plain.jpg": (photo, {})}
+    for name, (image, options) in files.items():
+        image.save(tmp_path / name, **options)
+        made: list[str] = []
+        with open_image(tmp_path / name) as im:
+            decode(im, lambda kind, detail, made=made: made.append(kind))
+        said = [f.kind for f in inspect_file(tmp_path / name)[0] if f.severity == "info"]
+        assert sorted(said) == sorted(made), name
+        assert bool(made) == (name != "plain.jpg"), name
+
+
+def test_only_the_decoder_opens_image_files() -> None:
+    package = Path(__file__).parent.parent / "tlearn"
+    opening = [p.name for p in package.glob("*.py") if "Image.open(" in p.read_text()]
+    assert opening == ["images.py"]
+
+
 def test_a_class_missing_from_training_is_an_error_that_survives_python_O() -> None:
     code = ("import numpy as np\nfrom tlearn.train import fold_logreg\nfrom tlearn.config import TlearnError\n"
             "try:\n    fold_logreg(np.eye(4, dtype=np.float32), np.array([0, 1, 0, 1]), 3, 0)\n"
@@ -207,3 +257,30 @@ def test_concurrent_torch_extractions_leave_the_thread_count_as_it_was(tmp_path:
     engines[1].extract(paths, progress=False)
     a.join()
     assert setting["threads"] == 2
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_training_frames_images_as_evaluation_does_for_every_crop_mode(crop_mode: str) -> None:
+    """Before, training always resized the short side and centre-cropped, while evaluation followed the backbone's
+    crop mode: a squash backbone trained on crops and was evaluated on squashed images."""
+    from PIL import Image
+
+    from tlearn.augment import train_transform
+    from tlearn.config import AugmentConfig
+    from tlearn.features import eval_transform
+
+    pp = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
+          "std": (0.229, 0.224, 0.225), "crop_pct": 1.0 if crop_mode == "border" else 0.875, "crop_mode": crop_mode}
+    wide = np.zeros((40, 120, 3), dtype=np.uint8)
+    wide[:, :30] = (250, 20, 20)  # red at the left edge, which a centre crop throws away
+    wide[:, 30:] = np.random.default_rng(0).integers(0, 255, (40, 90, 3))
+    image = Image.fromarray(wide)
+    trained = train_transform(pp, AugmentConfig(augment="none"))(image)
+    evaluated = eval_transform(pp)(image)
+    assert trained.shape == evaluated.shape == (3, 32, 32)
+    assert (trained - evaluated).abs().max() < 0.1  # the same framing; CropResize differs by a grey level or two
+    shown = train_transform(pp, AugmentConfig(augment="none"), normalize=False)(image)
+    assert 0 <= shown.min() and shown.max() <= 1
+    if crop_mode == "border":  # the padding is the mean colour, in both
+        assert torch.allclose(evaluated[:, 0, 0], torch.zeros(3), atol=0.03)
+        assert torch.allclose(shown[:, 0, 0], torch.tensor(pp["mean"]), atol=0.01)

@@ -11,15 +11,8 @@ from PIL import Image
 
 from tests.conftest import make_folder, make_image
 from tlearn.config import DataConfig, TlearnError, validate
-from tlearn.data import (
-    ImageDecodeError,
-    load_image,
-    materialise_split,
-    read_manifest,
-    scan,
-    scan_labelled,
-    write_manifest,
-)
+from tlearn.data import materialise_split, read_manifest, scan, scan_labelled, write_manifest
+from tlearn.images import ImageDecodeError, load_image
 
 
 def test_class_folders_get_a_stratified_seeded_split(tmp_path: Path) -> None:

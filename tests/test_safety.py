@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from tlearn.check import inspect_file
 from tlearn.config import TlearnError
-from tlearn.data import ImageDecodeError, load_image
 from tlearn.fileio import atomic_path, atomic_write_text
+from tlearn.images import ImageDecodeError, load_image
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -1,12 +1,12 @@
 """Data augmentation with Keras's ImageDataGenerator parameters, built on torchvision.transforms.v2.
 
-The training transform is the evaluation transform (resize, centre crop, normalise) with random geometry and
-colour inserted before the crop, so the crop usually sees real pixels rather than fill.
+The training transform is timm's evaluation transform for the backbone (its resize, then its centre crop, squash
+or border crop, then normalise) with random geometry and colour inserted before the crop, so the crop usually
+sees real pixels rather than fill.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +64,16 @@ class _Clamp(nn.Module):
 
 
 def train_transform(preprocessing: dict[str, Any], config: AugmentConfig, normalize: bool = True) -> T.Compose:
-    """Augmented training transform: PIL image → normalised (3, H, W) float tensor of the model's input size."""
+    """Augmented training transform: PIL image → normalised (3, H, W) float tensor of the model's input size.
+
+    The resize and the crop are those of timm's evaluation transform for this preprocessing (centre crop, squash
+    or border), so that the image modes train on the framing they are evaluated on; the random geometry and
+    colour go between the two."""
     p = config.resolved()
-    size = preprocessing["input_size"][-1]
-    interpolation = T.InterpolationMode(preprocessing.get("interpolation", "bilinear"))
-    steps: list[nn.Module] = [
-        T.Resize(math.floor(size / preprocessing.get("crop_pct", 1.0)), interpolation=interpolation),
-        T.ToImage(), T.ToDtype(torch.float32, scale=True),
-        KerasAffine(p["rotation_range"], p["width_shift_range"], p["height_shift_range"], p["shear_range"],
-                    p["zoom_range"], p["fill_mode"]),
-    ]
+    resize, crop = _eval_geometry(preprocessing)
+    steps: list[Any] = [*resize, T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                        KerasAffine(p["rotation_range"], p["width_shift_range"], p["height_shift_range"],
+                                    p["shear_range"], p["zoom_range"], p["fill_mode"])]
     if p["horizontal_flip"]:
         steps.append(T.RandomHorizontalFlip())
     if p["vertical_flip"]:
@@ -81,16 +81,33 @@ def train_transform(preprocessing: dict[str, Any], config: AugmentConfig, normal
     if p["brightness_range"]:
         lo, hi = (float(v) for v in str(p["brightness_range"]).split(","))
         steps.append(T.ColorJitter(brightness=(lo, hi)))
-    steps += [T.CenterCrop(size), _Clamp()]
-    if normalize:
-        steps.append(T.Normalize(preprocessing["mean"], preprocessing["std"]))
+    mean, std = preprocessing["mean"], preprocessing["std"]
+    # Cropped after normalising, where padding with 0 is padding with the mean colour, as timm's border mode does.
+    steps += [_Clamp(), T.Normalize(mean, std), crop]
+    if not normalize:
+        steps.append(T.Normalize([-m / s for m, s in zip(mean, std, strict=True)], [1 / s for s in std]))
     return T.Compose(steps)
+
+
+def _eval_geometry(preprocessing: dict[str, Any]) -> tuple[list[Any], Any]:
+    """The steps of timm's evaluation transform before its crop (on the PIL image), and the crop itself."""
+    import timm.data
+    import torchvision.transforms as V1  # timm's factory builds torchvision's v1 transforms
+    from timm.data.transforms import CenterCropOrPad
+
+    steps = list(timm.data.create_transform(**preprocessing, is_training=False, normalize=False).transforms)
+    *resize, crop, _to_tensor = steps
+    if not isinstance(crop, V1.CenterCrop | CenterCropOrPad):
+        raise TypeError(f"unexpected final step {crop!r} in timm's evaluation transform for {preprocessing}")
+    if isinstance(crop, CenterCropOrPad):
+        crop.fill = 0  # tensors take one number; after Normalize, 0 is the mean colour timm pads with
+    return resize, crop
 
 
 def preview(image: Path, preprocessing: dict[str, Any], config: AugmentConfig, n: int, out: Path,
             seed: int = 0) -> Path:
     """Save a grid of the image and ``n`` augmented versions of it, like the classic tutorial's preview."""
-    from tlearn.data import load_image
+    from tlearn.images import load_image
     from tlearn.plots import image_grid
 
     picture = load_image(image)

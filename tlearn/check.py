@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import errno
 import os
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from tlearn.config import DataConfig, TlearnError
-from tlearn.data import MAX_PIXELS, ImageFolder, Skipped, list_images, scan
+from tlearn.data import ImageFolder, Skipped, list_images, scan
 from tlearn.fileio import file_sha256
+from tlearn.images import decode, open_image
 
 LOW_COLOURS = 64  # in a 64x64 thumbnail, a photo has hundreds to thousands of distinct colours
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
@@ -113,33 +113,19 @@ def _inspect_pixels(path: Path, min_size: int, info: FileInfo) -> list[Finding]:
         out.append(Finding(kind, severity, where, detail))
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # reported as a finding below
-            im = Image.open(path)
-        with im:
+        with open_image(path) as im:  # a decompression bomb is refused here, from its header
             expected = FORMATS.get(path.suffix.lower())
             if expected and im.format and im.format != expected and not (expected == "JPEG" and im.format == "MPO"):
                 note("format-mismatch", WARNING, f"a {im.format} file named {path.suffix}; it is read as {im.format}")
             w, h = im.size
-            if w * h > MAX_PIXELS:
-                note("bomb", ERROR, f"{w}x{h} = {w * h / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f} MP "
-                     "limit for decompression bombs; refused without decoding")
-                return out
-            _note_mode(im, note)
-            if getattr(im, "n_frames", 1) > 1:
-                note("animated", INFO, f"{im.n_frames} frames; the first one is used")
-            orientation = im.getexif().get(0x0112, 1)
-            if orientation not in (0, 1):
-                note("exif-rotated", INFO, f"EXIF orientation {orientation}; the image is rotated upright when read")
             if min_size and min(w, h) < min_size:
                 note("small", WARNING, f"{w}x{h}, smaller than the {min_size} px input; it is upscaled")
             if max(w, h) > 3 * min(w, h):
                 note("aspect", WARNING, f"{w}x{h}: an aspect ratio over 3:1; the centre crop loses most of it")
             im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading every byte
-            im.load()
-            upright = ImageOps.exif_transpose(im)
-            small = upright.convert("L").resize((9, 8), Image.Resampling.BILINEAR)
-            thumb = upright.convert("RGB").resize((64, 64), Image.Resampling.NEAREST)
+            upright = decode(im, lambda kind, detail: note(kind, INFO, detail))  # the training decoder
+        small = upright.convert("L").resize((9, 8), Image.Resampling.BILINEAR)
+        thumb = upright.resize((64, 64), Image.Resampling.NEAREST)
         colours = len(np.unique(np.asarray(thumb).reshape(-1, 3), axis=0))
         if colours < LOW_COLOURS:
             note("low-information", WARNING, f"only {colours} distinct colours: a placeholder (\"image not found\"), "
@@ -149,7 +135,7 @@ def _inspect_pixels(path: Path, min_size: int, info: FileInfo) -> list[Finding]:
         info.dhash = int("".join("1" if b else "0" for b in bits), 2)
         info.usable = True
     except Image.DecompressionBombError as e:
-        note("bomb", ERROR, f"refused: {e}")
+        note("bomb", ERROR, f"{e}: a decompression bomb, refused without decoding")
     except Image.UnidentifiedImageError:
         head = path.read_bytes()[:512]
         text = head.strip().startswith(b"<") or (bool(head) and all(32 <= b < 127 or b in b"\r\n\t" for b in head))
@@ -158,18 +144,6 @@ def _inspect_pixels(path: Path, min_size: int, info: FileInfo) -> list[Finding]:
         kind = "truncated" if "truncated" in str(e).lower() or "broken data" in str(e).lower() else "undecodable"
         note(kind, ERROR, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
     return out
-
-
-def _note_mode(im: Image.Image, note) -> None:
-    mode = im.mode
-    if mode in ("L", "1", "LA"):
-        note("grayscale", INFO, f"mode {mode}; converted to RGB")
-    elif mode == "CMYK":
-        note("cmyk", INFO, "CMYK; converted to RGB")
-    elif mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        note("high-bit-depth", INFO, f"mode {mode}; scaled to 8-bit RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-        note("transparency", INFO, f"mode {mode} with transparency; composited on white")
 
 
 def _walk(root: Path) -> tuple[list[Path], list[Finding]]:

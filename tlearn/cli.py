@@ -127,7 +127,7 @@ def predict(args: argparse.Namespace) -> None:
         results = model.predict(args.paths[1:], top_k=args.top_k, calibration=not args.no_calibration, tta=args.tta)
     print(json.dumps(results, indent=2) if args.json else report.format_predictions(results))
     if args.plot:
-        from tlearn.data import thumbnail
+        from tlearn.images import thumbnail
         from tlearn.plots import prediction_chart
 
         shown = [(thumbnail(Path(r["path"])), Path(r["path"]).name, r["predictions"]) for r in results

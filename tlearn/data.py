@@ -1,4 +1,4 @@
-"""Folder of images → labelled samples in train / validation / test, and image files → RGB pictures.
+"""Folder of images → labelled samples in train / validation / test.
 
 Two layouts are understood:
 - class folders: ``DATA/<class>/...``; tlearn makes a stratified, seeded split and writes it as a manifest;
@@ -13,21 +13,15 @@ import errno
 import hashlib
 import os
 import shutil
-import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps
-
 from tlearn.config import DataConfig, TlearnError
 from tlearn.fileio import atomic_write_csv
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
-# Pillow's threshold for a decompression bomb (about 89 megapixels); larger images are refused from the header.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 SYSTEM_FILES = {"Thumbs.db", "desktop.ini"}  # besides hidden (dot) files such as .DS_Store
 SPLITS = ("train", "validation", "test")
 _SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
@@ -337,58 +331,3 @@ def materialise_split(config: DataConfig, dest: Path) -> ImageFolder:
         except OSError:  # another file system, or links not allowed: copy instead
             shutil.copy2(s.path, target)
     return data
-
-
-# --- decoding -----------------------------------------------------------------------------------------
-
-
-class ImageDecodeError(Exception):
-    """An image file that cannot be turned into an RGB picture; the message is the reason shown to the user."""
-
-
-def load_image(path: Path | str) -> Image.Image:
-    """Decode any Pillow-readable image to RGB: EXIF orientation applied, first frame of an animation,
-    transparency composited on white, 16-bit scaled to 8-bit."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with a reason
-            im = Image.open(path)
-        with im:
-            if im.width * im.height > MAX_PIXELS:
-                raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, over the {MAX_PIXELS:,} limit")
-            im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-    except Exception as e:
-        raise ImageDecodeError(_reason(e)) from e
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = a.max() if a.max() > 255 else 255.0
-        im = Image.fromarray((a * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im)
-    return im.convert("RGB")
-
-
-def _reason(e: Exception) -> str:
-    text = str(e).split("\n")[0][:200]
-    if isinstance(e, Image.UnidentifiedImageError):
-        return "not a readable image (Pillow cannot identify it)"
-    if isinstance(e, Image.DecompressionBombError):
-        return f"refused: too many pixels ({text})"
-    if "truncated" in text.lower():
-        return f"truncated image file ({text})"
-    return f"cannot decode: {type(e).__name__}: {text}"
-
-
-def thumbnail(path: Path, size: int = 256) -> np.ndarray:
-    """An image for a figure: decoded as for training, shrunk to ``size`` pixels at most, (H, W, 3) uint8."""
-    image = load_image(path)
-    image.thumbnail((size, size))
-    return np.asarray(image)

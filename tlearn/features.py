@@ -25,9 +25,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from tlearn.backbones import Backbone
-from tlearn.data import ImageDecodeError, load_image
 from tlearn.fileio import atomic_path, atomic_write_text, default_cache_dir, file_sha256, identity_key
-from tlearn.images import VIEWS, CropResize, crop_resize_fits
+from tlearn.images import VIEWS, CropResize, ImageDecodeError, crop_resize_fits, load_image
 
 # Bump when decoding or preprocessing code changes in a way that changes features.
 PIPELINE_VERSION = "pil-2"

@@ -23,8 +23,8 @@ from tlearn import fileio, plots
 from tlearn.artifact import load_model, read_config
 from tlearn.calibrate import binned
 from tlearn.config import AugmentConfig, TlearnError, from_dict
-from tlearn.data import ImageDecodeError, load_image, thumbnail
 from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, read_csv_rows
+from tlearn.images import ImageDecodeError, load_image, thumbnail
 from tlearn.report import read_predictions_csv
 
 if TYPE_CHECKING:

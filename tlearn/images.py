@@ -1,17 +1,117 @@
-"""Images as the networks see them: timm's evaluation preprocessing done in one resampling, and the named views
-(centre, mirror, corners). Only Pillow and NumPy, so that the predictor can use it without importing torch.
+"""Image files as the networks see them.
+
+- The one decoder: any Pillow-readable file → an upright RGB picture, with the reason when it cannot be. Training,
+  extraction, ``tlearn check``, the report and the predictor all decode here, so what ``check`` says is done to a
+  file is what training does to it.
+- timm's evaluation preprocessing done in one resampling, and the named views (centre, mirror, corners).
+
+Only Pillow and NumPy, so that the predictor can use it without importing torch.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 if TYPE_CHECKING:
     import torch
+
+# Pillow's threshold for a decompression bomb (about 89 megapixels); larger images are refused from the header.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16- and 32-bit integer pixels
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa")
+Note = Callable[[str, str], None]  # (kind, detail): told each thing decoding does to a file
+
+
+class ImageDecodeError(Exception):
+    """An image file that cannot be turned into an RGB picture; the message is the reason shown to the user."""
+
+
+def load_image(path: Path | str) -> Image.Image:
+    """Decode any Pillow-readable image to RGB: EXIF orientation applied, first frame of an animation,
+    transparency composited on white, 16-bit and float pixels scaled to 8-bit."""
+    try:
+        with open_image(path) as im:
+            return decode(im)
+    except Exception as e:
+        raise ImageDecodeError(reason(e)) from e
+
+
+def open_image(path: Path | str) -> Image.Image:
+    """Open a file and read its header; refuse a decompression bomb before a pixel is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with a reason
+        im = Image.open(path)
+    if im.width * im.height > MAX_PIXELS:
+        im.close()
+        raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, over the {MAX_PIXELS:,} limit")
+    return im
+
+
+def decode(im: Image.Image, note: Note | None = None) -> Image.Image:
+    """An opened image → upright RGB. ``note(kind, detail)`` is told each conversion as it is made, which is how
+    ``tlearn check`` reports them."""
+    note = note or (lambda kind, detail: None)
+    if getattr(im, "n_frames", 1) > 1:
+        note("animated", f"{im.n_frames} frames; the first one is used")
+        im.seek(0)
+    im.load()
+    orientation = im.getexif().get(0x0112, 1)
+    if orientation not in (0, 1):
+        note("exif-rotated", f"EXIF orientation {orientation}; the image is rotated upright when read")
+        im = ImageOps.exif_transpose(im)
+    return to_rgb(im, note)
+
+
+def to_rgb(im: Image.Image, note: Note | None = None) -> Image.Image:
+    """Pixels of any mode → 8-bit RGB, saying what was done."""
+    note = note or (lambda kind, detail: None)
+    mode = im.mode
+    if mode in INTEGER_MODES or mode == "F":
+        im = _to_8bit(im)
+        note("high-bit-depth", f"mode {mode}; {'floats' if mode == 'F' else 'integers'} scaled to 8-bit RGB")
+    elif mode in ("L", "1"):
+        note("grayscale", f"mode {mode}; converted to RGB")
+    elif mode == "CMYK":
+        note("cmyk", "CMYK; converted to RGB")
+    if mode in TRANSPARENT_MODES or (mode == "P" and "transparency" in im.info):
+        note("transparency", f"mode {mode} with transparency; composited on white")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit or float pixels → 8-bit grayscale. Floats with no value above 1 are taken as [0, 1];
+    anything whose brightest pixel is above 255 is scaled so that it becomes 255; negatives and NaN become 0."""
+    a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(a.max()) if a.size else 0.0
+    scale = 255.0 if im.mode == "F" and top <= 1.0 else 255.0 / top if top > 255 else 1.0
+    return Image.fromarray(np.rint(a * scale).clip(0, 255).astype(np.uint8), "L")
+
+
+def reason(e: Exception) -> str:
+    """What went wrong while decoding, in a line a user can act on."""
+    text = str(e).split("\n")[0][:200]
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not a readable image (Pillow cannot identify it)"
+    if isinstance(e, Image.DecompressionBombError):
+        return f"refused: too many pixels ({text})"
+    if "truncated" in text.lower():
+        return f"truncated image file ({text})"
+    return f"cannot decode: {type(e).__name__}: {text}"
+
+
+def thumbnail(path: Path, size: int = 256) -> np.ndarray:
+    """An image for a figure: decoded as for training, shrunk to ``size`` pixels at most, (H, W, 3) uint8."""
+    image = load_image(path)
+    image.thumbnail((size, size))
+    return np.asarray(image)
 
 # Named views of an image: the centre crop, its mirror image, and the four corner crops of the resized image, as
 # (crop position, mirrored). "flip" features are cached as training augmentation; all six are test-time views.

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from tlearn.artifact import MODEL_FILE, ModelSpec, read_config, spec_of
-from tlearn.data import ImageDecodeError, expand_inputs, load_image
+from tlearn.data import expand_inputs
 from tlearn.evaluate import top_classes
 from tlearn.fileio import onnx_export_path
-from tlearn.images import VIEWS, CropResize, crop_resize_fits
+from tlearn.images import VIEWS, CropResize, ImageDecodeError, crop_resize_fits, load_image
 
 log = logging.getLogger("tlearn")
 BATCH = 8
