@@ -39,17 +39,26 @@ def test_the_model_summary_runs_wherever_the_model_lives() -> None:
     assert summary(model, size) == expected
 
 
-def test_a_failing_report_leaves_the_saved_model_and_no_checkpoint(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_report_leaves_the_run_as_it_was_and_resumable(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run is written whole or not at all: a failing report leaves no model beside a stale checkpoint (before
+    the staged write, the model was saved and the checkpoint left behind), and --resume finishes the run."""
     def broken(*_args, **_kwargs):
         raise RuntimeError("the report failed")
 
-    monkeypatch.setattr(run, "build_report", broken)
-    clf = ImageClassifier(**TINY, mode="frozen", epochs=2, verbose=False, workers=0, batch_size=8)
-    with pytest.raises(RuntimeError, match="the report failed"):
-        clf.fit(make_folder(tmp_path / "photos", per_class=6), out=tmp_path / "run")
-    assert (tmp_path / "run" / "model.safetensors").is_file()
-    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+    data, out = make_folder(tmp_path / "photos", per_class=6), tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(run, "build_report", broken)
+        clf = ImageClassifier(**TINY, mode="frozen", epochs=2, verbose=False, workers=0, batch_size=8)
+        with pytest.raises(RuntimeError, match="the report failed"):
+            clf.fit(data, out=out)
+    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT_FILE, "split.csv"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    resumed = ImageClassifier(**TINY, mode="frozen", epochs=2, verbose=False, workers=0, batch_size=8,
+                              resume=str(out))
+    resumed.fit(data)
+    assert (out / "model.safetensors").is_file() and (out / "report.html").is_file()
+    assert not (out / CHECKPOINT_FILE).exists()
 
 
 def test_class_weights_reach_the_loss_through_the_loops_device_owner() -> None:

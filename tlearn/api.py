@@ -24,6 +24,7 @@ from tlearn.config import (
     AugmentConfig,
     BackboneConfig,
     DataConfig,
+    Decision,
     RuntimeConfig,
     TlearnError,
     TrainConfig,
@@ -38,9 +39,9 @@ from tlearn.fileio import file_sha256
 from tlearn.models import parameter_counts
 from tlearn.modes import Job, Trained, run_mode
 from tlearn.probe import FOLDS, Probe, describe
-from tlearn.run import RunResult, write_run
+from tlearn.run import RunResult, claim_out, write_run
 from tlearn.runtime import Engine, base_engine, net_engine
-from tlearn.strategy import Clock, Decision, budget_seconds, choose, format_table
+from tlearn.strategy import Clock, budget_seconds, choose, format_table
 from tlearn.train import CPU, History, Precision, resolve_precision
 
 log = logging.getLogger("tlearn")
@@ -194,6 +195,8 @@ class ImageClassifier:
         (self.data_config,) = _options((DataConfig,), {"path": str(data), "seed": self.train_config.seed,
                                                        **data_options})
         validate(self.data_config)
+        if out is not None:  # before any work, and before any write
+            claim_out(out, self.data_config.path, overwrite=self.runtime.overwrite)
         start = time.perf_counter()
         budget, budget_why = budget_seconds(self.train_config, self.run.device.type)
         clock = Clock(budget, started)
@@ -424,7 +427,8 @@ class ImageClassifier:
         return write_run(Path(run_dir), RunResult(self.spec, self.model, extra, title, self.history, data,
                                                   self.findings, self.metrics, self.predictions, base,
                                                   self.runtime.tensorboard,
-                                                  Path(self.runtime.cache_dir) if self.runtime.cache_dir else None))
+                                                  Path(self.runtime.cache_dir) if self.runtime.cache_dir else None),
+                         overwrite=self.runtime.overwrite)
 
     def describe(self) -> str:
         """A short name: backbone and mode, or the scratch model."""
@@ -449,7 +453,7 @@ class ImageClassifier:
             clf.train_config = dataclasses.replace(saved, device=clf.train_config.device,
                                                    precision=clf.train_config.precision)
         if "decision" in config:
-            clf.decision = Decision(**config["decision"])
+            clf.decision = from_dict(Decision, config["decision"], where)
         clf.classes, clf.model, clf.spec = spec.classes, model, spec
         clf._run_dir, clf._run_config = Path(run_dir), config
         return clf

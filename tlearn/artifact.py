@@ -12,13 +12,23 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlearn import __version__
-from tlearn.config import BackboneConfig, TlearnError, from_dict
-from tlearn.fileio import atomic_path, atomic_write_text
+from tlearn.config import (
+    AugmentConfig,
+    BackboneConfig,
+    DataConfig,
+    Decision,
+    TlearnError,
+    TrainConfig,
+    from_dict,
+    type_problem,
+)
+from tlearn.fileio import atomic_path, atomic_write_text, require_regular
 from tlearn.images import VIEWS
 
 if TYPE_CHECKING:
@@ -64,10 +74,14 @@ class ModelSpec:
         from tlearn.models import SCRATCH, Classifier, make_head
 
         if self.kind == "scratch":
+            if self.arch not in SCRATCH:
+                raise TlearnError(f"unknown scratch architecture {self.arch!r}; tlearn knows {', '.join(SCRATCH)}")
             return SCRATCH[self.arch].build(len(self.classes))
         head = make_head(self.num_features, len(self.classes), self.hidden, self.dropout)
         if self.kind == "head":
             return head
+        if not timm.is_model(self.arch):
+            raise TlearnError(f"unknown architecture {self.arch!r}: not a timm model of this timm version")
         return Classifier(timm.create_model(self.arch, pretrained=False), head)
 
 
@@ -89,62 +103,46 @@ def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str
     return json.loads(text)
 
 
-def read_config(run_dir: Path, text: str | None = None) -> dict[str, Any]:
-    """The run's config from ``config.json``, or from ``text`` (the copy inside model.safetensors)."""
-    path = run_dir / (CONFIG_FILE if text is None else MODEL_FILE)
-    if text is None and not path.is_file():
-        raise TlearnError(f"{run_dir} is not a tlearn model folder: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8") if text is None else text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TlearnError(f"{path} is damaged (its config is not valid JSON: {e}); retrain or restore the run") from e
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise TlearnError(f"{path} is not a tlearn model config (no \"format\": \"{FORMAT}\")")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise TlearnError(f"{path} was written by a newer tlearn (format {config['format_version']}); upgrade tlearn")
-    return config
+MAX_CONFIG_BYTES = 16 << 20  # a run's config.json is kilobytes; more is not a config tlearn wrote
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME = 1024  # characters
+MAX_WIDTH = 1 << 16  # features and hidden units of a head
+CROP_MODES = ("center", "squash", "border")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+SECTIONS = {"backbone": BackboneConfig, "train": TrainConfig, "augment": AugmentConfig, "data": DataConfig,
+            "decision": Decision}  # the config sections that are config dataclasses
 
 
-def spec_of(config: dict[str, Any], where: Path) -> ModelSpec:
-    """The validated model spec of a run's config (``where`` names the file in errors)."""
-    try:
-        m = dict(config["model"])
-        if m.get("backbone") is not None:
-            m["backbone"] = from_dict(BackboneConfig, m["backbone"], str(where))
-        spec = ModelSpec(**m)
-    except (KeyError, TypeError) as e:
-        raise TlearnError(f"{where} has an incomplete or unknown \"model\" section ({e}); retrain") from e
-    if spec.kind not in KINDS or (spec.kind == "scratch" and spec.arch not in _scratch_models()):
-        raise TlearnError(f"{where}: unknown model kind {spec.kind!r} / architecture {spec.arch!r}")
-    if not (isinstance(spec.temperature, int | float) and 0 < spec.temperature < float("inf")):
-        raise TlearnError(f"{where}: \"temperature\" must be a positive number, not {spec.temperature!r}")
-    if not spec.views or not set(spec.views) <= set(VIEWS):
-        raise TlearnError(f"{where}: \"views\" must be a non-empty list of {', '.join(VIEWS)}, not {spec.views!r}")
-    if len(spec.classes) < 2 or len(set(spec.classes)) != len(spec.classes):
-        raise TlearnError(f"{where}: \"classes\" must list at least two distinct names")
-    return spec
+@dataclass
+class SavedRun:
+    """A run folder read and validated without loading a tensor: its config (the one inside the model file), the
+    model spec, and the name → (dtype, shape) of every tensor from the safetensors header."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    spec: ModelSpec
+    header: dict[str, tuple[str, tuple[int, ...]]]
 
 
-def _scratch_models() -> tuple[str, ...]:
-    from tlearn.models import SCRATCH
+def read_run(run_dir: Path | str) -> SavedRun:
+    """The one validated reading of a run folder, which ``load``, ``predict``, ``evaluate`` and the report all use.
 
-    return tuple(SCRATCH)
-
-
-def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
-    """Read a saved model back, checking every tensor name and shape against its config."""
+    The safetensors header is read first; then the config inside it is checked against the schema (types, ranges,
+    sizes) and against the header's tensor names, shapes and dtypes, before anything is allocated. Every problem
+    is a TlearnError that names the file and the field."""
     from safetensors import SafetensorError, safe_open
 
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         what = "the run did not finish saving, so retrain it" if (run_dir / CONFIG_FILE).is_file() else \
             "is this a run folder written by `tlearn train`?"
         raise TlearnError(f"{path} is missing: {what}")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        require_regular(path)
+        with safe_open(str(path), framework="numpy") as f:
             embedded = (f.metadata() or {}).get("config")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            header = {k: (sl.get_dtype(), tuple(sl.get_shape())) for k in f.keys() for sl in [f.get_slice(k)]}
     except (SafetensorError, OSError, ValueError) as e:
         raise TlearnError(f"{path} is damaged ({e}); retrain or restore the run") from e
     config = read_config(run_dir, embedded) if embedded else read_config(run_dir)
@@ -157,15 +155,182 @@ def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
             log.warning(f"{run_dir / CONFIG_FILE} differs from the config saved inside {MODEL_FILE} (an interrupted "
                         f"save, or an edit); using the one inside {MODEL_FILE}")
     spec = spec_of(config, path)
+    if spec.kind == "head":  # the head's layout is known here; other kinds are checked when built, on no memory
+        compare_tensors(head_tensors(spec), header, spec, path)
+    _check_sections(config, spec, path)
+    return SavedRun(run_dir, config, spec, header)
+
+
+def read_config(run_dir: Path, text: str | None = None) -> dict[str, Any]:
+    """The run's config from ``config.json``, or from ``text`` (the copy inside model.safetensors)."""
+    path = run_dir / (CONFIG_FILE if text is None else MODEL_FILE)
+    if text is None and not path.is_file():
+        raise TlearnError(f"{run_dir} is not a tlearn model folder: {CONFIG_FILE} is missing")
+    try:
+        if text is None:
+            require_regular(path)
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise TlearnError(f"{path} is {path.stat().st_size:,} bytes, far more than a tlearn config; "
+                                  "restore the run's config.json")
+            text = path.read_text(encoding="utf-8")
+        if len(text) > MAX_CONFIG_BYTES:
+            raise TlearnError(f"{path}: its config is {len(text):,} characters, far more than tlearn writes")
+        config = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise TlearnError(f"{path} is damaged (its config is not valid JSON: {e}); retrain or restore the run") from e
+    except OSError as e:
+        raise TlearnError(f"cannot read {path}: {e}") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise TlearnError(f"{path} is not a tlearn model config (no \"format\": \"{FORMAT}\")")
+    version = config.get("format_version", 0)
+    if type(version) is not int or version < 0:
+        raise TlearnError(f"{path}: \"format_version\" must be a whole number, not {version!r}")
+    if version > FORMAT_VERSION:
+        raise TlearnError(f"{path} was written by a newer tlearn (format {version}); upgrade tlearn")
+    return config
+
+
+def spec_of(config: dict[str, Any], where: Path) -> ModelSpec:
+    """The validated model spec of a run's config (``where`` names the file in errors): types, then ranges."""
+    m = config.get("model")
+    if not isinstance(m, dict):
+        raise TlearnError(f"{where} has no \"model\" section; retrain")
+    m = dict(m)
+    if m.get("backbone") is not None:
+        m["backbone"] = from_dict(BackboneConfig, m["backbone"], f"{where}, model.backbone")
+        validate_at(f"{where}, model.backbone", m["backbone"])
+    spec = from_dict(ModelSpec, m, f"{where}, model")
+    problems = []
+    classes = spec.classes
+    if not 2 <= len(classes) <= MAX_CLASSES or not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME
+                                                       for c in classes):
+        problems.append(f"\"classes\" must list 2 to {MAX_CLASSES:,} names of 1 to {MAX_CLASS_NAME} characters")
+    elif len(set(classes)) != len(classes):
+        problems.append("\"classes\" must be distinct")
+    if spec.kind not in KINDS:
+        problems.append(f"\"kind\" must be one of {', '.join(KINDS)}, not {spec.kind!r}")
+    if not 0 <= spec.num_features <= MAX_WIDTH or not 0 <= spec.hidden <= MAX_WIDTH:
+        problems.append(f"\"num_features\" and \"hidden\" must be 0 to {MAX_WIDTH:,}")
+    if spec.kind != "scratch" and spec.num_features < 1:
+        problems.append("\"num_features\" must be at least 1 for a head on a base")
+    if not 0 <= spec.dropout < 1:
+        problems.append(f"\"dropout\" must be in [0, 1), not {spec.dropout!r}")
+    if not spec.temperature > 0:
+        problems.append(f"\"temperature\" must be a positive number, not {spec.temperature!r}")
+    if not spec.views or not all(isinstance(v, str) for v in spec.views) or not set(spec.views) <= set(VIEWS):
+        problems.append(f"\"views\" must be a non-empty list of {', '.join(VIEWS)}, not {spec.views!r}")
+    problems += preprocessing_problems(spec.preprocessing, "preprocessing")
+    for i, base in enumerate(spec.bases):
+        if not (isinstance(base, dict) and isinstance(base.get("name"), str) and isinstance(base.get("identity"), dict)
+                and isinstance(base["identity"].get("preprocessing"), dict)):
+            problems.append(f"\"bases\"[{i}] must be {{\"name\": ..., \"identity\": {{\"preprocessing\": ...}}}}")
+            continue
+        problems += preprocessing_problems(base["identity"]["preprocessing"], f"bases[{i}].identity.preprocessing")
+    if problems:
+        raise TlearnError(f"{where}, model: " + "; ".join(problems[:5]) + "; retrain or restore the run")
+    return spec
+
+
+def preprocessing_problems(pp: dict[str, Any], name: str) -> list[str]:
+    """What is wrong with a preprocessing dict (timm's data config), for the config field ``name``."""
+    def numbers(v: Any, n: int) -> bool:
+        return isinstance(v, list | tuple) and len(v) == n and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+    size = pp.get("input_size")
+    problems = []
+    if not (numbers(size, 3) and all(isinstance(x, int) for x in size) and size[0] == 3
+            and all(8 <= x <= 4096 for x in size[1:])):
+        problems.append(f"\"{name}.input_size\" must be [3, height, width] with sides of 8 to 4096 pixels")
+    if pp.get("interpolation") not in INTERPOLATIONS:
+        problems.append(f"\"{name}.interpolation\" must be one of {', '.join(INTERPOLATIONS)}")
+    if not numbers(pp.get("mean"), 3) or not numbers(pp.get("std"), 3) or min(pp["std"]) <= 0:
+        problems.append(f"\"{name}.mean\" and \"std\" must be three finite numbers, std above 0")
+    crop = pp.get("crop_pct", 1.0)
+    if not (isinstance(crop, int | float) and not isinstance(crop, bool) and 0.1 <= crop <= 2):
+        problems.append(f"\"{name}.crop_pct\" must be a number from 0.1 to 2")
+    if pp.get("crop_mode", "center") not in CROP_MODES:
+        problems.append(f"\"{name}.crop_mode\" must be one of {', '.join(CROP_MODES)}")
+    return problems
+
+
+def validate_at(where: str, config: Any) -> None:
+    problems = config.problems()
+    if problems:
+        raise TlearnError(f"{where}: " + "; ".join(problems[:5]))
+
+
+def _check_sections(config: dict[str, Any], spec: ModelSpec, where: Path) -> None:
+    """The config's other sections: each config dataclass typed and in range, the data summary's counts naming
+    the model's classes, and the plain numbers numbers."""
+    for key, cls in SECTIONS.items():
+        if key in config:
+            section = from_dict(cls, config[key], f"{where}, {key}")
+            if hasattr(section, "problems"):
+                validate_at(f"{where}, {key}", section)
+    summary = config.get("data_summary")
+    if summary is not None:
+        counts = summary.get("counts") if isinstance(summary, dict) else None
+        ok = isinstance(counts, dict) and isinstance(summary.get("root"), str) and all(
+            isinstance(per_class, dict) and set(per_class) == set(spec.classes)
+            and all(type(n) is int and n >= 0 for n in per_class.values()) for per_class in counts.values())
+        if not ok:
+            raise TlearnError(f"{where}, data_summary: \"counts\" must give a count of images per split for each "
+                              "of the model's classes; retrain or restore the run")
+    for key in ("train_seconds", "best_epoch"):
+        if key in config and type_problem(config[key], "float"):
+            raise TlearnError(f"{where}: {key!r} {type_problem(config[key], 'float')}")
+    params = config.get("params", {})
+    if not isinstance(params, dict) or not all(type(v) is int for v in params.values()):
+        raise TlearnError(f"{where}: \"params\" must map names to whole numbers")
+
+
+def head_tensors(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The tensors of a head (``models.make_head``'s layout): Dropout, Linear[, ReLU, Dropout, Linear]."""
+    n = len(spec.classes)
+    if spec.hidden:
+        shapes = {"1.weight": (spec.hidden, spec.num_features), "1.bias": (spec.hidden,),
+                  "4.weight": (n, spec.hidden), "4.bias": (n,)}
+    else:
+        shapes = {"1.weight": (n, spec.num_features), "1.bias": (n,)}
+    return {k: ("F32", v) for k, v in shapes.items()}
+
+
+def compare_tensors(expected: dict[str, tuple[str, tuple[int, ...]]], header: dict[str, tuple[str, tuple[int, ...]]],
+                    spec: ModelSpec, path: Path) -> None:
+    """Every tensor the spec needs is in the file, with its shape and dtype, and nothing else is."""
+    if set(expected) != set(header):
+        missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+        raise TlearnError(f"{path} does not match its config: missing tensors {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}; retrain or restore the run")
+    for k, (dtype, shape) in expected.items():
+        if header[k][1] != shape:
+            raise TlearnError(f"{path}: tensor {k} has shape {header[k][1]} but the config ({len(spec.classes)} "
+                              f"classes, {spec.num_features} features, {spec.hidden} hidden) needs {shape}")
+        if header[k][0] != dtype:
+            raise TlearnError(f"{path}: tensor {k} is {header[k][0]}, but a tlearn model stores it as {dtype}")
+
+
+_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+           "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+
+
+def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
+    """Read a saved model back: ``read_run``'s checks, then the module built on the meta device (no memory)
+    and compared tensor by tensor with the file, and only then built for real and filled."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = read_run(run_dir)
+    spec, path = run.spec, Path(run_dir) / MODEL_FILE
+    with torch.device("meta"):
+        shapes = spec.build()
+    expected = {k: (_DTYPES.get(str(v.dtype).removeprefix("torch."), str(v.dtype)), tuple(v.shape))
+                for k, v in shapes.state_dict().items()}
+    compare_tensors(expected, run.header, spec, path)
     model = spec.build()
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    got = {k: v.shape for k, v in tensors.items()}
-    if set(expected) != set(got):
-        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        raise TlearnError(f"{path} does not match {CONFIG_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, shape in expected.items():
-        if got[k] != shape:
-            raise TlearnError(f"{path}: tensor {k} has shape {tuple(got[k])} but {CONFIG_FILE} "
-                              f"({len(spec.classes)} classes, {spec.num_features} features) needs {tuple(shape)}")
-    model.load_state_dict(tensors)
-    return spec, model.eval(), config
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (OSError, RuntimeError) as e:
+        raise TlearnError(f"{path} is damaged ({e}); retrain or restore the run") from e
+    return spec, model.eval(), run.config

@@ -21,15 +21,15 @@ from PIL import Image
 
 from tlearn.config import DataConfig, TlearnError
 from tlearn.data import ImageFolder, Skipped, list_images, scan
-from tlearn.fileio import file_sha256
+from tlearn.fileio import file_sha256, special_kind
 from tlearn.images import decode, open_image
 
 LOW_COLOURS = 64  # in a 64x64 thumbnail, a photo has hundreds to thousands of distinct colours
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
            ".tif": "TIFF", ".tiff": "TIFF"}
 ERROR, WARNING, INFO = "error", "warning", "info"
-BLOCKING = {"undecodable", "truncated", "empty", "unreadable", "bomb", "broken-link", "link-loop", "leakage",
-            "conflicting-labels", "dataset"}
+BLOCKING = {"undecodable", "truncated", "empty", "unreadable", "bomb", "broken-link", "link-loop", "special-file",
+            "leakage", "conflicting-labels", "dataset"}
 
 
 @dataclass
@@ -94,6 +94,11 @@ def inspect_file(path: Path, min_size: int = 0) -> tuple[list[Finding], FileInfo
         note(kind, ERROR, {"link-loop": "symbolic link loop", "broken-link": "broken symbolic link"}.get(
             kind, f"cannot read: {e.strerror}"))
         return out, info
+    special = special_kind(st.st_mode)
+    if special:
+        note("special-file", ERROR, f"{special}, not a regular file; it is never opened (reading it could block "
+             "forever)")
+        return out, info
     if st.st_size == 0:
         note("empty", ERROR, "zero-byte file")
         return out, info
@@ -150,7 +155,7 @@ def _walk(root: Path) -> tuple[list[Path], list[Finding]]:
     """Every candidate image under ``root``; other files (hidden, non-image, dangling links) become findings."""
     skipped: list[Skipped] = []
     paths = list_images(root, skipped)
-    severity = {"broken-link": ERROR, "link-loop": ERROR}
+    severity = {"broken-link": ERROR, "link-loop": ERROR, "special-file": ERROR}
     return paths, [Finding(s.kind, severity.get(s.kind, INFO), str(s.path), f"{s.reason}; ignored") for s in skipped]
 
 
@@ -257,9 +262,9 @@ def _balance(counts: dict[str, dict[str, int]]) -> list[Finding]:
 
 def format_report(report: Report, details: int = 50) -> str:
     """The summary table, class counts, then the first ``details`` findings (errors first)."""
-    from tlearn.report import format_counts, table
+    from tlearn.report import format_counts, printable, table
 
-    lines = [f"{report.root}: {report.files} files, {report.images} readable images"
+    lines = [f"{printable(report.root)}: {report.files} files, {report.images} readable images"
              + (f", {len(report.classes)} classes ({report.layout})" if report.classes else "")]
     summary = report.summary()
     if summary:
@@ -274,8 +279,8 @@ def format_report(report: Report, details: int = 50) -> str:
     shown = sorted(report.findings, key=lambda f: (order[f.severity], f.kind, f.path))[:details]
     if shown:
         prefix = f"{report.root}{os.sep}"
-        lines += ["", "details:"] + [f"  {f.severity:7} {f.kind}: {_short(f.path, report.root)}: "
-                                     f"{f.detail.replace(prefix, '')}" for f in shown]
+        lines += ["", "details:"] + [f"  {f.severity:7} {f.kind}: {printable(_short(f.path, report.root))}: "
+                                     f"{printable(f.detail.replace(prefix, ''))}" for f in shown]
         if len(report.findings) > details:
             lines.append(f"  ... and {len(report.findings) - details} more (--json lists them all)")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
     p.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation (centre, mirrored, "
                    "four corners; mean logits) and show both")
-    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard"))  # nothing is trained here
+    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard", "overwrite"))  # nothing is trained here
     _add_placement(p)
 
     p = verb(report_)
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation: mean logits of the centre crop, its "
                    "mirror image and four corner crops")
     _add_fields(p, BackboneConfig, skip=("pretrained",))
-    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard"))
+    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard", "overwrite"))
     _add_placement(p)
 
     p = verb(split)
@@ -305,18 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    report.enable_logging()
-    if hasattr(sys.stdout, "reconfigure"):  # file names that are not valid UTF-8 print as escapes, not a crash
-        sys.stdout.reconfigure(errors="backslashreplace")
+    streams = sys.stdout, sys.stderr
+    for stream in streams:
+        if hasattr(stream, "reconfigure"):  # file names that are not valid UTF-8 print as escapes, not a crash
+            stream.reconfigure(errors="backslashreplace")
+    sys.stdout, sys.stderr = (report.EscapingStream(s) for s in streams)  # no name can send escape codes
+    try:
+        args = build_parser().parse_args(argv)
+        report.enable_logging()
+        return _run(args)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the verb; a problem the user can fix is one line and exit 2, never a traceback."""
     try:
         args.func(args)
+        sys.stdout.flush()
     except TlearnError as e:
         print(f"tlearn {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tlearn {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`tlearn predict ... | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

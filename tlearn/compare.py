@@ -44,7 +44,9 @@ def compare(data: str, models: str, out: Path, options: dict[str, Any],
     ``compare.png`` and ``compare.html``. Returns one row per model."""
     from tlearn.api import ImageClassifier
     from tlearn.htmlreport import build_compare
+    from tlearn.run import claim_out
 
+    claim_out(out, data, overwrite=options.get("overwrite", False), kind="compare")
     rows = []
     manifest = data_options.get("split_manifest")
     for spec in parse_models(models):

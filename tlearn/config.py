@@ -7,6 +7,8 @@ flag, an API keyword and a ``config.json`` key always have the same name and the
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,6 +245,8 @@ class RuntimeConfig:
                       "(onnx on a CPU when onnxruntime is installed, torch on CUDA)")
     extract_batch_size: int = _f(0, "images per forward pass of the frozen base (0: 8 on a CPU, 64 on CUDA)")
     resume: str | None = _f(None, "continue the interrupted run in this folder from its last completed epoch")
+    overwrite: bool = _f(False, "write the run into an --out folder that holds files tlearn did not write (tlearn's "
+                         "own files there are replaced, the others kept); without it such a folder is refused")
     tensorboard: bool = _f(False, "also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)")
     workers: int | None = _f(None, "parallel image decoding: threads (lanes) for feature extraction and "
                              "prediction, processes for training (default: one per CPU core; 0: none)")
@@ -256,6 +260,20 @@ class RuntimeConfig:
         if self.workers is not None and self.workers < 0:
             out.append(f"--workers must be 0 or more. Received: workers={self.workers}")
         return out
+
+
+@dataclass
+class Decision:
+    """What was trained and why; for ``auto``, with the plan and the measured evidence."""
+
+    mode: str
+    unfreeze: str
+    lr_mult: str
+    reason: str
+    budget: float | None = None  # seconds
+    table: str = ""  # the strategy table's recommendation for this data
+    plan: list[dict[str, Any]] = field(default_factory=list)  # Step.as_dict() of each step
+    measured: dict[str, Any] = field(default_factory=dict)  # what the plan was estimated from
 
 
 def parse_duration(text: str) -> float | None:
@@ -287,10 +305,45 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build config ``cls`` from a dict read from ``where``; unknown keys are an error, missing ones default."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+MAX_TEXT = 10_000  # characters in one string value of a saved config
+
+
+def type_problem(value: Any, annotation: str) -> str | None:
+    """Why ``value`` does not have the type ``annotation`` (a dataclass field's annotation, as text) names, or
+    None. Numbers must be finite; nested configs (a class name) must be JSON objects; strings are bounded."""
+    for kind in (a.strip() for a in annotation.split("|")):
+        if (kind == "None" and value is None) or kind == "Any":
+            return None
+        if kind == "bool" and isinstance(value, bool):
+            return None
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+            return None if math.isfinite(value) else f"must be a finite number, not {value!r}"
+        if kind == "str" and isinstance(value, str):
+            return None if len(value) <= MAX_TEXT else f"is a string of {len(value):,} characters"
+        if isinstance(value, list | dict) and kind.startswith(type(value).__name__):  # list[...] or dict[...]
+            return None
+        if re.fullmatch(r"[A-Z]\w*", kind) and (isinstance(value, dict) or type(value).__name__ == kind):
+            return None  # a nested config: a JSON object, or the config itself
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return f"must be {annotation.replace('|', 'or')}, not {type(value).__name__} {shown}"
+
+
+def from_dict(cls: type, values: Any, where: str) -> Any:
+    """Build config ``cls`` from a dict read from ``where``: unknown keys and values of the wrong type are
+    errors that name the key and the file; missing keys take their defaults."""
+    if not isinstance(values, dict):
+        raise TlearnError(f"{where}: the {cls.__name__} section must be a JSON object, not {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise TlearnError(f"{where}: unknown {cls.__name__} keys {unknown}; was it written by a newer tlearn?")
+        raise TlearnError(f"{where}: unknown {cls.__name__} keys {unknown[:5]}; was it written by a newer tlearn?")
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    problems = [f"{name!r} is missing" for name in missing]
+    problems += [f"{name!r} {why}" for name, v in values.items()
+                 if (why := type_problem(v, str(fields[name].type)))]
+    if problems:
+        raise TlearnError(f"{where}: in {cls.__name__}, " + "; ".join(problems[:5]))
     return cls(**values)

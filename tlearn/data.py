@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlearn.config import DataConfig, TlearnError
-from tlearn.fileio import atomic_write_csv
+from tlearn.fileio import atomic_write_csv, csv_text, special_kind
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SYSTEM_FILES = {"Thumbs.db", "desktop.ini"}  # besides hidden (dot) files such as .DS_Store
@@ -89,16 +89,17 @@ def list_images(folder: Path, skipped: list[Skipped]) -> list[Path]:
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append(Skipped(path, f"not an image extension (accepted: {' '.join(IMAGE_EXTENSIONS)})",
                                        "not-an-image"))
-            elif not path.exists():
-                try:
-                    path.stat()
-                    loop = False
-                except OSError as e:
-                    loop = e.errno == errno.ELOOP
-                skipped.append(Skipped(path, "symbolic link loop", "link-loop") if loop
-                               else Skipped(path, "broken symbolic link", "broken-link"))
             else:
-                found.append(path)
+                try:
+                    special = special_kind(path.stat().st_mode)  # links followed: a link to /dev/zero is a device
+                except OSError as e:
+                    skipped.append(Skipped(path, "symbolic link loop", "link-loop") if e.errno == errno.ELOOP
+                                   else Skipped(path, "broken symbolic link", "broken-link"))
+                    continue
+                if special:
+                    skipped.append(Skipped(path, f"{special}, not a regular file; never opened", "special-file"))
+                else:
+                    found.append(path)
     return found
 
 
@@ -282,7 +283,7 @@ def read_manifest(path: Path, root: Path) -> ImageFolder:
     if not path.is_file():
         raise TlearnError(f"--split-manifest {path} does not exist")
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        rows = list(csv.reader(f))
+        rows = [[csv_text(cell) for cell in row] for row in csv.reader(f)]
     if not rows or rows[0] != ["path", "class", "split"]:
         raise TlearnError(f"--split-manifest {path}: the first line must be 'path,class,split'")
     entries = []

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import sqlite3
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -25,8 +26,8 @@ from tlearn.config import TlearnError
 
 ONNX_OPSET = 17
 
-_UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back
-os.umask(_UMASK)
+UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back
+os.umask(UMASK)
 
 
 @contextlib.contextmanager
@@ -38,7 +39,7 @@ def atomic_path(path: Path | str) -> Iterator[str]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         os.close(fd)
     except OSError as e:
         raise TlearnError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from e
@@ -46,7 +47,7 @@ def atomic_path(path: Path | str) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # again: some writers (safetensors) replace the file, as 0600
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)  # again: some writers (safetensors) replace the file, as 0600
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -67,12 +68,76 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
 
 
+# A cell that starts with one of these is run as a formula by spreadsheets (OWASP: CSV injection); "'" is there
+# so that the quote tlearn adds can always be taken off again.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet will show as text: one that could start a formula gets a leading "'" (which
+    spreadsheets display as nothing), unless it is a plain number such as -0.5. ``csv_text`` undoes it."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
+def csv_text(cell: str) -> str:
+    """The text ``csv_cell`` was given."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
 def atomic_write_csv(path: Path | str, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    """A CSV file whose text cells cannot start a spreadsheet formula (``csv_cell``)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerows([csv_cell(v) for v in row] for row in rows)
     atomic_write_text(path, buf.getvalue())
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+class NotRegularFile(OSError):
+    """A path that is a FIFO, socket, device or folder where a file was expected: reading it could block forever
+    or never end, so it is refused, never opened."""
+
+
+def special_kind(mode: int) -> str | None:
+    """What a non-regular file is ("a FIFO (named pipe)", "a character device", ...), from its ``st_mode``;
+    None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), "not a regular file")
+
+
+def require_regular(path: Path | str) -> os.stat_result:
+    """``os.stat`` of a regular file (links followed); ``NotRegularFile`` for anything else."""
+    st = os.stat(path)
+    kind = special_kind(st.st_mode)
+    if kind:
+        raise NotRegularFile(f"{kind}, not a regular file; it is never opened")
+    return st
+
+
+def open_regular(path: Path | str) -> io.BufferedReader:
+    """Open a regular file for reading, refusing anything else without blocking: the open is non-blocking, so a
+    FIFO with no writer cannot hang it, and the check is on the opened descriptor, so the file cannot be swapped
+    for a FIFO or a device in between."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        kind = special_kind(os.fstat(fd).st_mode)
+        if kind:
+            raise NotRegularFile(f"{kind}, not a regular file; it is never opened")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class DigestIndex:
@@ -139,13 +204,13 @@ def file_sha256(path: Path | str) -> str:
     and device stay the same: for the life of the process and, in the cache folder's index, across commands. So
     checking, extracting and evaluating a folder read each file once, and a warm re-run reads none."""
     path = os.path.abspath(path)
-    st = os.stat(path)
+    st = require_regular(path)
     key = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}:{path}"
     if key not in _digests:
         digest = _index.get(key)
         if digest is None:
             h = hashlib.sha256()
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
             digest = h.hexdigest()
@@ -158,12 +223,12 @@ def file_sha256(path: Path | str) -> str:
 
 def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
     """The rows of a CSV file with a header line, as dicts; [] when there is no such file. File names that are not
-    valid UTF-8 round-trip (surrogateescape), as ``atomic_write_csv`` writes them."""
+    valid UTF-8 round-trip (surrogateescape), and so do cells that ``atomic_write_csv`` quoted against formulas."""
     path = Path(path)
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        return list(csv.DictReader(f))
+        return [{k: csv_text(v) if isinstance(v, str) else v for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def default_cache_dir() -> Path:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlearn import fileio, plots
-from tlearn.artifact import load_model, read_config
+from tlearn.artifact import load_model, read_run
 from tlearn.calibrate import binned
 from tlearn.config import AugmentConfig, TlearnError, from_dict
 from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, read_csv_rows
@@ -64,7 +64,7 @@ def _section(title: str, *parts: str) -> str:
     return f"<h2>{html.escape(title)}</h2>\n" + "\n".join(parts)
 
 
-def _header(config: dict[str, Any], run_dir: Path) -> str:
+def _header(config: dict[str, Any], run_dir: Path, shown_as: Path) -> str:
     spec, decision, train = config["model"], config.get("decision", {}), config.get("train", {})
     summary = config.get("data_summary", {})
     versions = config.get("versions", {})
@@ -92,8 +92,8 @@ def _header(config: dict[str, Any], run_dir: Path) -> str:
     splits = list(counts)
     count_rows = [[c, *(counts[s][c] for s in splits)] for c in spec["classes"]]
     count_rows.append(["total", *(sum(counts[s].values()) for s in splits)])
-    title = f"{model}:{mode} on {Path(summary.get('root', run_dir)).name}"
-    return (f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(run_dir))}</p>"
+    title = f"{model}:{mode} on {Path(summary.get('root', shown_as)).name}"
+    return (f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(shown_as))}</p>"
             + _table(rows, ["", ""], "kv") + (_table(count_rows, ["class", *splits]) if splits else ""))
 
 
@@ -337,13 +337,15 @@ def _findings(run_dir: Path) -> str:
 def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any = None, *,
                  config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                  predictions: list[dict[str, Any]] | None = None, train: list[tuple[Path, str]] | None = None,
-                 cache_dir: str | Path | None = None) -> Path:
+                 cache_dir: str | Path | None = None, shown_as: Path | None = None) -> Path:
     """Write ``run_dir/report.html`` (and its PNG figures). The run writer passes what the run has in memory: the
     config, metrics, per-image predictions (``report.prediction_rows``), the training images with their classes,
     the model and, for a head, its base. ``tlearn report RUN`` passes nothing, and they are read from the run's
-    files. Figures and the model summary drawn before from the same inputs are reused from the cache folder."""
+    files. Figures and the model summary drawn before from the same inputs are reused from the cache folder.
+    ``shown_as`` is the folder named on the page when the run is written elsewhere first."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir) if config is None else config
+    shown_as = Path(shown_as or run_dir)
+    config = read_run(run_dir).config if config is None else config  # validated: the one inside the model file
     if metrics is None or predictions is None:
         metrics_path, predictions_path = run_dir / "metrics.json", run_dir / "predictions.csv"
         if not metrics_path.is_file() or not predictions_path.is_file():
@@ -355,7 +357,7 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
     train = _train_rows(config, run_dir) if train is None else train
     cache = Path(cache_dir or default_cache_dir())
     body = "\n".join([
-        _header(config, run_dir),
+        _header(config, run_dir, shown_as),
         _section("Decision", _decision(config)),
         _section("Training curves", _curves(run_dir, config)),
         _section("Sample images", _samples(config, train, run_dir, cache)),
@@ -366,7 +368,7 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
         _section("Data quality", _findings(run_dir)),
     ])
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tlearn report: "
-            f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
+            f"{html.escape(shown_as.name)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
     atomic_write_text(run_dir / "report.html", page)
     return run_dir / "report.html"
 

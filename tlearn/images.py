@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from tlearn.fileio import NotRegularFile, require_regular
+
 if TYPE_CHECKING:
     import torch
 
@@ -44,7 +46,9 @@ def load_image(path: Path | str) -> Image.Image:
 
 
 def open_image(path: Path | str) -> Image.Image:
-    """Open a file and read its header; refuse a decompression bomb before a pixel is decoded."""
+    """Open a file and read its header; refuse a decompression bomb before a pixel is decoded, and anything but a
+    regular file (a FIFO, a device) before it is opened."""
+    require_regular(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with a reason
         im = Image.open(path)
@@ -100,6 +104,8 @@ def reason(e: Exception) -> str:
     text = str(e).split("\n")[0][:200]
     if isinstance(e, Image.UnidentifiedImageError):
         return "not a readable image (Pillow cannot identify it)"
+    if isinstance(e, NotRegularFile):
+        return text
     if isinstance(e, Image.DecompressionBombError):
         return f"refused: too many pixels ({text})"
     if "truncated" in text.lower():

@@ -25,14 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tlearn.backbones import Backbone
-from tlearn.config import AugmentConfig, RuntimeConfig, TrainConfig, parse_lr_mult, to_dict
+from tlearn.config import AugmentConfig, Decision, RuntimeConfig, TrainConfig, parse_lr_mult, to_dict
 from tlearn.data import ImageFolder, Sample
 from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, eval_transform, extract
 from tlearn.fileio import file_sha256, keyed_path
 from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
 from tlearn.probe import MEMO_VERSION, Probe, Split, choose_head, describe, load_probe, refit, save_probe
 from tlearn.runtime import Engine, FrozenFeatures
-from tlearn.strategy import REPORT_SECONDS, Clock, Decision, Step
+from tlearn.strategy import REPORT_SECONDS, Clock, Step
 from tlearn.train import (
     CPU,
     Batches,

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tlearn.artifact import MODEL_FILE, ModelSpec, read_config, spec_of
+from tlearn.artifact import MODEL_FILE, ModelSpec, read_run
 from tlearn.data import expand_inputs
 from tlearn.evaluate import top_classes
 from tlearn.fileio import onnx_export_path
@@ -79,10 +79,7 @@ class Predictor:
         if runtime.get("runtime", "auto") == "torch" or not on_cpu or precision not in ("auto", "fp32") \
                 or not importlib.util.find_spec("onnxruntime"):
             return None
-        try:
-            spec = spec_of(read_config(run_dir), run_dir / "config.json")
-        except Exception:  # noqa: BLE001 - whatever is wrong, the full loader reports it properly
-            return None
+        spec = read_run(run_dir).spec  # validated against the file's tensors: what follows can trust it
         if spec.kind != "head" or not spec.bases or \
                 not all(crop_resize_fits(b["identity"]["preprocessing"]) for b in spec.bases):
             return None

@@ -3,6 +3,7 @@ scalars and the printed tables."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,34 @@ from tlearn.fileio import atomic_write_csv, read_csv_rows
 
 if TYPE_CHECKING:  # torch loads only when something is trained: `tlearn check` starts fast
     from tlearn.train import History
+
+
+# C0 and C1 control characters, DEL, and the bidirectional overrides that make text read differently than it is.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: Any, keep: str = "") -> str:
+    """``text`` with its control characters written as escapes (``\\x1b``, ``\\n``, ``\\u202e``), so that a
+    file or class name cannot move the cursor, retitle or recolour a terminal, or fake a line of output. ``keep``
+    names the ones to leave as they are."""
+    return _CONTROL.sub(lambda m: m[0] if m[0] in keep else m[0].encode("unicode_escape").decode("ascii"),
+                        str(text))
+
+
+class EscapingStream:
+    """A text stream that passes everything written to it through ``printable`` (keeping newlines, tabs and the
+    carriage returns of progress bars): what tlearn prints, its logs and its errors cannot carry terminal escape
+    codes, whatever names they quote."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(printable(text, keep="\n\t\r"))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def write_history_csv(history: History, path: Path) -> None:
@@ -83,7 +112,7 @@ def write_skipped_csv(skipped: list[Skipped], path: Path) -> None:
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain fixed-width text table."""
-    cells = [[str(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
+    cells = [[str(c) for c in header]] + [[printable(_fmt(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True))
@@ -125,10 +154,10 @@ def format_predictions(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
         if "error" in r:
-            lines.append(f"{r['path']}: skipped: {r['error']}")
+            lines.append(f"{printable(r['path'])}: skipped: {printable(r['error'])}")
             continue
-        top = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
-        lines.append(f"{r['path']}: {top}")
+        top = ", ".join(f"{printable(p['class'])} {p['probability']:.3f}" for p in r["predictions"])
+        lines.append(f"{printable(r['path'])}: {top}")
     return "\n".join(lines)
 
 

@@ -2,13 +2,25 @@
 metrics, per-image predictions, TensorBoard scalars on request, and ``report.html``).
 
 It takes plain results, never the ``ImageClassifier`` that made them, so anything that trains can write a run.
+
+The run folder is the user's to trust:
+- ``claim_out`` is asked before any work: ``--out`` must be a new folder, an empty one, an earlier tlearn run, or
+  ``--overwrite`` must be given; it may neither sit inside the data folder nor hold it.
+- A run is written into a hidden sibling folder and renamed into place at the end, so a kill leaves the old run
+  or the new one (or, between two renames, neither, with the old one kept beside it and put back next time),
+  never a mix. Files in the folder that tlearn did not write are carried over into the new run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +28,12 @@ from typing import Any
 from torch import nn
 
 from tlearn import plots, report
-from tlearn.artifact import ModelSpec, save_model
+from tlearn.artifact import CONFIG_FILE, FORMAT, MODEL_FILE, ModelSpec, save_model
 from tlearn.check import Finding
 from tlearn.checkpoint import CHECKPOINT_FILE
+from tlearn.config import TlearnError
 from tlearn.data import ImageFolder, write_manifest
-from tlearn.fileio import atomic_write_text, default_cache_dir
+from tlearn.fileio import UMASK, atomic_write_text, default_cache_dir
 from tlearn.htmlreport import build_report
 from tlearn.train import History
 
@@ -46,11 +59,141 @@ class RunResult:
     cache_dir: Path | None = None  # where the report's figures are reused from (None: the default cache folder)
 
 
-def write_run(run_dir: Path, result: RunResult) -> Path:
-    """Write every file of the run into ``run_dir``; the model last but the report, each file atomically, and
-    then remove the training checkpoint, so that a failure in the report cannot leave a finished run resumable.
-    The report is built from what is in memory here, nothing is read back."""
+# Every name tlearn writes in a run folder; anything else there is the user's and is never replaced or removed.
+RUN_FILES = frozenset({MODEL_FILE, CONFIG_FILE, CHECKPOINT_FILE, "split.csv", "skipped.csv", "check.json",
+                       "history.csv", "curves.png", "metrics.json", "predictions.csv", "report.html", "samples.png",
+                       "confusion.png", "top_losses.png", "reliability.png", "tensorboard"})
+COMPARE_FILES = frozenset({"compare.csv", "compare.md", "compare.png", "compare.html"})
+_STAGING = re.compile(r"^\.(?P<name>.+)\.tlearn-(?P<kind>new|old)-(?P<pid>\d+)-[^/]*$")
+_PARTIAL = re.compile(r"^\..+\.[^.]+\.tmp$")  # an atomic write's temporary file (fileio.atomic_path)
+
+
+def claim_out(out: Path | str, data_root: Path | str | None = None, *, overwrite: bool = False,
+              kind: str = "run", flag: str = "--out") -> Path:
+    """Check, before any work, that a run (``kind`` "run") or a comparison ("compare") may be written to ``out``;
+    tidy what a killed earlier write left beside it. Returns ``out``."""
+    out = Path(out).expanduser()
+    where = out.resolve()
+    if data_root is not None:
+        data = Path(data_root).expanduser().resolve()
+        if where == data or data in where.parents:
+            raise TlearnError(f"{flag} {out} is inside the data folder {data_root}: the run's files would be read as "
+                              "images next time, and tlearn never writes into your data. Choose a folder outside it")
+        if where in data.parents:
+            raise TlearnError(f"{flag} {out} holds the data folder {data_root}; choose a new folder for the run")
+    _tidy(out)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not out.is_dir():
+        raise TlearnError(f"{flag} {out} exists and is not a folder; choose a new folder for the run")
+    own = RUN_FILES | COMPARE_FILES if kind == "compare" else RUN_FILES
+    theirs = sorted(e.name for e in out.iterdir() if e.name not in own and not _PARTIAL.match(e.name)
+                    and not (kind == "compare" and e.is_dir() and is_run(e)))
+    if not theirs or overwrite or (is_run(out) if kind == "run" else (out / "compare.csv").is_file()):
+        return out
+    raise TlearnError(f"{flag} {out} already holds files that tlearn did not write ({', '.join(theirs[:3])}"
+                      f"{', ...' if len(theirs) > 3 else ''}); choose a new folder, or pass --overwrite to write the "
+                      "run there (tlearn's own files are replaced; yours are kept)")
+
+
+def is_run(folder: Path) -> bool:
+    """Whether ``folder`` is a tlearn run, finished or interrupted: its config says so, or it holds a training
+    checkpoint, or only the split manifest that a run writes before it trains."""
+    try:
+        if (folder / CONFIG_FILE).is_file() and json.loads((folder / CONFIG_FILE).read_text()).get("format") == FORMAT:
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    if (folder / CHECKPOINT_FILE).is_file():
+        return True
+    try:
+        with open(folder / "split.csv", encoding="utf-8", errors="replace") as f:
+            return f.readline().strip() == "path,class,split"
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def _tidy(out: Path) -> None:
+    """Put back what a write killed between its two renames left beside ``out``, remove its unfinished folders,
+    and the temporary files of killed atomic writes inside ``out``."""
+    parent = out.parent if out.parent.is_dir() else None
+    for entry in sorted(parent.iterdir()) if parent else []:
+        m = _STAGING.match(entry.name)
+        if not m or m["name"] != out.name or _alive(int(m["pid"])) or not entry.is_dir():
+            continue
+        if m["kind"] == "new":
+            shutil.rmtree(entry, ignore_errors=True)  # an unfinished run: tlearn's files only
+        elif not out.exists():
+            os.rename(entry, out)  # the old run, whose replacement never arrived
+            log.warning(f"{out}: put back the earlier run that an interrupted write had set aside")
+        else:
+            _carry_over(entry, out)
+            shutil.rmtree(entry, ignore_errors=True)
+    if out.is_dir():
+        for entry in out.iterdir():
+            if _PARTIAL.match(entry.name):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Move the entries of ``old`` that tlearn did not write into ``new``, where ``new`` has no such name."""
+    for entry in old.iterdir():
+        if entry.name not in RUN_FILES and not _PARTIAL.match(entry.name) and not (new / entry.name).exists():
+            os.rename(entry, new / entry.name)
+
+
+@contextlib.contextmanager
+def staged(out: Path, *, overwrite: bool = False):
+    """Yield a new hidden folder beside ``out`` to write a whole run into; when the block succeeds it becomes
+    ``out`` (an earlier run there is replaced, the user's files in it carried over); otherwise it is removed."""
+    out = claim_out(out, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tlearn-new-{os.getpid()}-"))
+    except OSError as e:
+        raise TlearnError(f"cannot write {out}: {e.strerror or e}; choose a writable folder") from e
+    try:
+        os.chmod(folder, 0o777 & ~UMASK)  # mkdtemp makes 0700; a run folder is made as mkdir would make it
+        yield folder
+        if not out.exists():
+            os.rename(folder, out)
+            return
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tlearn-old-{os.getpid()}-"))
+        os.rmdir(old)
+        os.rename(out, old)
+        os.rename(folder, out)
+        _carry_over(old, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def write_run(run_dir: Path, result: RunResult, *, overwrite: bool = False) -> Path:
+    """Write every file of the run into a staging folder and rename it onto ``run_dir``: the model last but the
+    report, each file atomically. The training checkpoint in ``run_dir`` goes with the old folder, so that a
+    failure in the report cannot leave a finished run resumable. The report is built from what is in memory here,
+    nothing is read back."""
     run_dir = Path(run_dir)
+    with staged(run_dir, overwrite=overwrite) as stage:
+        _write_files(stage, result, shown_as=run_dir)
+    return run_dir
+
+
+def _write_files(run_dir: Path, result: RunResult, shown_as: Path) -> None:
     cache = Path(result.cache_dir or default_cache_dir())
     if result.data is not None:
         write_manifest(result.data, run_dir / "split.csv")
@@ -67,13 +210,11 @@ def write_run(run_dir: Path, result: RunResult) -> Path:
     if result.predictions:
         report.write_predictions_csv(rows, run_dir / "predictions.csv")
     config = save_model(run_dir, result.spec, result.model, result.config)
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the model is saved: nothing is left to resume
     if result.history and result.tensorboard:
         report.write_tensorboard(result.history, result.metrics, run_dir / "tensorboard")
     if result.metrics:
         train = None if result.data is None else [(s.path, result.data.classes[s.label])
                                                   for s in result.data.split("train")]
         page = build_report(run_dir, result.model, result.base, config=config, metrics=result.metrics,
-                            predictions=rows, train=train, cache_dir=cache)
-        log.info(f"report: {page}")
-    return run_dir
+                            predictions=rows, train=train, cache_dir=cache, shown_as=shown_as)
+        log.info(f"report: {shown_as / page.name}")

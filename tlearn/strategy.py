@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlearn.config import TrainConfig, parse_duration
+from tlearn.config import Decision, TrainConfig, parse_duration
 
 # The default --time-budget of mode auto: a CPU user gets an answer in minutes; on a GPU fine-tuning is cheap.
 DEFAULT_BUDGET = {"cpu": 180.0, "cuda": 1800.0}
@@ -41,20 +41,6 @@ MIN_FINETUNE_EPOCHS = 2
 MIN_FINETUNE_EVIDENCE = 50
 PROBE_SECONDS_PER_VALUE = 4e-6  # choosing the head: about this many seconds per training-feature value
 REPORT_SECONDS = 5.0  # evaluation on cached features, metrics, figures and report.html
-
-
-@dataclass
-class Decision:
-    """What was trained and why; for ``auto``, with the plan and the measured evidence."""
-
-    mode: str
-    unfreeze: str
-    lr_mult: str
-    reason: str
-    budget: float | None = None  # seconds
-    table: str = ""  # the strategy table's recommendation for this data
-    plan: list[dict[str, Any]] = field(default_factory=list)  # Step.as_dict() of each step
-    measured: dict[str, Any] = field(default_factory=dict)  # what the plan was estimated from
 
 
 TABLE = ("features, a head on the frozen base's features", "fine-tune the top stage at lr/10",
