@@ -311,9 +311,10 @@ class ImageClassifier:
     def _resume_state(self, run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         state, configs, rng = load_checkpoint(run_dir / CHECKPOINT_FILE)
         where = str(run_dir / CHECKPOINT_FILE)
-        self.backbone_config = from_dict(BackboneConfig, configs["backbone"], where)
-        self.train_config = from_dict(TrainConfig, configs["train"], where)
-        self.augment_config = from_dict(AugmentConfig, configs["augment"], where)
+        self.backbone_config = from_dict(BackboneConfig, configs.get("backbone"), where)
+        self.train_config = from_dict(TrainConfig, configs.get("train"), where)
+        self.augment_config = from_dict(AugmentConfig, configs.get("augment"), where)
+        validate(self.backbone_config, self.train_config, self.augment_config)
         self._run, self._bases, self._engines = None, {}, {}
         log.info(f"resuming {run_dir} after epoch {state['epoch']} of stage {state['stage']}, with its saved settings")
         return state, rng

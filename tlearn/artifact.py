@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlearn import __version__
 from tlearn.config import (
+    MAX_WIDTH,
     AugmentConfig,
     BackboneConfig,
     DataConfig,
@@ -106,7 +107,6 @@ def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str
 MAX_CONFIG_BYTES = 16 << 20  # a run's config.json is kilobytes; more is not a config tlearn wrote
 MAX_CLASSES = 100_000
 MAX_CLASS_NAME = 1024  # characters
-MAX_WIDTH = 1 << 16  # features and hidden units of a head
 CROP_MODES = ("center", "squash", "border")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 SECTIONS = {"backbone": BackboneConfig, "train": TrainConfig, "augment": AugmentConfig, "data": DataConfig,

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tlearn.config import BackboneConfig, TlearnError
-from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, identity_key
+from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, identity_key, safe_name
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 
@@ -206,7 +206,7 @@ def _described(arch: str, weights_id: str, build: Callable[[], nn.Module],
     read from ``bases/`` under the cache folder, or built once and written there."""
     timm_version = importlib.metadata.version("timm")
     path = Path(cache_dir or default_cache_dir()) / "bases" / \
-        f"{arch}-{identity_key({'arch': arch, 'weights_id': weights_id, 'timm': timm_version})}.json"
+        f"{safe_name(arch)}-{identity_key({'arch': arch, 'weights_id': weights_id, 'timm': timm_version})}.json"
     try:
         about = json.loads(path.read_text())
         if {"preprocessing", "num_features", "params"} <= about.keys():

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tlearn.config import TlearnError
-from tlearn.fileio import atomic_path
+from tlearn.fileio import atomic_path, require_regular
 from tlearn.train import History
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -62,18 +62,23 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[st
         raise TlearnError(f"{path.parent} has no {CHECKPOINT_FILE} to resume from: the run finished, or never "
                           "completed an epoch; start it again without --resume")
     try:
+        require_regular(path)
         with safe_open(str(path), framework="pt") as f:
-            header = json.loads(f.metadata()["state"])
+            header = json.loads((f.metadata() or {})["state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-        raise TlearnError(f"{path} is damaged ({e}); start the run again without --resume") from e
 
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
-    history = History(**{k: header["history"][k] for k in ("epoch", "history", "stage", "best_epoch")})
-    state = {"stage": header["stage"], "epoch": header["epoch"], "waited": header["waited"],
-             "model": part("model."), "optimizer": _join_optimizer(part("optimizer."), header["optimizer"]),
-             "scheduler": header["scheduler"], "history": history,
-             "best": {**header["best"], "weights": part("best.")}}
-    return state, header["configs"], part("rng.")
+        history = History(**{k: header["history"][k] for k in ("epoch", "history", "stage", "best_epoch")})
+        state = {"stage": header["stage"], "epoch": int(header["epoch"]), "waited": int(header["waited"]),
+                 "model": part("model."), "optimizer": _join_optimizer(part("optimizer."), header["optimizer"]),
+                 "scheduler": header["scheduler"], "history": history,
+                 "best": {**header["best"], "weights": part("best.")}}
+        configs = header["configs"]
+        if not isinstance(configs, dict) or not isinstance(state["stage"], str):
+            raise TypeError("the configs or the stage are not what tlearn writes")
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise TlearnError(f"{path} is damaged or incomplete ({type(e).__name__}: {e}); start the run again "
+                          "without --resume") from e
+    return state, configs, part("rng.")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +54,7 @@ def augment_preview(args: argparse.Namespace) -> None:
     """Draw a grid of augmented versions of an image, to see what an --augment setting does."""
     from tlearn.augment import preview
     from tlearn.backbones import preprocessing_of
+    from tlearn.images import ImageDecodeError
 
     augment = _config(AugmentConfig, args)
     validate(augment)
@@ -63,7 +66,10 @@ def augment_preview(args: argparse.Namespace) -> None:
         preprocessing = preprocessing_of(args.backbone)
     if not Path(args.image).is_file():
         raise TlearnError(f"image {args.image} does not exist")
-    out = preview(Path(args.image), preprocessing, augment, args.n, Path(args.out), seed=args.seed)
+    try:
+        out = preview(Path(args.image), preprocessing, augment, args.n, Path(args.out), seed=args.seed)
+    except ImageDecodeError as e:
+        raise TlearnError(f"image {args.image}: {e}") from e
     print(f"preview written to {out}")
 
 
@@ -197,9 +203,34 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                help=help_text)
         else:
-            caster = int if kind.startswith("int") else float if kind.startswith("float") else str
+            caster = _whole() if kind.startswith("int") else _number if kind.startswith("float") else str
             group.add_argument(flag, dest=f.name, type=caster, default=f.default,
                                help=f"{help_text} (default: {f.default})")
+
+
+def _whole(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number written in ASCII digits (``int()`` also takes "²" and "١"), from ``lo`` to
+    ``hi`` where given."""
+    def whole(text: str) -> int:
+        if not re.fullmatch(r"[+-]?[0-9]{1,19}", text.strip()):
+            raise argparse.ArgumentTypeError(f"must be a whole number in digits 0-9, not {text!r}")
+        value = int(text)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}, not {value}" if hi is not None
+                                             else f"must be {lo} or more, not {value}")
+        return value
+
+    return whole
+
+
+def _number(text: str) -> float:
+    """An argparse type: a finite number written in ASCII (``float()`` also takes "nan", "inf" and "١.٥")."""
+    if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"must be a finite number such as 0.001 or 1e-3, not {text!r}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
 
 
 def _config(cls: type, args: argparse.Namespace) -> Any:
@@ -257,16 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "moved)")
     p.add_argument("--backbone", help="flag images smaller than this backbone's input (default: "
                    f"{DEFAULT_INPUT_SIZE} px, {BackboneConfig.backbone}'s)")
-    p.add_argument("--near-threshold", type=int, default=4, help="largest difference-hash distance (of 64 bits) "
-                   "between near duplicates (default: 4)")
+    p.add_argument("--near-threshold", type=_whole(0, 64), default=4, help="largest difference-hash distance (of "
+                   "64 bits) between near duplicates (default: 4)")
 
     p = verb(augment_preview)
     p.add_argument("image", metavar="IMAGE", help="an image file")
-    p.add_argument("--n", type=int, default=8, help="how many augmented versions (default: 8)")
+    p.add_argument("--n", type=_whole(1, 64), default=8, help="how many augmented versions, 1 to 64 (default: 8)")
     p.add_argument("--out", default="augment_preview.png", help="PNG file to write (default: augment_preview.png)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="preprocess for this backbone's input")
     p.add_argument("--model", choices=("small-cnn", "alexnet"), help="preprocess for this scratch model instead")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random augmentations (default: 0)")
+    p.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0, help="seed of the random augmentations (default: 0)")
     _add_fields(p, AugmentConfig)
 
     p = verb(evaluate)
@@ -284,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb(predict)
     p.add_argument("paths", metavar="PATH", nargs="+", help="RUN followed by image files or folders")
-    p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image (default: 3)")
+    p.add_argument("--top-k", type=_whole(1), default=3, help="how many classes to show per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--imagenet", action="store_true", help="use the backbone's own ImageNet head, not a run")
     p.add_argument("--plot", metavar="PNG", help="also draw each image beside a bar chart of its top-k classes")

@@ -13,7 +13,7 @@ from typing import Any
 
 from tlearn import plots
 from tlearn.config import TlearnError
-from tlearn.fileio import atomic_write_csv, atomic_write_text
+from tlearn.fileio import atomic_write_csv, atomic_write_text, safe_name
 from tlearn.models import SCRATCH
 
 log = logging.getLogger("tlearn")
@@ -47,13 +47,17 @@ def compare(data: str, models: str, out: Path, options: dict[str, Any],
     from tlearn.run import claim_out
 
     claim_out(out, data, overwrite=options.get("overwrite", False), kind="compare")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    used: set[str] = set()
     manifest = data_options.get("split_manifest")
     for spec in parse_models(models):
         name = spec.get("model") or f"{spec['backbone']}:{spec['mode']}"
         log.info(f"--- {name} ---")
         clf = ImageClassifier(**{**options, **spec})
-        run_dir = out / name.replace(":", "-")
+        folder = safe_name(name.replace(":", "-"))  # a name never becomes a path of its own
+        folder = folder if folder not in used else f"{folder}-{len(rows) + 1}"
+        used.add(folder)
+        run_dir = out / folder
         clf.fit(data, out=run_dir, **{**data_options, "split_manifest": manifest})
         manifest = manifest or str(run_dir / "split.csv")  # the next models reuse this split
         split = "test" if "test" in clf.metrics else "validation"

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_WIDTH = 1 << 16  # hidden units of a head, and features of a base
+
 
 class TlearnError(Exception):
     """A problem the user can fix: the message names the argument, file or folder, and says what to do."""
@@ -134,11 +136,11 @@ class TrainConfig:
                 out.append(f"--{name.replace('_', '-')} must be at least 1. Received: {name}={getattr(self, name)}")
         if self.epochs < 0:
             out.append(f"--epochs must be 0 (the mode's default) or more. Received: epochs={self.epochs}")
-        if self.unfreeze != "all" and not (self.unfreeze.isdigit() and int(self.unfreeze) >= 1):
+        if self.unfreeze != "all" and not (re.fullmatch("[0-9]{1,4}", self.unfreeze) and int(self.unfreeze) >= 1):
             out.append("--unfreeze must be a number of stages (1 or more) or 'all'. "
                        f"Received: unfreeze={self.unfreeze!r}")
         try:
-            if min(parse_lr_mult(self.lr_mult)) <= 0:
+            if not all(0 < v < math.inf for v in parse_lr_mult(self.lr_mult)):
                 raise ValueError
         except ValueError:
             out.append(f"--lr-mult must be two positive numbers, e.g. 0.1,0.01. Received: lr_mult={self.lr_mult!r}")
@@ -149,8 +151,14 @@ class TrainConfig:
                        f"Received: time_budget={self.time_budget!r}")
         if self.head == "logreg" and self.mode not in ("features", "auto"):
             out.append(f"--head logreg works with --mode features only. Received: mode={self.mode!r}")
-        if self.hidden < 0:
-            out.append(f"--hidden must be 0 or more. Received: hidden={self.hidden}")
+        if not 0 <= self.hidden <= MAX_WIDTH:
+            out.append(f"--hidden must be 0 to {MAX_WIDTH}. Received: hidden={self.hidden}")
+        for name, top in (("epochs", 100_000), ("head_epochs", 100_000), ("patience", 100_000),
+                          ("batch_size", 65_536), ("auto_small", 10**9), ("auto_large", 10**9)):
+            if getattr(self, name) > top:
+                out.append(f"--{name.replace('_', '-')} must be at most {top:,}. Received: {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            out.append(f"--seed must be 0 to {2**32 - 1}. Received: seed={self.seed}")
         if not 0 <= self.dropout < 1:
             out.append(f"--dropout must be in [0, 1). Received: dropout={self.dropout}")
         if self.lr <= 0:
@@ -162,7 +170,7 @@ class TrainConfig:
         if not 0 < self.auto_small <= self.auto_large:
             out.append(f"--auto-small must be positive and at most --auto-large. "
                        f"Received: auto_small={self.auto_small}, auto_large={self.auto_large}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not re.fullmatch("auto|cpu|cuda(:[0-9]{1,3})?", self.device):
             out.append(f"--device must be auto, cpu, cuda or cuda:N. Received: device={self.device!r}")
         return out
 
@@ -216,6 +224,10 @@ class AugmentConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 out.append(f"--{name.replace('_', '-')} must be 0 or more. Received: {name}={v}")
+        for name, top in (("rotation_range", 360), ("shear_range", 80)):
+            v = getattr(self, name)
+            if v is not None and v > top:
+                out.append(f"--{name.replace('_', '-')} must be at most {top} degrees. Received: {name}={v}")
         for name in ("width_shift_range", "height_shift_range", "zoom_range"):
             v = getattr(self, name)
             if v is not None and v >= 1:
@@ -223,7 +235,7 @@ class AugmentConfig:
         if self.brightness_range is not None:
             try:
                 lo, hi = (float(v) for v in self.brightness_range.split(","))
-                if not 0 < lo <= hi:
+                if not 0 < lo <= hi < math.inf:
                     raise ValueError
             except ValueError:
                 out.append(f"--brightness-range must be two factors lo,hi with 0 < lo <= hi, e.g. 0.8,1.2. "
@@ -255,10 +267,10 @@ class RuntimeConfig:
         out = []
         if self.runtime not in RUNTIMES:
             out.append(f"--runtime must be one of {', '.join(RUNTIMES)}. Received: runtime={self.runtime!r}")
-        if self.extract_batch_size < 0:
-            out.append(f"--extract-batch-size must be 0 (automatic) or more. Received: {self.extract_batch_size}")
-        if self.workers is not None and self.workers < 0:
-            out.append(f"--workers must be 0 or more. Received: workers={self.workers}")
+        if not 0 <= self.extract_batch_size <= 4096:
+            out.append(f"--extract-batch-size must be 0 (automatic) to 4096. Received: {self.extract_batch_size}")
+        if self.workers is not None and not 0 <= self.workers <= 256:
+            out.append(f"--workers must be 0 to 256. Received: workers={self.workers}")
         return out
 
 
@@ -295,7 +307,12 @@ def parse_lr_mult(text: str) -> tuple[float, float]:
 
 
 def validate(*configs: Any) -> None:
-    """Raise one TlearnError that lists every problem in the given configs at once."""
+    """Raise one TlearnError that lists every problem in the given configs at once: first each value's type
+    (numbers finite), then each config's ranges."""
+    problems = [f"--{f.name.replace('_', '-')} {why}" for c in configs for f in dataclasses.fields(c)
+                if (why := type_problem(getattr(c, f.name), str(f.type)))]
+    if problems:
+        raise TlearnError("invalid arguments:\n  - " + "\n  - ".join(problems))
     problems = [p for c in configs for p in c.problems()]
     if problems:
         raise TlearnError("invalid arguments:\n  - " + "\n  - ".join(problems))

@@ -14,6 +14,7 @@ import importlib.metadata
 import io
 import json
 import os
+import re
 import sqlite3
 import stat
 import tempfile
@@ -231,6 +232,15 @@ def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
         return [{k: csv_text(v) if isinstance(v, str) else v for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def safe_name(text: str, limit: int = 100) -> str:
+    """``text`` as one harmless file-name component: letters, digits and ``._+-`` kept, anything else (a slash,
+    "..", a control character) turned into "-", no leading dot, at most ``limit`` characters."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", text).lstrip(".-")[:limit].rstrip(".")
+    if not name:
+        raise TlearnError(f"{text!r} gives no usable file name; use letters, digits, '.', '_', '+' or '-'")
+    return name
+
+
 def default_cache_dir() -> Path:
     """Where features and ONNX exports are cached: $TLEARN_CACHE_DIR or ~/.cache/tlearn."""
     return Path(os.environ.get("TLEARN_CACHE_DIR") or Path.home() / ".cache" / "tlearn").expanduser()
@@ -264,4 +274,5 @@ def onnx_export_path(cache_dir: str | Path | None, name: str, identity: dict[str
     """Where the ONNX export of a base with this identity lives, for this machine's torch: training writes it
     (``runtime.export_onnx``) and the predictor reads it, without importing torch."""
     exporter = {"exporter": f"torch {importlib.metadata.version('torch')}", "opset": ONNX_OPSET}
-    return Path(cache_dir or default_cache_dir()) / "onnx" / f"{name}-{identity_key({**identity, **exporter})}.onnx"
+    key = identity_key({**identity, **exporter})
+    return Path(cache_dir or default_cache_dir()) / "onnx" / f"{safe_name(name)}-{key}.onnx"

@@ -134,6 +134,9 @@ def resolve_precision(device: str = "auto", precision: str = "auto") -> Precisio
         where = torch.device(device)
         if where.type == "cuda" and not torch.cuda.is_available():
             raise TlearnError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+            raise TlearnError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if precision == "auto":
         precision = "fp32" if where.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "fp16" and where.type != "cuda":
@@ -297,6 +300,9 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
             loss, acc = train_one_epoch(model, stage.train(), opt, run, weight, scheduler, scaler, bar)
         val_loss, val_acc = evaluate(val_model, stage.val(), run)  # unweighted, comparable across runs
         history.append(stage.name, loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
+        if not (math.isfinite(loss) and math.isfinite(val_loss)):
+            _diverged(stage.name, epoch, loss if not math.isfinite(loss) else val_loss, best, config)
+            break
         seconds = epoch_seconds = time.perf_counter() - start
         if stage.images_per_epoch:
             log.info(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {loss:.4f}, accuracy {acc:.4f}, "
@@ -317,6 +323,20 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
             break
     model.load_state_dict(best["weights"])
     return best
+
+
+class TrainingDiverged(TlearnError):
+    """The loss became NaN or infinite before any epoch gave usable weights."""
+
+
+def _diverged(stage: str, epoch: int, loss: float, best: dict[str, Any], config: TrainConfig) -> None:
+    """A non-finite loss ends the stage: back to the best finite weights when there are some, else an error."""
+    advice = f"lower --lr (now {config.lr:g}){' or --lr-mult' if stage != 'head' else ''}"
+    if not math.isfinite(best["loss"]):
+        raise TrainingDiverged(f"{stage}: training diverged in epoch {epoch} (the loss is {loss}) and no epoch "
+                               f"gave usable weights; {advice}")
+    log.warning(f"{stage}: training diverged in epoch {epoch} (the loss is {loss}); stopped, keeping the best "
+                f"finite weights (epoch {best['epoch']}). To train further, {advice}")
 
 
 def fit_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, num_classes: int,
