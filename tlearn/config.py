@@ -311,9 +311,13 @@ def validate(*configs: Any) -> None:
     (numbers finite), then each config's ranges."""
     problems = [f"--{f.name.replace('_', '-')} {why}" for c in configs for f in dataclasses.fields(c)
                 if (why := type_problem(getattr(c, f.name), str(f.type)))]
+    if len(problems) == 1:
+        raise TlearnError(problems[0])
     if problems:
         raise TlearnError("invalid arguments:\n  - " + "\n  - ".join(problems))
     problems = [p for c in configs for p in c.problems()]
+    if len(problems) == 1:
+        raise TlearnError(problems[0])
     if problems:
         raise TlearnError("invalid arguments:\n  - " + "\n  - ".join(problems))
 

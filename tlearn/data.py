@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlearn.config import DataConfig, TlearnError
-from tlearn.fileio import atomic_write_csv, csv_text, special_kind
+from tlearn.fileio import atomic_write_csv, csv_text, open_regular, special_kind
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SYSTEM_FILES = {"Thumbs.db", "desktop.ini"}  # besides hidden (dot) files such as .DS_Store
@@ -281,8 +281,9 @@ def write_manifest(data: ImageFolder, path: Path) -> None:
 def read_manifest(path: Path, root: Path) -> ImageFolder:
     """Read a ``path,class,split`` manifest whose paths are relative to ``root``."""
     if not path.is_file():
-        raise TlearnError(f"--split-manifest {path} does not exist")
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        raise TlearnError(f"--split-manifest {path} does not exist or is not a regular file")
+    with open_regular(path) as raw, open(raw.fileno(), newline="", encoding="utf-8", errors="surrogateescape",
+                                         closefd=False) as f:
         rows = [[csv_text(cell) for cell in row] for row in csv.reader(f)]
     if not rows or rows[0] != ["path", "class", "split"]:
         raise TlearnError(f"--split-manifest {path}: the first line must be 'path,class,split'")

@@ -94,7 +94,7 @@ def csv_text(cell: str) -> str:
 def atomic_write_csv(path: Path | str, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
     """A CSV file whose text cells cannot start a spreadsheet formula (``csv_cell``)."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf, lineterminator="\r\n")  # RFC 4180, which also quotes a name holding "\r"
     writer.writerow(header)
     writer.writerows([csv_cell(v) for v in row] for row in rows)
     atomic_write_text(path, buf.getvalue())

@@ -43,7 +43,7 @@ from tlearn.calibrate import nll
 from tlearn.config import TlearnError, TrainConfig
 from tlearn.features import cpu_cores
 from tlearn.fileio import atomic_path
-from tlearn.train import History, fit_head, make_head
+from tlearn.train import History, TrainingDiverged, fit_head, make_head
 
 if TYPE_CHECKING:
     from sklearn.linear_model import LogisticRegression
@@ -229,7 +229,12 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
         candidates.append(_logreg_candidate(train, val, tried, config))
     if config.head in ("auto", "dense"):
         for flip in tried:
-            candidates.append(_dense_candidate(train, val, flip, num_classes, config, weight))
+            try:
+                candidates.append(_dense_candidate(train, val, flip, num_classes, config, weight))
+            except TrainingDiverged as e:
+                if config.head == "dense" or not candidates:
+                    raise
+                log.warning(f"  head dense{', + mirrored images' if flip else ''} left out: {e}")
     for c in candidates:
         log.info(f"  head {describe(c)}: val_loss {c['val_loss']:.4f}, val_accuracy {c['val_accuracy']:.4f}")
     best = min(candidates, key=lambda c: (c["val_loss"], -c["val_accuracy"]))

@@ -166,9 +166,23 @@ def enable_logging() -> None:
     import logging
     import sys
 
+    class Stderr(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is at the time, with control characters escaped."""
+
+        @property
+        def stream(self) -> Any:
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _value: Any) -> None:
+            pass
+
+        def format(self, record: logging.LogRecord) -> str:
+            return printable(super().format(record), keep="\n\t")
+
     logger = logging.getLogger("tlearn")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -63,7 +63,6 @@ class RunResult:
 RUN_FILES = frozenset({MODEL_FILE, CONFIG_FILE, CHECKPOINT_FILE, "split.csv", "skipped.csv", "check.json",
                        "history.csv", "curves.png", "metrics.json", "predictions.csv", "report.html", "samples.png",
                        "confusion.png", "top_losses.png", "reliability.png", "tensorboard"})
-COMPARE_FILES = frozenset({"compare.csv", "compare.md", "compare.png", "compare.html"})
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tlearn-(?P<kind>new|old)-(?P<pid>\d+)-[^/]*$")
 _PARTIAL = re.compile(r"^\..+\.[^.]+\.tmp$")  # an atomic write's temporary file (fileio.atomic_path)
 
@@ -86,14 +85,14 @@ def claim_out(out: Path | str, data_root: Path | str | None = None, *, overwrite
         return out
     if not out.is_dir():
         raise TlearnError(f"{flag} {out} exists and is not a folder; choose a new folder for the run")
-    own = RUN_FILES | COMPARE_FILES if kind == "compare" else RUN_FILES
-    theirs = sorted(e.name for e in out.iterdir() if e.name not in own and not _PARTIAL.match(e.name)
-                    and not (kind == "compare" and e.is_dir() and is_run(e)))
-    if not theirs or overwrite or (is_run(out) if kind == "run" else (out / "compare.csv").is_file()):
+    entries = sorted(e.name for e in out.iterdir() if not _PARTIAL.match(e.name))
+    earlier = is_run(out) if kind == "run" else (out / "compare.csv").is_file() or all(
+        (out / e).is_dir() and is_run(out / e) for e in entries)
+    if not entries or earlier or overwrite:
         return out
-    raise TlearnError(f"{flag} {out} already holds files that tlearn did not write ({', '.join(theirs[:3])}"
-                      f"{', ...' if len(theirs) > 3 else ''}); choose a new folder, or pass --overwrite to write the "
-                      "run there (tlearn's own files are replaced; yours are kept)")
+    raise TlearnError(f"{flag} {out} is not an earlier tlearn {kind} and already holds files ({', '.join(entries[:3])}"
+                      f"{', ...' if len(entries) > 3 else ''}); choose a new folder, or pass --overwrite to write "
+                      f"there (tlearn's own files, such as report.html, are replaced; the others are kept)")
 
 
 def is_run(folder: Path) -> bool:

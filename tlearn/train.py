@@ -301,7 +301,7 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
         val_loss, val_acc = evaluate(val_model, stage.val(), run)  # unweighted, comparable across runs
         history.append(stage.name, loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
         if not (math.isfinite(loss) and math.isfinite(val_loss)):
-            _diverged(stage.name, epoch, loss if not math.isfinite(loss) else val_loss, best, config)
+            _diverged(stage.name, epoch, loss if not math.isfinite(loss) else val_loss, best, config, model)
             break
         seconds = epoch_seconds = time.perf_counter() - start
         if stage.images_per_epoch:
@@ -329,12 +329,16 @@ class TrainingDiverged(TlearnError):
     """The loss became NaN or infinite before any epoch gave usable weights."""
 
 
-def _diverged(stage: str, epoch: int, loss: float, best: dict[str, Any], config: TrainConfig) -> None:
-    """A non-finite loss ends the stage: back to the best finite weights when there are some, else an error."""
+def _diverged(stage: str, epoch: int, loss: float, best: dict[str, Any], config: TrainConfig,
+              model: nn.Module) -> None:
+    """A non-finite loss ends the stage: back to the best weights when they are usable (a validation loss below
+    the uniform guess's, log C), else an error."""
     advice = f"lower --lr (now {config.lr:g}){' or --lr-mult' if stage != 'head' else ''}"
-    if not math.isfinite(best["loss"]):
+    classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    if not best["loss"] < math.log(classes):
         raise TrainingDiverged(f"{stage}: training diverged in epoch {epoch} (the loss is {loss}) and no epoch "
-                               f"gave usable weights; {advice}")
+                               f"gave usable weights (a validation loss below {math.log(classes):.4f}, the uniform "
+                               f"guess's); {advice}")
     log.warning(f"{stage}: training diverged in epoch {epoch} (the loss is {loss}); stopped, keeping the best "
                 f"finite weights (epoch {best['epoch']}). To train further, {advice}")
 
