@@ -16,6 +16,8 @@ OXFORD17 = SHARED / "oxford17_flowers"
 # Every training loop in the tests runs with the device check armed: a model, batch, label or class weight that
 # did not go through the loop's device owner fails here on the CPU as it would fail on a GPU (train.Precision).
 os.environ["TLEARN_CHECK_DEVICES"] = "1"
+# In the tests, a bug in tlearn raises with its traceback instead of the CLI's one-line "internal error".
+os.environ["TLEARN_DEBUG"] = "1"
 
 # A tiny timm model with random weights: fast features that still separate colours.
 TINY = {"backbone": "test_efficientnet", "pretrained": False}

@@ -242,3 +242,21 @@ def test_names_become_one_safe_path_component() -> None:
     assert "/" not in safe_name("a/b\\c\x00d") and not safe_name("..x").startswith(".")
     with pytest.raises(TlearnError):
         safe_name("../..")
+
+
+def test_a_bug_is_one_line_and_exit_70_and_a_closed_pipe_is_quiet(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    def broken() -> None:
+        raise ValueError("something tlearn did not expect")
+
+    monkeypatch.delenv("TLEARN_DEBUG")
+    monkeypatch.setattr("tlearn.backbones.describe", broken)
+    assert cli.main(["backbones"]) == 70
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error: ValueError: something tlearn did not expect" in err[0]
+    import subprocess
+    import sys
+
+    piped = subprocess.run(f"{sys.executable} -m tlearn.cli backbones | head -c 5", shell=True, capture_output=True,
+                           env={k: v for k, v in os.environ.items() if k != "TLEARN_DEBUG"})
+    assert piped.stderr == b"" and len(piped.stdout) == 5

@@ -364,6 +364,12 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader went away (`tlearn predict ... | head`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as e:  # a bug in tlearn, not the user's mistake: one line, the traceback on request
+        if os.environ.get("TLEARN_DEBUG"):
+            raise
+        print(f"tlearn {args.verb}: internal error: {type(e).__name__}: {str(e)[:300]} (a bug in tlearn: run again "
+              "with TLEARN_DEBUG=1 to see where, and please report it)", file=sys.stderr)
+        return 70
     return 0
 
 

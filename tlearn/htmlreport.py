@@ -352,8 +352,14 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
             raise TlearnError(f"{run_dir} has no metrics.json or predictions.csv: was it written by `tlearn train` "
                               "with --out? (a model saved by ImageClassifier.save after fit without out has no "
                               "evaluation)")
-        metrics = json.loads(metrics_path.read_text())
-        predictions = read_predictions_csv(predictions_path)
+        try:
+            metrics = json.loads(metrics_path.read_text())
+            predictions = read_predictions_csv(predictions_path)
+            if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
+                raise ValueError("metrics.json is not a JSON object of splits")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TlearnError(f"{run_dir}: metrics.json or predictions.csv is damaged ({e}); retrain, or restore "
+                              "them") from e
     train = _train_rows(config, run_dir) if train is None else train
     cache = Path(cache_dir or default_cache_dir())
     body = "\n".join([
