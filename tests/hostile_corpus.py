@@ -55,7 +55,6 @@ class Case:
     argv: Callable[[World], list[str]]
     expect: int  # 0: handled, 2: refused with one line
     check: Callable[[World, Result], str | None] | None = None  # anything else that must hold: a problem, or None
-    stdin: bytes = b""
 
 
 @dataclass
@@ -274,8 +273,8 @@ def csv_cells_are_text(folder_name: str) -> Callable[[World, Result], str | None
                                 float(cell)
                             except ValueError:
                                 return f"{name} has the cell {cell!r}, which a spreadsheet runs as a formula"
-        manifest = json.loads((run / "config.json").read_text())["model"]["classes"]
-        if not any(c.startswith("=HYPERLINK") for c in manifest):
+        classes = json.loads((run / "config.json").read_text())["model"]["classes"]
+        if not any(c.startswith("=HYPERLINK") for c in classes):
             return "the class names did not survive"
         return None
     return check
@@ -325,7 +324,7 @@ def cases() -> list[Case]:
     def predict(name: str) -> Callable[[World], list[str]]:
         return lambda w: ["predict", str(w.cases[name]), str(w.image())]
 
-    c = [
+    return [
         # hangs: special files are never opened
         Case("hang", "check: a FIFO in a class folder", lambda w: ["check", str(w.user / "with-fifo")], 0,
              printed("special-file")),
@@ -423,7 +422,6 @@ def cases() -> list[Case]:
         Case("beyond", "predict: the run folder is a file", lambda w: ["predict", str(w.root / "a-file"),
                                                                        str(w.image())], 2),
     ]
-    return c
 
 
 def run_case(world: World, case: Case) -> str | None:

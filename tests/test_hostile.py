@@ -29,7 +29,7 @@ from tlearn import cli
 from tlearn.api import ImageClassifier
 from tlearn.artifact import MODEL_FILE, read_run
 from tlearn.config import TlearnError
-from tlearn.fileio import atomic_write_csv, read_csv_rows, safe_name
+from tlearn.fileio import UMASK, atomic_write_csv, read_csv_rows, safe_name
 from tlearn.predictor import Predictor
 from tlearn.report import printable
 from tlearn.run import claim_out, staged
@@ -203,17 +203,11 @@ def test_a_staged_write_is_all_or_nothing_and_a_killed_one_is_put_back(tmp_path:
         (stage / "model.safetensors").write_text("whole")
         (stage / "config.json").write_text('{"format": "tlearn-model"}')
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]  # split went
-    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~corpus_umask())
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~UMASK)
     # killed between its two renames: the old run stands aside under a dead process's id, and is put back
     os.rename(out, tmp_path / ".run.tlearn-old-999999999-x")
     claim_out(out)
     assert (out / "model.safetensors").read_text() == "whole" and (out / "notes.txt").is_file()
-
-
-def corpus_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def test_csv_cells_cannot_start_formulas_and_round_trip(tmp_path: Path) -> None:

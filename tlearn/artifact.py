@@ -30,7 +30,7 @@ from tlearn.config import (
     type_problem,
 )
 from tlearn.fileio import atomic_path, atomic_write_text, require_regular
-from tlearn.images import VIEWS
+from tlearn.images import RESAMPLE, VIEWS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -108,7 +108,6 @@ MAX_CONFIG_BYTES = 16 << 20  # a run's config.json is kilobytes; more is not a c
 MAX_CLASSES = 100_000
 MAX_CLASS_NAME = 1024  # characters
 CROP_MODES = ("center", "squash", "border")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 SECTIONS = {"backbone": BackboneConfig, "train": TrainConfig, "augment": AugmentConfig, "data": DataConfig,
             "decision": Decision}  # the config sections that are config dataclasses
 
@@ -242,8 +241,8 @@ def preprocessing_problems(pp: dict[str, Any], name: str) -> list[str]:
     if not (numbers(size, 3) and all(isinstance(x, int) for x in size) and size[0] == 3
             and all(8 <= x <= 4096 for x in size[1:])):
         problems.append(f"\"{name}.input_size\" must be [3, height, width] with sides of 8 to 4096 pixels")
-    if pp.get("interpolation") not in INTERPOLATIONS:
-        problems.append(f"\"{name}.interpolation\" must be one of {', '.join(INTERPOLATIONS)}")
+    if pp.get("interpolation") not in RESAMPLE:
+        problems.append(f"\"{name}.interpolation\" must be one of {', '.join(RESAMPLE)}")
     if not numbers(pp.get("mean"), 3) or not numbers(pp.get("std"), 3) or min(pp["std"]) <= 0:
         problems.append(f"\"{name}.mean\" and \"std\" must be three finite numbers, std above 0")
     crop = pp.get("crop_pct", 1.0)

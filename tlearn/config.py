@@ -309,13 +309,13 @@ def parse_lr_mult(text: str) -> tuple[float, float]:
 def validate(*configs: Any) -> None:
     """Raise one TlearnError that lists every problem in the given configs at once: first each value's type
     (numbers finite), then each config's ranges."""
-    problems = [f"--{f.name.replace('_', '-')} {why}" for c in configs for f in dataclasses.fields(c)
-                if (why := type_problem(getattr(c, f.name), str(f.type)))]
-    if len(problems) == 1:
-        raise TlearnError(problems[0])
-    if problems:
-        raise TlearnError("invalid arguments:\n  - " + "\n  - ".join(problems))
-    problems = [p for c in configs for p in c.problems()]
+    _refuse([f"--{f.name.replace('_', '-')} {why}" for c in configs for f in dataclasses.fields(c)
+             if (why := type_problem(getattr(c, f.name), str(f.type)))])
+    _refuse([p for c in configs for p in c.problems()])
+
+
+def _refuse(problems: list[str]) -> None:
+    """One problem as one line; several as a list."""
     if len(problems) == 1:
         raise TlearnError(problems[0])
     if problems:

@@ -31,6 +31,15 @@ UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put i
 os.umask(UMASK)
 
 
+_PARTIAL = re.compile(r"^\..+\.[^.]+\.tmp$")
+
+
+def is_partial(name: str) -> bool:
+    """Whether a file name is one of ``atomic_path``'s temporary files (".NAME.XXXX.tmp"), which a killed write
+    can leave behind."""
+    return bool(_PARTIAL.match(name))
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[str]:
     """Yield a temporary file name beside ``path``; when the block succeeds the file is synced and renamed
@@ -117,12 +126,16 @@ def special_kind(mode: int) -> str | None:
     return next((what for test, what in _SPECIAL if test(mode)), "not a regular file")
 
 
+def _refuse_special(mode: int) -> None:
+    kind = special_kind(mode)
+    if kind:
+        raise NotRegularFile(f"{kind}, not a regular file; it is never opened")
+
+
 def require_regular(path: Path | str) -> os.stat_result:
     """``os.stat`` of a regular file (links followed); ``NotRegularFile`` for anything else."""
     st = os.stat(path)
-    kind = special_kind(st.st_mode)
-    if kind:
-        raise NotRegularFile(f"{kind}, not a regular file; it is never opened")
+    _refuse_special(st.st_mode)
     return st
 
 
@@ -132,9 +145,7 @@ def open_regular(path: Path | str) -> io.BufferedReader:
     for a FIFO or a device in between."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
-        kind = special_kind(os.fstat(fd).st_mode)
-        if kind:
-            raise NotRegularFile(f"{kind}, not a regular file; it is never opened")
+        _refuse_special(os.fstat(fd).st_mode)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

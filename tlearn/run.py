@@ -33,7 +33,7 @@ from tlearn.check import Finding
 from tlearn.checkpoint import CHECKPOINT_FILE
 from tlearn.config import TlearnError
 from tlearn.data import ImageFolder, write_manifest
-from tlearn.fileio import UMASK, atomic_write_text, default_cache_dir
+from tlearn.fileio import UMASK, atomic_write_text, default_cache_dir, is_partial
 from tlearn.htmlreport import build_report
 from tlearn.train import History
 
@@ -64,7 +64,6 @@ RUN_FILES = frozenset({MODEL_FILE, CONFIG_FILE, CHECKPOINT_FILE, "split.csv", "s
                        "history.csv", "curves.png", "metrics.json", "predictions.csv", "report.html", "samples.png",
                        "confusion.png", "top_losses.png", "reliability.png", "tensorboard"})
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tlearn-(?P<kind>new|old)-(?P<pid>\d+)-[^/]*$")
-_PARTIAL = re.compile(r"^\..+\.[^.]+\.tmp$")  # an atomic write's temporary file (fileio.atomic_path)
 
 
 def claim_out(out: Path | str, data_root: Path | str | None = None, *, overwrite: bool = False,
@@ -85,7 +84,7 @@ def claim_out(out: Path | str, data_root: Path | str | None = None, *, overwrite
         return out
     if not out.is_dir():
         raise TlearnError(f"{flag} {out} exists and is not a folder; choose a new folder for the run")
-    entries = sorted(e.name for e in out.iterdir() if not _PARTIAL.match(e.name))
+    entries = sorted(e.name for e in out.iterdir() if not is_partial(e.name))
     earlier = is_run(out) if kind == "run" else (out / "compare.csv").is_file() or all(
         (out / e).is_dir() and is_run(out / e) for e in entries)
     if not entries or earlier or overwrite:
@@ -113,13 +112,11 @@ def is_run(folder: Path) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except OSError:  # someone else's process
+    except OSError:  # it exists, as someone else's process
         return True
     return True
 
@@ -142,7 +139,7 @@ def _tidy(out: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
     if out.is_dir():
         for entry in out.iterdir():
-            if _PARTIAL.match(entry.name):
+            if is_partial(entry.name):
                 with contextlib.suppress(OSError):
                     entry.unlink()
 
@@ -150,7 +147,7 @@ def _tidy(out: Path) -> None:
 def _carry_over(old: Path, new: Path) -> None:
     """Move the entries of ``old`` that tlearn did not write into ``new``, where ``new`` has no such name."""
     for entry in old.iterdir():
-        if entry.name not in RUN_FILES and not _PARTIAL.match(entry.name) and not (new / entry.name).exists():
+        if entry.name not in RUN_FILES and not is_partial(entry.name) and not (new / entry.name).exists():
             os.rename(entry, new / entry.name)
 
 
@@ -182,10 +179,10 @@ def staged(out: Path, *, overwrite: bool = False):
 
 
 def write_run(run_dir: Path, result: RunResult, *, overwrite: bool = False) -> Path:
-    """Write every file of the run into a staging folder and rename it onto ``run_dir``: the model last but the
-    report, each file atomically. The training checkpoint in ``run_dir`` goes with the old folder, so that a
-    failure in the report cannot leave a finished run resumable. The report is built from what is in memory here,
-    nothing is read back."""
+    """Write every file of the run into a staging folder and rename it onto ``run_dir``, each file atomically.
+    The run appears whole or not at all: the training checkpoint goes with the old folder once the new one is in
+    place, and a failure before that (in the report, say) leaves ``run_dir`` as it was, resumable. The report is
+    built from what is in memory here, nothing is read back."""
     run_dir = Path(run_dir)
     with staged(run_dir, overwrite=overwrite) as stage:
         _write_files(stage, result, shown_as=run_dir)
