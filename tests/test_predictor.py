@@ -39,7 +39,7 @@ def test_the_onnx_predictor_gives_the_full_stacks_predictions(run: tuple[Path, P
     images = [data / "red", data / "blue", data / "red" / "missing.png"]
     (data / "red" / "broken.png").write_bytes(b"not an image")
     for views in (["center"], ["center", "flip"]):
-        fast.spec.views = full.spec.views = views
+        fast.views = full.spec.views = views
         for tta in (False, True):
             ours, theirs = fast.predict(images, top_k=2, tta=tta), full.predict(images, top_k=2, tta=tta)
             assert [r["path"] for r in ours] == [r["path"] for r in theirs]

@@ -378,11 +378,12 @@ class ImageClassifier:
         if data is not None:
             folder = scan_labelled(data, self.classes)
             return {"split": str(data), **self._metrics(self._scored(folder.samples, tta), tta)}
-        folder = self.data or self._recorded_split()
+        folder = self.data or self.recorded_split()
         split = "test" if folder.split("test") else "validation"
         return {"split": split, **self._metrics(self._scored(folder.split(split), tta), tta)}
 
-    def _recorded_split(self) -> ImageFolder:
+    def recorded_split(self) -> ImageFolder:
+        """The data split this loaded run was trained on, from its split.csv (the folder must still be there)."""
         manifest = self._run_dir / "split.csv" if self._run_dir else None
         summary = self._run_config.get("data_summary")
         if not manifest or not manifest.is_file() or not summary:

@@ -9,6 +9,7 @@ always a complete model, even if a save is killed between the two files.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.metadata
 import json
 import logging
@@ -96,6 +97,7 @@ def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str
     config = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "versions": {"tlearn": __version__, "torch": torch.__version__,
                            "timm": importlib.metadata.version("timm")},
+              "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "model": dataclasses.asdict(spec), **extra}
     text = json.dumps(config, indent=2) + "\n"
     with atomic_path(run_dir / MODEL_FILE) as tmp:

@@ -146,6 +146,29 @@ def predict(args: argparse.Namespace) -> None:
         raise TlearnError("no image could be read")
 
 
+def export(args: argparse.Namespace) -> None:
+    """Export a run's whole classifier to one ONNX graph plus a JSON sidecar, checked against PyTorch.
+
+    Example: tlearn export runs/demo --out demo.onnx  (then: tlearn predict demo.onnx photo.jpg)"""
+    from tlearn.export import export as run_export
+    from tlearn.export import summary
+
+    result = run_export(args.run, args.out, int8=args.int8, data=args.data, overwrite=args.overwrite,
+                        weights=args.weights, cache_dir=args.cache_dir)
+    print(summary(result))
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Serve a run (or an exported .onnx) over HTTP: a web page to drop photos on, and a REST API.
+
+    Example: tlearn serve runs/demo --port 8000  (then open http://127.0.0.1:8000/, or
+    curl -F files=@photo.jpg http://127.0.0.1:8000/predict)"""
+    from tlearn.serve import serve as run_server
+
+    run_server(args.run, host=args.host, port=args.port, runtime=args.runtime, device=args.device,
+               weights=args.weights, cache_dir=args.cache_dir, max_upload_mb=args.max_upload_mb, top_k=args.top_k)
+
+
 def split(args: argparse.Namespace) -> None:
     """Copy (hard-link) a folder of class sub-folders into DEST/train, DEST/validation and DEST/test."""
     from tlearn.data import materialise_split
@@ -326,6 +349,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(p, BackboneConfig, skip=("pretrained",))
     _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard", "overwrite"))
     _add_placement(p)
+
+    p = verb(export)
+    p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="the file format (default: onnx)")
+    p.add_argument("--out", help="the .onnx file to write, with a .json sidecar beside it (default: RUN.onnx, or "
+                   "RUN-int8.onnx with --int8, next to the run folder)")
+    p.add_argument("--int8", action="store_true", help="quantize to int8 (ONNX Runtime static quantization); its "
+                   "accuracy is measured and printed next to fp32's")
+    p.add_argument("--data", metavar="FOLDER", help="labelled images (class sub-folders) to check and measure the "
+                   "export on (default: the run's test split, or validation where it has none)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier export")
+    p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
+    p.add_argument("--cache-dir", help="the feature and ONNX cache folder (default: $TLEARN_CACHE_DIR or "
+                   "~/.cache/tlearn)")
+
+    p = verb(serve)
+    p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`, or an exported .onnx file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=_whole(1, 65535), default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto", help="auto: the predictor's "
+                   "choice; onnx: the whole classifier as one ONNX graph (exported once, lowest latency on a CPU); "
+                   "torch: PyTorch (default: auto)")
+    p.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, cuda:N, mps "
+                   "(default: auto)")
+    p.add_argument("--max-upload-mb", type=_number, default=20, help="largest request body in MiB; larger ones get "
+                   "HTTP 413 (default: 20)")
+    p.add_argument("--top-k", type=_whole(1), default=5, help="classes per image unless a request asks (default: 5)")
+    p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
+    p.add_argument("--cache-dir", help="the feature and ONNX cache folder (default: $TLEARN_CACHE_DIR or "
+                   "~/.cache/tlearn)")
 
     p = verb(split)
     _add_fields(p, DataConfig, skip=("split_manifest",))

@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -35,9 +35,10 @@ class ImageDecodeError(Exception):
     """An image file that cannot be turned into an RGB picture; the message is the reason shown to the user."""
 
 
-def load_image(path: Path | str) -> Image.Image:
-    """Decode any Pillow-readable image to RGB: EXIF orientation applied, first frame of an animation,
-    transparency composited on white, 16-bit and float pixels scaled to 8-bit."""
+def load_image(path: Path | str | BinaryIO) -> Image.Image:
+    """Decode any Pillow-readable image (a file, or bytes in a file object such as an upload) to RGB: EXIF
+    orientation applied, first frame of an animation, transparency composited on white, 16-bit and float pixels
+    scaled to 8-bit."""
     try:
         with open_image(path) as im:
             return decode(im)
@@ -45,10 +46,11 @@ def load_image(path: Path | str) -> Image.Image:
         raise ImageDecodeError(reason(e)) from e
 
 
-def open_image(path: Path | str) -> Image.Image:
-    """Open a file and read its header; refuse a decompression bomb before a pixel is decoded, and anything but a
-    regular file (a FIFO, a device) before it is opened."""
-    require_regular(path)
+def open_image(path: Path | str | BinaryIO) -> Image.Image:
+    """Open a file (or a file object) and read its header; refuse a decompression bomb before a pixel is decoded,
+    and anything but a regular file (a FIFO, a device) before it is opened."""
+    if isinstance(path, str | Path):
+        require_regular(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with a reason
         im = Image.open(path)

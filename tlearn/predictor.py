@@ -1,10 +1,19 @@
-"""Inference only: a run folder → top-k probabilities, with the fewest imports that can do it.
+"""Inference only: a run folder, or an exported ``.onnx`` classifier, → top-k probabilities, with the fewest
+imports that can do it.
 
-For a head on frozen bases (modes features and auto, and frozen), on a CPU, when each base's ONNX export is in
-this machine's cache (training put it there), prediction is decode → preprocess (``images.CropResize``) → ONNX
-Runtime → the head in NumPy → softmax: no torch, no timm, no scikit-learn, so a single ``tlearn predict`` command
-starts in about a second. Anything else (a fine-tuned or scratch network, a GPU, ``--runtime torch``, a base not
-exported here) goes through ``ImageClassifier``, which loads the full stack; the results are the same.
+A ``Predictor`` is a list of inputs (each a preprocessing: an image becomes a normalised (3, H, W) array) and a
+``forward`` that maps one batch per input to logits (B, C). Three backends fill them in:
+- **onnx** (a head on frozen bases, on a CPU, with each base's ONNX export in this machine's cache, which
+  training put there): ONNX Runtime for the bases, the head in NumPy. No torch, no timm, no scikit-learn, so a
+  single ``tlearn predict`` starts in about a second.
+- **exported** (a file written by ``tlearn export``): the whole classifier in one ONNX graph, described by its
+  JSON sidecar. No torch either.
+- **torch** (anything else: a fine-tuned or scratch network, a GPU, ``--runtime torch``, a base not exported
+  here): the full stack's engines (``tlearn.runtime``), the same ones ``ImageClassifier`` uses. A folder of
+  paths goes through ``ImageClassifier.predict`` itself, whose extraction decodes on several threads.
+
+``predict`` takes paths; ``predict_images`` takes decoded pictures (the server's uploads). All give the same
+answers.
 
 >>> p = Predictor.load("runs/demo")                        # doctest: +SKIP
 >>> p.predict(["ant.jpg"], top_k=2)                         # doctest: +SKIP
@@ -13,24 +22,40 @@ exported here) goes through ``ImageClassifier``, which loads the full stack; the
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
+import json
 import logging
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from tlearn.artifact import MODEL_FILE, ModelSpec, read_run
+from tlearn.artifact import (
+    MAX_CLASS_NAME,
+    MAX_CLASSES,
+    MAX_CONFIG_BYTES,
+    MODEL_FILE,
+    ModelSpec,
+    preprocessing_problems,
+    read_run,
+)
+from tlearn.config import TlearnError
 from tlearn.data import expand_inputs
 from tlearn.evaluate import top_classes
-from tlearn.fileio import onnx_export_path
+from tlearn.fileio import file_sha256, onnx_export_path, require_regular
 from tlearn.images import VIEWS, CropResize, ImageDecodeError, crop_resize_fits, load_image
 
 log = logging.getLogger("tlearn")
 BATCH = 8
 TTA_VIEWS = list(VIEWS)  # CropResize's preprocessings have all six
+EXPORT_FORMAT = "tlearn-onnx"  # the sidecar of a classifier written by `tlearn export`
+EXPORT_FORMAT_VERSION = 1
+Forward = Callable[[list[np.ndarray]], np.ndarray]  # one (B, 3, H, W) batch per input -> (B, C) logits
 
 
 def _no_gpu() -> bool:
@@ -45,41 +70,60 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return z / z.sum(1, keepdims=True)
 
 
-class Predictor:
-    """A trained run for prediction. ``Predictor.load`` picks the fast ONNX path where it applies."""
+def sidecar_path(onnx_file: str | Path) -> Path:
+    """The JSON file that describes an exported classifier: ``model.onnx`` → ``model.json``."""
+    return Path(onnx_file).with_suffix(".json")
 
-    def __init__(self, spec: ModelSpec, sessions: list[Any], layers: list[tuple[np.ndarray, np.ndarray]]):
-        self.spec, self.classes = spec, spec.classes
-        self.sessions, self.layers = sessions, layers  # one ONNX session per base; the head's Linear layers
-        self.crops = {view: [CropResize(b["identity"]["preprocessing"], *VIEWS[view]) for b in spec.bases]
-                      for view in TTA_VIEWS}
-        self.fallback: Any = None  # an ImageClassifier, where the fast path does not apply
+
+def transform(preprocessing: dict[str, Any], view: str = "center") -> Callable[[Image.Image], np.ndarray]:
+    """A picture → the normalised (3, H, W) float32 array one model input takes, in one of ``images.VIEWS``.
+    ``CropResize`` covers the usual square centre crop without torch; other crops use timm's own transform."""
+    if crop_resize_fits(preprocessing):
+        return CropResize(preprocessing, *VIEWS[view]).array
+    from tlearn.features import view_transform  # imports torch and timm
+
+    tensor = view_transform(preprocessing, view)
+    return lambda image: tensor(image).numpy()
+
+
+class Predictor:
+    """A trained classifier for prediction. ``Predictor.load`` picks the backend (see the module docstring)."""
+
+    def __init__(self, classes: list[str], inputs: list[dict[str, Any]], forward: Forward, *, temperature: float = 1.0,
+                 views: list[str] | None = None, backend: str = "onnx", about: dict[str, Any] | None = None,
+                 spec: ModelSpec | None = None, fallback: Any = None):
+        self.classes, self.inputs, self.forward = classes, inputs, forward
+        self.temperature, self.views = temperature, views or ["center"]
+        self.backend = backend  # onnx | exported | torch
+        self.about = about or {}  # what `GET /model` shows: model id, backbone, kind, metrics, when trained
+        self.spec = spec
+        self.fallback = fallback  # the ImageClassifier of the torch backend, for folders of paths
+        self._transforms: dict[str, list[Callable[[Image.Image], np.ndarray]]] = {}
 
     @classmethod
-    def load(cls, run_dir: str | Path, *, weights: str | None = None, verbose: bool = True,
+    def load(cls, path: str | Path, *, weights: str | None = None, verbose: bool = True,
              **runtime_options: Any) -> Predictor:
-        """The run at ``run_dir``; ``weights`` and ``runtime_options`` (cache_dir, runtime, workers, ...) as for
+        """The run folder at ``path``, or the classifier that ``tlearn export`` wrote to ``path`` (a ``.onnx``
+        file). ``weights`` and ``runtime_options`` (cache_dir, runtime, device, ...) are as for
         ``ImageClassifier.load``."""
-        run_dir = Path(run_dir)
-        fast = cls._fast(run_dir, runtime_options)
+        path = Path(path)
+        if path.suffix.lower() == ".onnx" and not path.is_dir():
+            return cls.exported(path, **runtime_options)
+        fast = cls._fast(path, runtime_options)
         if fast is not None:
             return fast
-        from tlearn.api import ImageClassifier  # the full stack
-
-        clf = ImageClassifier.load(run_dir, weights=weights, verbose=verbose, **runtime_options)
-        p = cls(clf.spec, [], [])
-        p.fallback = clf
-        return p
+        return cls._torch(path, weights, verbose, runtime_options)
 
     @classmethod
     def _fast(cls, run_dir: Path, runtime: dict[str, Any]) -> Predictor | None:
-        """The ONNX predictor, or None where it does not apply (see the module docstring)."""
+        """The ONNX predictor of a run, or None where it does not apply (see the module docstring)."""
         device, precision = runtime.get("device", "auto"), runtime.get("precision", "auto")
         on_cpu = device == "cpu" or (device == "auto" and _no_gpu())
         if runtime.get("runtime", "auto") == "torch" or not on_cpu or precision not in ("auto", "fp32") \
                 or not importlib.util.find_spec("onnxruntime"):
             return None
-        spec = read_run(run_dir).spec  # validated against the file's tensors: what follows can trust it
+        saved = read_run(run_dir)  # validated against the file's tensors: what follows can trust it
+        spec = saved.spec
         if spec.kind != "head" or not spec.bases or \
                 not all(crop_resize_fits(b["identity"]["preprocessing"]) for b in spec.bases):
             return None
@@ -91,40 +135,129 @@ class Predictor:
 
         try:
             tensors = load_file(str(run_dir / MODEL_FILE))
-            sessions = [ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in files]
+            sessions = [ort.InferenceSession(str(f), quiet(ort), providers=["CPUExecutionProvider"]) for f in files]
         except Exception:  # noqa: BLE001 - a damaged file: the full loader names it (or exports the base again)
             return None
         layers = [(tensors[f"{i}.weight"], tensors[f"{i}.bias"])
                   for i in sorted({int(k.split(".")[0]) for k in tensors})]
         if layers[0][0].shape[1] != spec.num_features or layers[-1][0].shape[0] != len(spec.classes):
             return None
-        return cls(spec, sessions, layers)
 
-    def _logits(self, paths: list[Path], views: list[str]) -> tuple[np.ndarray, dict[Path, str]]:
-        """(N, C) logits averaged over ``views``; rows of unreadable files are zero and listed with the reason."""
-        logits = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
-        failed: dict[Path, str] = {}
-        for start in range(0, len(paths), BATCH):
-            rows, images = [], []
-            for i in range(start, min(start + BATCH, len(paths))):
-                try:
-                    images.append(load_image(paths[i]))
-                    rows.append(i)
-                except ImageDecodeError as e:
-                    failed[paths[i]] = str(e)
-            for view in views if images else []:
-                parts = [session.run(None, {"image": np.stack([crop.array(im) for im in images])})[0]
-                         for session, crop in zip(self.sessions, self.crops[view], strict=True)]
-                logits[rows] += self._head(np.hstack(parts)) / len(views)  # (B, F) -> (B, C)
-        return logits, failed
+        def forward(arrays: list[np.ndarray]) -> np.ndarray:
+            parts = [session.run(None, {"image": x})[0] for session, x in zip(sessions, arrays, strict=True)]
+            return _dense(np.hstack(parts), layers)  # (B, F) -> (B, C)
 
-    def _head(self, x: np.ndarray) -> np.ndarray:
-        """The head's Linear layers with ReLU between them (dropout is off in inference)."""
-        for i, (weight, bias) in enumerate(self.layers):
-            x = x @ weight.T + bias
-            if i < len(self.layers) - 1:
-                x = np.maximum(x, 0)
-        return x
+        return cls(spec.classes, [b["identity"]["preprocessing"] for b in spec.bases], forward,
+                   temperature=spec.temperature, views=spec.views, backend="onnx", about=run_about(saved), spec=spec)
+
+    @classmethod
+    def _torch(cls, run_dir: Path, weights: str | None, verbose: bool, runtime: dict[str, Any]) -> Predictor:
+        """The full stack: ``ImageClassifier.load`` and its engines (device and precision as asked)."""
+        import torch
+
+        from tlearn.api import ImageClassifier
+        from tlearn.runtime import net_engine
+
+        clf = ImageClassifier.load(run_dir, weights=weights, verbose=verbose, **runtime)
+        spec = clf.spec
+        if spec.kind == "head":
+            names = [b["name"] for b in spec.bases] or clf.backbone_config.names()
+            engines, inputs = [clf.engine_of(name) for name in names], [clf.base(n).preprocessing for n in names]
+        else:
+            engines = [net_engine(clf.model, spec.preprocessing, len(spec.classes), clf.run, clf.runtime)]
+            inputs = [spec.preprocessing]
+
+        def forward(arrays: list[np.ndarray]) -> np.ndarray:
+            with torch.inference_mode():
+                out = [torch.as_tensor(e.forward(torch.from_numpy(x))).float().cpu()
+                       for e, x in zip(engines, arrays, strict=True)]
+                return (clf.model(torch.cat(out, 1)) if spec.kind == "head" else out[0]).numpy()
+
+        return cls(spec.classes, inputs, forward, temperature=spec.temperature, views=spec.views, backend="torch",
+                   about=run_about(read_run(run_dir)), spec=spec, fallback=clf)
+
+    @classmethod
+    def exported(cls, path: str | Path, **runtime: Any) -> Predictor:
+        """A classifier written by ``tlearn export``: its ONNX graph and the sidecar that describes it, both
+        checked before use."""
+        path = Path(path)
+        if runtime.get("runtime", "auto") == "torch" or runtime.get("device", "auto") not in ("auto", "cpu"):
+            raise TlearnError(f"{path} is an ONNX graph, which runs in ONNX Runtime on the CPU; drop --runtime torch "
+                              "and --device, or pass the run folder instead")
+        if not path.is_file():
+            raise TlearnError(f"{path} does not exist; write it with `tlearn export RUN --out {path}`")
+        card = read_sidecar(sidecar_path(path))
+        import onnxruntime as ort
+
+        try:
+            require_regular(path)
+            session = ort.InferenceSession(str(path), quiet(ort), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise TlearnError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:200]}); "
+                              "export it again") from e
+        names = [i.name for i in session.get_inputs()]
+        wanted = [i["name"] for i in card["inputs"]]
+        outputs = {o.name: o.shape for o in session.get_outputs()}
+        width = outputs.get("logits", [None])[-1]  # a number, or a symbolic name when the graph leaves it open
+        if names != wanted or "logits" not in outputs or (isinstance(width, int) and width != len(card["classes"])):
+            raise TlearnError(f"{path} does not match {sidecar_path(path)} (inputs {names}, outputs {outputs}); "
+                              "export the two again together")
+
+        def forward(arrays: list[np.ndarray]) -> np.ndarray:
+            return session.run(["logits"], dict(zip(wanted, arrays, strict=True)))[0]
+
+        about = {**card.get("source", {}), "model_id": file_sha256(path)[:12], "precision": card["precision"],
+                 "backend": "exported"}
+        # the graph averages its own views (the centre crop and, where trained so, its mirror image)
+        return cls(card["classes"], [i["preprocessing"] for i in card["inputs"]], forward,
+                   temperature=card["temperature"], views=["center"], backend="exported", about=about)
+
+    # --- prediction ----------------------------------------------------------------------------------------
+
+    def prepare(self, images: list[Image.Image], tta: bool = False) -> list[list[np.ndarray]]:
+        """Decoded pictures → for each view of the model (or the six test-time views with ``tta``), one
+        (B, 3, H, W) float32 batch per model input. The mirror view is the centre crop's array flipped, which is
+        what resampling and then mirroring the picture gives, at no second resampling."""
+        if tta and self.backend == "exported":
+            raise TlearnError("--tta needs the run folder: an exported graph computes its own views")
+        views = TTA_VIEWS if tta else self.views
+        if tta and not all(crop_resize_fits(pp) for pp in self.inputs):
+            views = ["center", "flip"]  # corner crops need a square centre-crop preprocessing
+        out: dict[str, list[np.ndarray]] = {}
+        for view in views:
+            if view == "flip" and "center" in out and all(crop_resize_fits(pp) for pp in self.inputs):
+                out[view] = [np.ascontiguousarray(x[..., ::-1]) for x in out["center"]]
+                continue
+            if view not in self._transforms:
+                self._transforms[view] = [transform(pp, view) for pp in self.inputs]
+            out[view] = [np.stack([t(image) for image in images]) for t in self._transforms[view]]
+        return list(out.values())
+
+    def run(self, prepared: list[list[np.ndarray]]) -> np.ndarray:
+        """``prepare``'s batches → (B, C) uncalibrated logits, the mean over the views, which go through the
+        model together as one batch of V x B."""
+        views = len(prepared)
+        together = [np.concatenate(per_input) for per_input in zip(*prepared, strict=True)]  # (V*B, 3, H, W) each
+        logits = self.forward(together)
+        return logits.reshape(views, -1, logits.shape[1]).mean(0)
+
+    def logits(self, images: list[Image.Image], tta: bool = False) -> np.ndarray:
+        """(B, C) uncalibrated logits of decoded pictures, averaged over the model's views (or the six test-time
+        views with ``tta``)."""
+        return self.run(self.prepare(images, tta))
+
+    def probabilities(self, logits: np.ndarray, calibration: bool = True) -> np.ndarray:
+        return softmax(logits, self.temperature if calibration else 1.0)
+
+    def predict_images(self, images: list[Image.Image], top_k: int = 3, *, calibration: bool = True,
+                       tta: bool = False) -> list[list[dict[str, Any]]]:
+        """Each decoded picture's top-k ``{"class", "probability"}``, most probable first."""
+        if not images:
+            return []
+        proba = self.probabilities(self.logits(images, tta), calibration)
+        order = np.argsort(-proba, 1)[:, :top_k]
+        return [[{"class": self.classes[j], "probability": float(p[j])} for j in row]
+                for p, row in zip(proba, order, strict=True)]
 
     def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
                 tta: bool = False) -> list[dict[str, Any]]:
@@ -135,6 +268,97 @@ class Predictor:
         paths = expand_inputs(inputs)
         if not paths:
             return []
-        logits, failed = self._logits(paths, TTA_VIEWS if tta else self.spec.views)
-        proba = softmax(logits, self.spec.temperature if calibration else 1.0)
-        return top_classes(paths, failed, proba, self.classes, top_k)
+        logits = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
+        failed: dict[Path, str] = {}
+        for start in range(0, len(paths), BATCH):
+            rows, images = [], []
+            for i in range(start, min(start + BATCH, len(paths))):
+                try:
+                    images.append(load_image(paths[i]))
+                    rows.append(i)
+                except ImageDecodeError as e:
+                    failed[paths[i]] = str(e)
+            if images:
+                logits[rows] = self.logits(images, tta)
+        return top_classes(paths, failed, self.probabilities(logits, calibration), self.classes, top_k)
+
+
+def quiet(ort: Any) -> Any:
+    """Session options that keep ONNX Runtime's own log to errors: it would note each constant it prunes from an
+    exported graph, on the terminal, bypassing tlearn's output."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, not spin
+    return options
+
+
+def _dense(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """A head's Linear layers with ReLU between them (dropout is off in inference)."""
+    for i, (weight, bias) in enumerate(layers):
+        x = x @ weight.T + bias
+        if i < len(layers) - 1:
+            x = np.maximum(x, 0)
+    return x
+
+
+def run_about(saved: Any) -> dict[str, Any]:
+    """What a run says about itself for ``GET /model`` and an export's sidecar: its model id (the first 12 hex of
+    the model file's SHA-256), backbone, kind, when it was saved, and its held-out metrics."""
+    config, spec, model = saved.config, saved.spec, saved.run_dir / MODEL_FILE
+    metrics = {}
+    try:  # metrics.json is a summary for people: one that is missing or odd leaves the metrics out
+        require_regular(saved.run_dir / "metrics.json")
+        recorded = json.loads((saved.run_dir / "metrics.json").read_text(encoding="utf-8"))
+        for split, m in recorded.items():
+            if isinstance(m, dict) and all(isinstance(m.get(k), int | float) and math.isfinite(m[k])
+                                           for k in ("accuracy", "loss")):
+                metrics[split] = {"accuracy": m["accuracy"], "loss": m["loss"]}
+    except (OSError, ValueError, AttributeError):
+        pass
+    saved_at = config.get("saved") if isinstance(config.get("saved"), str) else \
+        datetime.datetime.fromtimestamp(model.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"model_id": file_sha256(model)[:12], "run": saved.run_dir.name,
+            "backbone": spec.backbone.backbone if spec.backbone and spec.kind != "scratch" else spec.arch,
+            "kind": spec.kind, "trained": saved_at, "metrics": metrics}
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """An exported classifier's JSON sidecar, checked: the format, the classes, each input's name and
+    preprocessing, the temperature and the precision."""
+    try:
+        require_regular(path)
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise TlearnError(f"{path} is {path.stat().st_size:,} bytes, far more than a tlearn sidecar")
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise TlearnError(f"{path} is missing: an exported model needs the JSON file `tlearn export` wrote beside "
+                          "it") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise TlearnError(f"cannot read {path} ({e}); export the model again") from e
+    if not isinstance(card, dict) or card.get("format") != EXPORT_FORMAT:
+        raise TlearnError(f"{path} is not a tlearn export sidecar (no \"format\": \"{EXPORT_FORMAT}\")")
+    if type(card.get("format_version")) is not int or card["format_version"] > EXPORT_FORMAT_VERSION:
+        raise TlearnError(f"{path} was written by a newer tlearn (format {card.get('format_version')!r}); upgrade")
+    problems = []
+    classes, inputs, temperature = card.get("classes"), card.get("inputs"), card.get("temperature")
+    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES or len(set(map(str, classes))) != \
+            len(classes) or not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes):
+        problems.append(f"\"classes\" must list 2 to {MAX_CLASSES:,} distinct names")
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= 16:
+        problems.append("\"inputs\" must list 1 to 16 inputs")
+    else:
+        for i, item in enumerate(inputs):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or \
+                    not isinstance(item.get("preprocessing"), dict):
+                problems.append(f"\"inputs\"[{i}] must be {{\"name\": ..., \"preprocessing\": {{...}}}}")
+            else:
+                problems += preprocessing_problems(item["preprocessing"], f"inputs[{i}].preprocessing")
+    if type(temperature) not in (int, float) or not (math.isfinite(temperature) and temperature > 0):
+        problems.append(f"\"temperature\" must be a positive number, not {temperature!r}")
+    if card.get("precision") not in ("fp32", "int8"):
+        problems.append(f"\"precision\" must be fp32 or int8, not {card.get('precision')!r}")
+    if not isinstance(card.get("source", {}), dict):
+        problems.append("\"source\" must be an object")
+    if problems:
+        raise TlearnError(f"{path}: " + "; ".join(problems[:5]) + "; export the model again")
+    return card

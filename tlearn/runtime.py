@@ -162,7 +162,7 @@ def base_engine(bb: Backbone, train: TrainConfig, runtime: RuntimeConfig) -> Eng
     if precision == "auto" and device.type == "cpu":
         precision = "bf16" if cpu_has_bf16() else "fp32"
     run = resolve_precision(train.device, precision)
-    engine = net_engine(_Pooled(bb.model), bb.preprocessing, bb.num_features, run, runtime)
+    engine = net_engine(Pooled(bb.model), bb.preprocessing, bb.num_features, run, runtime)
     if train.precision == "auto" and device.type == "cpu":
         engine.reason = "auto: this CPU has native bf16" if precision == "bf16" else "auto: no native bf16 here"
     return engine
@@ -182,7 +182,7 @@ class FrozenFeatures(nn.Module):
         return torch.as_tensor(out, device=x.device).float()
 
 
-class _Pooled(nn.Module):
+class Pooled(nn.Module):
     """A timm model's pooled pre-logits features as its output (what the head is trained on)."""
 
     def __init__(self, model: nn.Module):
@@ -204,7 +204,7 @@ def export_onnx(bb: Backbone, cache_dir: str | Path | None = None) -> Path:
         return path
     import onnxruntime as ort
 
-    pooled = _Pooled(copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
+    pooled = Pooled(copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
     x = torch.randn(2, *bb.preprocessing["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = pooled(x).numpy()

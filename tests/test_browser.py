@@ -1,0 +1,108 @@
+"""The served page in a real browser: `tlearn serve` as its own process, Debian's chromium driven headless by
+Playwright, a real photo uploaded through the page, and the predicted class and its bars on screen.
+
+Skipped, with the reason, where chromium or Playwright is missing (`apt-get install chromium`; Playwright's own
+browser download is not used). With TLEARN_DOCS_SCREENSHOTS=1 the screenshot is also written to docs/serve.png.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HYMENOPTERA, needs
+
+CHROMIUM = shutil.which("chromium")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ants_bees"
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - the test extra installs it
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"),
+    pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed (pip install playwright)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A run trained on the bundled example photos, served by `tlearn serve` on a free loopback port."""
+    tmp = tmp_path_factory.mktemp("browser")
+    env = {**os.environ, "TLEARN_CACHE_DIR": str(tmp / "cache")}
+    subprocess.run([sys.executable, "-m", "tlearn", "train", str(EXAMPLE), "--mode", "features", "--out",
+                    str(tmp / "run")], check=True, env=env, capture_output=True)
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tlearn", "serve", str(tmp / "run"), "--port", str(port)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        for _ in range(300):
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                assert process.poll() is None, process.stdout.read()
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+
+
+@needs(HYMENOPTERA)
+def test_a_photo_dropped_on_the_page_shows_its_class_and_bars(server: str, tmp_path: Path) -> None:
+    photo = sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 640})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server + "/")
+            page.wait_for_function("document.getElementById('about').textContent.includes('classes')")
+            assert "2 classes (ants, bees)" in page.text_content("#about")
+            page.set_input_files("#picker", str(photo))
+            card = page.wait_for_selector(".card[data-state='done']", timeout=30_000)
+            assert card.get_attribute("data-predicted") == "bees"
+            assert "Predicted: bees" in card.query_selector(".verdict").text_content()
+            bars = card.query_selector_all(".bar")
+            assert [b.get_attribute("data-class") for b in bars] == ["bees", "ants"]
+            page.wait_for_timeout(600)  # the bars' width transition
+            widths = [b.eval_on_selector(".fill", "e => e.getBoundingClientRect().width") for b in bars]
+            assert widths[0] > widths[1] >= 0 and widths[0] > 100
+            page.set_input_files("#picker", files=[{"name": "notes.txt", "mimeType": "text/plain",
+                                                    "buffer": b"not a photo"}])
+            failed = page.wait_for_selector(".card[data-state='error']", timeout=30_000)
+            assert "notes.txt: not a readable image" in failed.query_selector(".error").text_content()
+            page.set_input_files("#picker", str(photo))  # the good one last, so that it is on top
+            page.wait_for_selector(".card[data-state='done']:first-child", timeout=30_000)
+            page.wait_for_timeout(600)
+            shot = page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+            assert errors == [] and len(shot) > 10_000
+        finally:
+            browser.close()
+    if os.environ.get("TLEARN_DOCS_SCREENSHOTS") == "1":
+        shutil.copy(tmp_path / "serve.png", DOCS / "serve.png")

@@ -1,0 +1,188 @@
+"""The web service: a FastAPI app around one loaded ``Predictor``.
+
+- ``POST /predict``: one or more images as multipart ``files`` → each one's top-k classes, the model id and the
+  server's latency. A request larger than ``max_upload_bytes`` gets 413, bytes that are not an image 415, an
+  image that cannot be decoded (truncated, or a decompression bomb) 422; each names the file.
+- ``GET /health``, ``GET /model`` (classes, backbone, metrics, when it was trained), ``GET /`` (the page, with no
+  external assets), and the OpenAPI docs at ``/docs``, whose assets come from the swagger-ui-bundle package, so
+  they work offline too.
+
+The model is loaded once. Decoding and inference run in Starlette's thread pool (ONNX Runtime and PyTorch
+release the GIL), so the event loop keeps accepting requests; concurrent requests are gathered into one batch
+per model call by ``Batcher``. An error response never carries a traceback: the server's log has it.
+"""
+# No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations, which name local values.
+
+
+import io
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from tlearn import __version__
+from tlearn.images import ImageDecodeError, load_image
+from tlearn.predictor import Predictor
+
+log = logging.getLogger("tlearn")
+MAX_UPLOAD_BYTES = 20 << 20  # one request: all its files and the multipart framing
+MAX_FILES = 32  # images in one request
+MAX_FILENAME = 255  # characters of an uploaded file's name echoed back
+Prepared = list[list[np.ndarray]]  # per view, one (B, 3, H, W) batch per model input
+
+
+class Batcher:
+    """Gathers the prepared pictures of concurrent requests into one model call: while one batch runs, the next
+    one fills.
+
+    Requests decode and preprocess their pictures on their own pool threads (``Predictor.prepare``), in parallel;
+    ``submit`` then blocks until the model has run on them. One model call at a time uses every core (ONNX
+    Runtime's and PyTorch's own threads), and batching amortises each call's fixed cost."""
+
+    def __init__(self, predictor: Predictor, max_batch: int = 8):
+        self.predictor, self.max_batch = predictor, max_batch  # 8: while one batch runs, the next requests decode
+        self.lock = threading.Lock()  # guards ``waiting``
+        self.running = threading.Lock()  # held by the thread that runs the model
+        self.waiting: list[tuple[Prepared, int, Future]] = []
+
+    def submit(self, prepared: Prepared) -> np.ndarray:
+        """(B, C) logits of ``prepared`` (``Predictor.prepare``'s output for B pictures)."""
+        done: Future = Future()
+        with self.lock:
+            self.waiting.append((prepared, len(prepared[0][0]), done))
+        while not done.done():
+            if self.running.acquire(timeout=0.05):  # whoever holds it runs everything waiting, this one included
+                try:
+                    self._run_waiting()
+                finally:
+                    self.running.release()
+        return done.result()
+
+    def _run_waiting(self) -> None:
+        with self.lock:
+            batch, size = [], 0
+            while self.waiting and (not batch or size + self.waiting[0][1] <= self.max_batch):
+                batch.append(self.waiting.pop(0))
+                size += batch[-1][1]
+        if not batch:
+            return
+        try:  # per view, per input: the requests' arrays one after another
+            joined = [[np.concatenate(arrays) for arrays in zip(*per_view, strict=True)]
+                      for per_view in zip(*(prepared for prepared, _, _ in batch), strict=True)]
+            logits = self.predictor.run(joined)
+        except Exception as e:  # noqa: BLE001 - handed to each waiting request, which answers 500 without a trace
+            for _, _, done in batch:
+                done.set_exception(e)
+            return
+        start = 0
+        for _, n, done in batch:
+            done.set_result(logits[start:start + n])
+            start += n
+
+
+class DeclaredSizeLimit:
+    """Answers 413 with a message that says the limit, before reading a body whose Content-Length is over it.
+    (A body sent without a length is cut off at the same limit by FastAPI's own ``max_body_size``.)"""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"0")
+            if not declared.isdigit() or int(declared) > self.limit:
+                response = JSONResponse({"detail": f"the request is over this server's limit of {self.limit:,} "
+                                         "bytes (tlearn serve --max-upload-mb)"}, status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _prepare(predictor: Predictor, uploads: list[tuple[str, bytes]]) -> tuple[list[Image.Image], Prepared]:
+    """Uploads → their pictures and the model's input arrays, or the HTTP error that names the bad file."""
+    pictures = [_decode(name, data) for name, data in uploads]
+    return pictures, predictor.prepare(pictures)
+
+
+def _decode(name: str, data: bytes) -> Image.Image:
+    """An upload's bytes → an RGB picture, or the HTTP error that names the file and says what is wrong."""
+    try:
+        return load_image(io.BytesIO(data))
+    except ImageDecodeError as e:
+        not_image = isinstance(e.__cause__, Image.UnidentifiedImageError) or not data
+        raise HTTPException(415 if not_image else 422, detail=f"{name}: {e}") from None
+
+
+def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_files: int = MAX_FILES,
+               default_top_k: int = 5) -> FastAPI:
+    """The app serving ``predictor``; ``max_upload_bytes`` bounds one request's body."""
+    about = predictor.about
+    app = FastAPI(title="tlearn", version=__version__, docs_url=None, redoc_url=None,
+                  description=f"An image classifier trained with tlearn: {len(predictor.classes)} classes "
+                              f"({about.get('backbone', 'unknown backbone')}, {about.get('kind', predictor.backend)})")
+    batcher = Batcher(predictor)
+    page = resources.files("tlearn.serve").joinpath("page.html").read_text(encoding="utf-8")
+    most = len(predictor.classes)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception(f"{request.method} {request.url.path} failed")
+        return JSONResponse({"detail": "internal error: the server's log has the details"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Whether the model is loaded and answering."""
+        return {"status": "ok", "model_id": about.get("model_id")}
+
+    @app.get("/model")
+    def model() -> dict[str, Any]:
+        """The served model: its classes, backbone, kind, held-out metrics and when it was trained."""
+        return {**about, "classes": predictor.classes, "runtime": predictor.backend,
+                "max_upload_bytes": max_upload_bytes, "max_files": max_files, "default_top_k": min(default_top_k, most)}
+
+    @app.post("/predict", max_body_size=max_upload_bytes, form_limits={"max_files": max_files})
+    async def predict(files: Annotated[list[UploadFile], File(description="one or more image files")],
+                      top_k: Annotated[int, Query(ge=1, le=most, description="classes per image")] =
+                      min(default_top_k, most)) -> dict[str, Any]:
+        """Each uploaded image's top-k classes and their probabilities, most probable first."""
+        start = time.perf_counter()
+        uploads = [((f.filename or f"file {i + 1}")[:MAX_FILENAME], await f.read()) for i, f in enumerate(files)]
+        pictures, prepared = await run_in_threadpool(_prepare, predictor, uploads)
+        logits = await run_in_threadpool(batcher.submit, prepared)
+        proba = predictor.probabilities(logits)
+        results = []
+        for (name, _), picture, p in zip(uploads, pictures, proba, strict=True):
+            order = p.argsort()[::-1][:top_k]
+            results.append({"filename": name, "width": picture.width, "height": picture.height,
+                            "predictions": [{"class": predictor.classes[j], "probability": float(p[j])}
+                                            for j in order]})
+        return {"model_id": about.get("model_id"), "latency_ms": round(1000 * (time.perf_counter() - start), 2),
+                "results": results}
+
+    app.add_middleware(DeclaredSizeLimit, limit=max_upload_bytes)
+    swagger = resources.files("swagger_ui_bundle") / "vendor"
+    assets = next(d for d in swagger.iterdir() if d.name.startswith("swagger-ui"))
+    app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="tlearn API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+    return app
