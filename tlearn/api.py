@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlearn import report
+from tlearn import dist, report
 from tlearn.artifact import ModelSpec, load_model
 from tlearn.backbones import Backbone, load_backbone
 from tlearn.calibrate import calibrated, fit_temperature, nll
@@ -167,6 +167,8 @@ class ImageClassifier:
         parts = []
         for name in names or self.backbone_config.names():
             store = self._store(name, view) if cache else None
+            if store is not None and dist.active():  # each process fills its share of the cache, then all read it
+                self._extract_shard(paths, name, view, store)
             feats = self.engine_of(name).extract(paths, store, progress=self.verbose, view=view)
             parts.append(feats)
             if announce or (store is not None and (feats.extracted or feats.failed)):
@@ -178,6 +180,24 @@ class ImageClassifier:
             return parts[0]
         return Features(np.hstack([f.X for f in parts]), {k: v for f in parts for k, v in f.failed.items()},
                         sum(f.extracted for f in parts), sum(f.cached for f in parts), sum(f.seconds for f in parts))
+
+    def _extract_shard(self, paths: list[Path], name: str, view: str, store: FeatureCache) -> None:
+        """Sharded extraction: each image content (its SHA-256) belongs to one process (``dist.owns``), which
+        extracts it into the content-addressed cache if it is not there yet (atomic writes, so concurrent writers
+        never clash); then all wait for the others. The cache then holds every image, each extracted once, and
+        the owners need no agreement on what was missing, so processes on machines that share the cache folder
+        divide the work the same way."""
+        mine: dict[str, Path] = {}
+        for path in paths:
+            try:
+                digest = file_sha256(path)
+            except OSError:
+                continue  # unreadable: every process reports it when it reads the cache
+            if dist.owns(digest) and not store.has(digest):
+                mine.setdefault(digest, path)
+        if mine:
+            self.engine_of(name).extract(list(mine.values()), store, progress=self.verbose, view=view)
+        dist.barrier()
 
     # --- training ------------------------------------------------------------------------------------------
 
@@ -195,7 +215,8 @@ class ImageClassifier:
         (self.data_config,) = _options((DataConfig,), {"path": str(data), "seed": self.train_config.seed,
                                                        **data_options})
         validate(self.data_config)
-        if out is not None:  # before any work, and before any write
+        self._join_processes()
+        if out is not None and dist.is_main():  # before any work, and before any write
             claim_out(out, self.data_config.path, overwrite=self.runtime.overwrite)
         start = time.perf_counter()
         budget, budget_why = budget_seconds(self.train_config, self.run.device.type)
@@ -215,20 +236,28 @@ class ImageClassifier:
                      f"{format_table(n_train, len(folder.classes), self.train_config)}")
         if budget is not None:
             log.info(f"time budget: {budget:.0f} s ({budget_why})")
-        if out is not None:
+        if out is not None and dist.is_main():
             write_manifest(folder, Path(out) / "split.csv")  # before training, so an interrupted run can resume
         self._check_names()
         job = Job(folder, self.decision, self.train_config, self.augment_config, self.runtime, self.run,
                   self.base, self.engine_of, functools.partial(self._extract, announce=False), clock,
                   self.backbone_config.names(), self._missing, lambda name, view: self._store(name, view).dir.name,
                   progress=self.verbose, resume=resume,
-                  checkpoint=self._checkpointer(Path(out)) if out is not None else None)
-        trained = run_mode(job)
+                  checkpoint=self._checkpointer(Path(out)) if out is not None and dist.is_main() else None)
+        try:
+            trained = run_mode(job)
+        except RuntimeError as e:
+            if not dist.lost_peer(e):
+                raise
+            raise TlearnError(f"training process {dist.rank()} lost contact with the others ({str(e)[:160]}); "
+                              "the launcher's message says which one stopped") from None
         folder.drop(trained.skipped)
         for path, reason in trained.skipped.items():
             log.warning(f"skipped {path}: {reason}")
         self._adopt(trained, folder)
         self.train_seconds = time.perf_counter() - start
+        if not dist.is_main():  # the other processes' part ends with training: rank 0 evaluates and writes the run
+            return self.history
         h, i = self.history.history, self.history.best_epoch - 1
         if trained.probe is not None:  # a head on features: its score on the held-out validation split
             p = trained.probe
@@ -260,6 +289,19 @@ class ImageClassifier:
                 m["calibration"]["fitted_on"] = where
             self.save(out)  # removes the checkpoint once the model is written
         return self.history
+
+    def _join_processes(self) -> None:
+        """Under a launcher (torchrun, accelerate launch, ``--devices``), join the process group: this process
+        trains on its own device, and only rank 0 logs, shows progress and writes files."""
+        if not dist.active():
+            return
+        if self.train_config.mode == "auto":
+            raise TlearnError(f"with {dist.world_size()} processes, choose --mode features, frozen, finetune or "
+                              "scratch: mode auto decides from timings, which would differ between processes")
+        self._run = Precision(dist.init(self.run.device), self.run.dtype)
+        if not dist.is_main():
+            self.verbose = False
+            log.setLevel(logging.WARNING)
 
     def _adopt(self, trained: Trained, folder: ImageFolder) -> None:
         """Take the trained model as this classifier's own, with its spec and parameter counts."""

@@ -24,17 +24,67 @@ MAX_PLOTTED = 12  # images in one `predict --plot` chart
 
 def train(args: argparse.Namespace) -> None:
     """Train a classifier on a folder of images and write the run (model, metrics, curves) to --out."""
+    data, options = _train_options(args)
+    if args.devices > 1:
+        return _launch(args, data)
     from tlearn.api import ImageClassifier
 
-    data, options = _train_options(args)
     out = Path(args.resume or args.out or _default_out(data))
     clf = ImageClassifier(**options)
     clf.fit(data.pop("path"), out=out, started=START, **data)  # the time budget counts from the command's start
+    from tlearn import dist
+
+    if not dist.is_main():  # one of several processes: rank 0 reports the run
+        return
     for split, metrics in clf.metrics.items():
         print(report.format_metrics(metrics, split), end="\n\n")
     skipped = len(clf.data.skipped)
     print(f"run written to {out} in {time.perf_counter() - START:.1f} s (open "
           f"{out / 'report.html'})" + (f"; {skipped} file(s) skipped: see {out / 'skipped.csv'}" if skipped else ""))
+
+
+def _launch(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    """``--devices N``: this same command as N processes under PyTorch's elastic launcher (what ``torchrun
+    --standalone --nproc-per-node N`` runs): one process per GPU with CUDA, else N CPU processes (gloo), each with
+    its share of the cores. If one fails, the launcher stops the others; the checkpoint of the last finished
+    epoch stays for ``--resume``."""
+    import logging
+    import uuid
+
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from tlearn.features import cpu_cores
+
+    n = args.devices
+    if args.mode == "auto":
+        raise TlearnError(f"--devices {n}: choose --mode features, frozen, finetune or scratch (mode auto decides "
+                          "from timings, which would differ between processes)")
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    if cuda and n > torch.cuda.device_count():
+        raise TlearnError(f"--devices {n}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if not args.out and not args.resume:  # one name for every process, chosen here
+        args.argv += ["--out", _default_out(data)]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // n)))  # the cores, shared out
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failures are summarised below
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    argv = [a for i, a in enumerate(args.argv) if not a.startswith("--devices") and
+            (i == 0 or args.argv[i - 1] != "--devices")]
+    print(f"training on {n} {'GPUs' if cuda else 'CPU processes (gloo)'}: --batch-size {args.batch_size} is the "
+          f"effective batch, {max(1, args.batch_size // n)} images per process", file=sys.stderr)
+    try:
+        elastic_launch(config, sys.executable)("-m", "tlearn", *argv)
+    except ChildFailedError as e:
+        # the process that failed first, not the ones the launcher then stopped with SIGTERM
+        (rank, failure), *_ = sorted(e.failures.items(), key=lambda item: (item[1].signal_name() == "SIGTERM",
+                                                                          item[1].timestamp, item[0]))
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
+        where = args.resume or args.out or "the run folder"
+        raise TlearnError(f"training process {rank} of {n} stopped ({how}), so the others were stopped too; "
+                          f"`tlearn train {data['path']} --resume {where} --devices {n}` continues from the last "
+                          "finished epoch") from None
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -302,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_fields(p, AugmentConfig)
         _add_fields(p, RuntimeConfig)
         p.add_argument("--out", help="folder to write (default: runs/<data folder>-<date>-<time>)")
+        if fn is train:
+            p.add_argument("--devices", type=_whole(1, 1024), default=1, help="train data-parallel in this many "
+                           "processes (one per GPU with CUDA, else CPU processes); --batch-size stays the effective "
+                           "batch (default: 1)")
 
     p = verb(check)
     _add_fields(p, DataConfig)
@@ -398,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout, sys.stderr = (report.EscapingStream(s) for s in streams)  # no name can send escape codes
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --devices`, which runs it again
         report.enable_logging()
         return _run(args)
     finally:

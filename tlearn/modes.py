@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from tlearn import dist
 from tlearn.backbones import Backbone
 from tlearn.config import AugmentConfig, Decision, RuntimeConfig, TrainConfig, parse_lr_mult, to_dict
 from tlearn.data import ImageFolder, Sample
@@ -240,14 +241,27 @@ def record(step: Step, status: str, start: float, probe: Probe | None = None) ->
 def _image_batches(job: Job, samples: list[Sample], transform: Callable, failed: dict[Path, str],
                    generator: torch.Generator | None = None) -> Batches:
     """Batches of decoded images and labels; shuffled (and augmented, by ``transform``) when a generator is
-    given. Files that fail to decode are left out and recorded in ``failed``."""
+    given. Files that fail to decode are left out and recorded in ``failed``.
+
+    With several processes, --batch-size is the effective batch: each process takes its share of every batch
+    (``batch_size / world_size`` images), so the learning rate and the steps per epoch stay those of one process.
+    Training images are dealt out by PyTorch's ``DistributedSampler``, reshuffled each epoch from ``generator``
+    (whose state the checkpoints keep); evaluation images are split into disjoint shares."""
+    world = dist.world_size()
+    if generator is None and dist.active():
+        samples = dist.shard(samples)
     files = ImageFiles([s.path for s in samples], transform)
-    labels = torch.tensor([s.label for s in samples])
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
     workers = job.runtime.workers if job.runtime.workers is not None else default_workers()
-    loader = DataLoader(files, batch_size=job.train.batch_size, shuffle=generator is not None, generator=generator,
-                        num_workers=workers, collate_fn=collate, pin_memory=job.run.device.type == "cuda")
+    sampler = DistributedSampler(files, world, dist.rank(), shuffle=True) if generator is not None and world > 1 \
+        else None
+    loader = DataLoader(files, batch_size=max(1, job.train.batch_size // world), sampler=sampler,
+                        shuffle=generator is not None and sampler is None, generator=generator, num_workers=workers,
+                        collate_fn=collate, pin_memory=job.run.device.type == "cuda")
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if sampler is not None:  # the same order on every process: the epoch's seed comes from the shared generator
+            sampler.set_epoch(int(torch.randint(2**31, (1,), generator=generator)))
         for ok, x, bad in loader:
             failed.update({files.paths[i]: reason for i, reason in bad})
             if x is not None:
@@ -280,17 +294,20 @@ def _fit_images(job: Job, stage: Stage, history: History, weight: torch.Tensor |
     resume = None
     if job.resume and job.resume[0]["stage"] == stage.name:
         resume, rng = job.resume
-        generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
+        mine = f".rank{dist.rank()}"  # each process's own random state, where several saved theirs
+        generator.set_state(rng.get("generator" + mine, rng["generator"]))
+        torch.set_rng_state(rng.get("torch" + mine, rng["torch"]))
         if "cuda" in rng and job.run.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], job.run.device)
+            torch.cuda.set_rng_state(rng.get("cuda" + mine, rng["cuda"]), job.run.device)
         history.__dict__.update(resume["history"].__dict__)
 
     def checkpoint(state: dict[str, Any]) -> None:
+        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+        if job.run.device.type == "cuda":  # dropout on the GPU draws from the device's own generator
+            rng["cuda"] = torch.cuda.get_rng_state(job.run.device)
+        if dist.active():  # every process's state, gathered (all take part), and written by rank 0 alone
+            rng = {**rng, **{f"{k}.rank{r}": t for k, v in rng.items() for r, t in enumerate(dist.gather(v))}}
         if job.checkpoint:
-            rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-            if job.run.device.type == "cuda":  # dropout on the GPU draws from the device's own generator
-                rng["cuda"] = torch.cuda.get_rng_state(job.run.device)
             job.checkpoint(state, rng)
 
     fit(stage, job.train, job.run, weight, history, best=best, resume=resume, checkpoint=checkpoint,

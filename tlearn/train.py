@@ -22,8 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from tlearn import dist
 from tlearn.config import TlearnError, TrainConfig
 from tlearn.models import make_head
 
@@ -181,7 +183,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
                     scaler: torch.amp.GradScaler | None = None,
                     progress: tqdm | None = None) -> tuple[float, float]:
     """One pass over the batches; returns mean loss and accuracy."""
-    model = run.module(model).train()  # in place: the optimizer's parameters stay the model's
+    # in place: the optimizer's parameters stay the model's (a DistributedDataParallel wrapper is placed already)
+    model = (model if isinstance(model, DistributedDataParallel) else run.module(model)).train()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
         x, y = run.prepare(x), run.put(y)
@@ -206,6 +209,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         if progress is not None:
             progress.update(len(y))
             progress.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    total_loss, correct, seen = dist.all_sum([total_loss, correct, seen])  # over every process's share
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
@@ -224,6 +228,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         total_loss += F.cross_entropy(logits, y, weight=weight, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
+    total_loss, correct, seen = dist.all_sum([total_loss, correct, seen])  # the same numbers on every process
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
@@ -274,6 +279,9 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
     stage's best in, so a stage that never improves on it leaves the weights as they were)."""
     model = run.module(stage.model)
     val_model = model if stage.val_model is None else run.module(stage.val_model)
+    # several processes: gradients are averaged across them by DistributedDataParallel in backward()
+    trained = model if not dist.active() else \
+        DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     weight = None if weight is None else run.put(weight)
     opt = make_optimizer(stage.groups, config)
     total = stage.epochs * stage.steps_per_epoch
@@ -297,7 +305,7 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
             break
         with tqdm(total=stage.images_per_epoch or None, unit="img", leave=False, disable=not progress or None,
                   desc=f"{stage.name} epoch {epoch}/{stage.epochs}") as bar:
-            loss, acc = train_one_epoch(model, stage.train(), opt, run, weight, scheduler, scaler, bar)
+            loss, acc = train_one_epoch(trained, stage.train(), opt, run, weight, scheduler, scaler, bar)
         val_loss, val_acc = evaluate(val_model, stage.val(), run)  # unweighted, comparable across runs
         history.append(stage.name, loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
         if not (math.isfinite(loss) and math.isfinite(val_loss)):
