@@ -66,9 +66,46 @@ def extract(data: Path) -> dict:
             "checksum": float(feats.X.sum())}
 
 
+def race(data: Path) -> dict:
+    """Both processes write the same cache entries at the same time, again and again, and read them back."""
+    import numpy as np
+
+    from tlearn.backbones import BackboneConfig, load_backbone
+    from tlearn.features import FeatureCache
+
+    dist.init(torch.device("cpu"))
+    cache = FeatureCache(data / "cache", load_backbone(BackboneConfig(**TINY)))
+    digests = [f"{i:064x}" for i in range(40)]
+    dist.barrier()
+    for _ in range(5):
+        for i, digest in enumerate(digests):
+            cache.put(digest, np.full(cache.dim, i, dtype=np.float32))
+    dist.barrier()
+    got = [cache.get(d) for d in digests]
+    return {"intact": all(g is not None and float(g[0]) == i and (g == g[0]).all() for i, g in enumerate(got))}
+
+
+def uneven(_data: Path) -> dict:
+    """One epoch in which rank 1 has one batch fewer than rank 0 (its last batch failed to decode)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tlearn.train import CPU, train_one_epoch
+
+    dist.init(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = CPU.module(torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(3, 4), torch.tensor([0, 1, 0])) for _ in range(4 - dist.rank())]
+    parallel = DistributedDataParallel(model)
+    loss, accuracy = train_one_epoch(parallel, batches, opt, CPU)
+    del parallel  # before the process group goes: its reducer holds the group's work
+    dist.barrier()
+    return {"loss": loss, "accuracy": accuracy, "weight": model.weight.detach().sum().item()}
+
+
 if __name__ == "__main__":
     what, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    result = {"shards": shards, "extract": extract}[what](data)
+    result = {"shards": shards, "extract": extract, "uneven": uneven, "race": race}[what](data)
     (out / f"rank{dist.rank()}.json").write_text(json.dumps({"rank": dist.rank(), "world": dist.world_size(),
                                                               **result}))
     dist.finish()

@@ -78,6 +78,20 @@ def test_sharded_extraction_fills_the_cache_exactly_once(tmp_path: Path) -> None
     assert len(list((tmp_path / "cache" / "features").rglob("*.npy"))) == len(every)
 
 
+def test_the_feature_cache_takes_concurrent_writers_of_the_same_entries(tmp_path: Path) -> None:
+    done = _launch(str(WORKER), "race", str(tmp_path), str(tmp_path), env=dict(os.environ), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(r["intact"] for r in _ranks(tmp_path))
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and ".tmp" in p.name]  # no leftovers
+
+
+def test_processes_with_uneven_batches_finish_the_epoch_together(tmp_path: Path) -> None:
+    done = _launch(str(WORKER), "uneven", str(tmp_path), str(tmp_path), env=dict(os.environ), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _ranks(tmp_path)
+    assert a["loss"] == pytest.approx(b["loss"]) and a["weight"] == pytest.approx(b["weight"])  # in sync
+
+
 def _train(data: Path, out: Path, *extra: str, devices: int = 2) -> list[str]:
     return [sys.executable, "-m", "tlearn", "train", str(data), *TINY_FLAGS, "--batch-size", "8", "--out", str(out),
             "--devices", str(devices), *extra]
@@ -131,6 +145,10 @@ def test_a_killed_process_fails_the_run_cleanly_and_resume_continues(tmp_path: P
     assert last.startswith("tlearn train: error: training process") and "SIGKILL" in last and "--resume" in last
     assert "Traceback" not in err
     assert checkpoint.exists() and not (out / "model.safetensors").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:  # each process's own random state, for --resume
+        assert {"rng.torch.rank0", "rng.torch.rank1", "rng.generator.rank1"} <= set(f.keys())
     resumed = subprocess.run(_train(data, tmp_path / "ignored", *flags, "--resume", str(out)), env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

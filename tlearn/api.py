@@ -251,6 +251,7 @@ class ImageClassifier:
                 raise
             raise TlearnError(f"training process {dist.rank()} lost contact with the others ({str(e)[:160]}); "
                               "the launcher's message says which one stopped") from None
+        dist.finish()  # training was the shared part: rank 0 evaluates and writes alone
         folder.drop(trained.skipped)
         for path, reason in trained.skipped.items():
             log.warning(f"skipped {path}: {reason}")

@@ -91,6 +91,9 @@ def compare(args: argparse.Namespace) -> None:
     """Train several models on one split and compare them (e.g. --models small-cnn,efficientnet_lite0:features)."""
     from tlearn.compare import compare as run_compare
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TlearnError("tlearn compare runs in one process; start each model with `tlearn train --devices N` to "
+                          "train it data-parallel")
     data, options = _train_options(args)
     for name in ("mode", "model", "backbone", "resume"):
         options.pop(name)

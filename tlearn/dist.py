@@ -14,6 +14,7 @@ This module imports nothing of tlearn.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Sequence
 from typing import TypeVar
@@ -25,8 +26,11 @@ T = TypeVar("T")
 TIMEOUT = int(os.environ.get("TLEARN_DIST_TIMEOUT", "600"))  # seconds a collective waits for the other processes
 
 
+_left = False  # set by ``finish``: this process now works alone
+
+
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return 1 if _left else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
@@ -108,6 +112,11 @@ def lost_peer(e: BaseException) -> bool:
 
 
 def finish() -> None:
-    """Leave the process group (at the end of a command)."""
+    """Leave the process group, every process together (at the end of training, after which rank 0 evaluates
+    and writes alone)."""
+    global _left
     if td.is_initialized():
+        gc.collect()  # a DistributedDataParallel wrapper no longer used still holds work of the group: free it first
+        td.barrier()
         td.destroy_process_group()
+        _left = True

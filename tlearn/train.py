@@ -185,6 +185,19 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     """One pass over the batches; returns mean loss and accuracy."""
     # in place: the optimizer's parameters stay the model's (a DistributedDataParallel wrapper is placed already)
     model = (model if isinstance(model, DistributedDataParallel) else run.module(model)).train()
+    # several processes may get a different number of batches (one whose images all failed to decode is left
+    # out): DistributedDataParallel's join lets a process that has finished shadow the others' gradient syncs
+    uneven = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    with uneven:
+        total_loss, correct, seen = _epoch(model, batches, opt, run, weight, scheduler, scaler, progress)
+    total_loss, correct, seen = dist.all_sum([total_loss, correct, seen])  # over every process's share
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def _epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], opt: torch.optim.Optimizer,
+           run: Precision, weight: torch.Tensor | None, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+           scaler: torch.amp.GradScaler | None, progress: tqdm | None) -> tuple[float, int, int]:
+    """The steps of one pass: summed loss, correct predictions and images seen."""
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
         x, y = run.prepare(x), run.put(y)
@@ -209,8 +222,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         if progress is not None:
             progress.update(len(y))
             progress.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-    total_loss, correct, seen = dist.all_sum([total_loss, correct, seen])  # over every process's share
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+    return total_loss, correct, seen
 
 
 @torch.no_grad()
