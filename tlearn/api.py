@@ -28,6 +28,7 @@ from tlearn.config import (
     RuntimeConfig,
     TlearnError,
     TrainConfig,
+    check_parallel,
     from_dict,
     to_dict,
     validate,
@@ -296,9 +297,7 @@ class ImageClassifier:
         trains on its own device, and only rank 0 logs, shows progress and writes files."""
         if not dist.active():
             return
-        if self.train_config.mode == "auto":
-            raise TlearnError(f"with {dist.world_size()} processes, choose --mode features, frozen, finetune or "
-                              "scratch: mode auto decides from timings, which would differ between processes")
+        check_parallel(self.train_config.mode, dist.world_size())
         self._run = Precision(dist.init(self.run.device), self.run.dtype)
         if not dist.is_main():
             self.verbose = False

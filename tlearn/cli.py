@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from tlearn import report
-from tlearn.config import AugmentConfig, BackboneConfig, DataConfig, RuntimeConfig, TlearnError, TrainConfig, validate
+from tlearn.config import (
+    AugmentConfig,
+    BackboneConfig,
+    DataConfig,
+    RuntimeConfig,
+    TlearnError,
+    TrainConfig,
+    check_parallel,
+    validate,
+)
 
 START = time.perf_counter()  # the command's start, for the total time it reports
 DEFAULT_INPUT_SIZE = 224  # the input size of the default backbone, pinned to timm's cfg by a test
@@ -58,9 +67,7 @@ def _launch(args: argparse.Namespace, data: dict[str, Any]) -> None:
     from tlearn.features import cpu_cores
 
     n = args.devices
-    if args.mode == "auto":
-        raise TlearnError(f"--devices {n}: choose --mode features, frozen, finetune or scratch (mode auto decides "
-                          "from timings, which would differ between processes)")
+    check_parallel(args.mode, n)  # before any process starts
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
     if cuda and n > torch.cuda.device_count():
         raise TlearnError(f"--devices {n}: this machine has {torch.cuda.device_count()} CUDA device(s)")

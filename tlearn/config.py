@@ -288,6 +288,13 @@ class Decision:
     measured: dict[str, Any] = field(default_factory=dict)  # what the plan was estimated from
 
 
+def check_parallel(mode: str, processes: int) -> None:
+    """Data-parallel training takes a fixed mode: ``auto`` decides from timings, which differ between processes."""
+    if processes > 1 and mode == "auto":
+        raise TlearnError(f"with {processes} processes, choose --mode features, frozen, finetune or scratch: mode "
+                          "auto decides from timings, which would differ between processes")
+
+
 def parse_duration(text: str) -> float | None:
     """'90s' -> 90.0, '10m' -> 600.0, '2h' -> 7200.0, '45' -> 45.0 (seconds); 'auto' and 'none' -> None."""
     text = text.strip().lower()

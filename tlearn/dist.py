@@ -1,7 +1,8 @@
 """Data-parallel runs on PyTorch's own engine: which process this is, and the few collectives tlearn needs.
 
 tlearn does not start or supervise processes. A launcher does: ``torchrun --nproc_per_node N -m tlearn train ...``,
-``accelerate launch --num_processes N -m tlearn train ...``, or ``tlearn train --devices N``, which runs torchrun.
+``accelerate launch --multi_gpu --num_processes N -m tlearn train ...``, or ``tlearn train --devices N``, which
+runs torchrun's launcher.
 The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; ``init`` joins that process
 group (NCCL on GPUs, one process per GPU; gloo on CPUs) and everything else here is a thin name for a
 ``torch.distributed`` call. With one process every function is a no-op, so the single-process path is unchanged.
