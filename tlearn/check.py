@@ -276,7 +276,9 @@ def format_report(report: Report, details: int = 50) -> str:
     if report.counts:
         lines += ["", format_counts(report.counts)]
     order = {ERROR: 0, WARNING: 1, INFO: 2}
-    shown = sorted(report.findings, key=lambda f: (order[f.severity], f.kind, f.path))[:details]
+    # suspected mislabels keep their order, most suspicious first
+    shown = sorted(report.findings, key=lambda f: (order[f.severity], f.kind, "" if f.kind == "mislabel" else f.path)
+                   )[:details]
     if shown:
         prefix = f"{report.root}{os.sep}"
         lines += ["", "details:"] + [f"  {f.severity:7} {f.kind}: {printable(_short(f.path, report.root))}: "

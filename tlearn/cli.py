@@ -147,6 +147,10 @@ def check(args: argparse.Namespace) -> None:
 
         min_size = preprocessing_of(args.backbone)["input_size"][-1]
     report = run_check(data, min_size=min_size, near_threshold=args.near_threshold, progress=not args.json)
+    if args.labels:
+        from tlearn.labels import suspects
+
+        report.findings += suspects(data, backbone=args.backbone or BackboneConfig.backbone, progress=not args.json)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     if args.fix_report:
         atomic_write_csv(Path(args.fix_report), ["path", "reason"], quarantine_rows(report))
@@ -375,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "moved)")
     p.add_argument("--backbone", help="flag images smaller than this backbone's input (default: "
                    f"{DEFAULT_INPUT_SIZE} px, {BackboneConfig.backbone}'s)")
+    p.add_argument("--labels", action="store_true", help="also list suspected mislabels: images whose folder "
+                   "disagrees with a model trained without them (confident learning on the backbone's features; "
+                   "nothing is moved)")
     p.add_argument("--near-threshold", type=_whole(0, 64), default=4, help="largest difference-hash distance (of "
                    "64 bits) between near duplicates (default: 4)")
 

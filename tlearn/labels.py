@@ -1,0 +1,80 @@
+"""Suspected mislabels: images whose class folder disagrees with what a model that never saw them believes.
+
+Confident learning (Northcutt, Jiang and Chuang, 2021), as cleanlab's ``find_label_issues`` does it with
+``filter_by="confident_learning"`` and ``rank_by="self_confidence"``:
+1. out-of-fold probabilities: a logistic regression on the frozen base's cached features, fitted on the other
+   folds (stratified, 5 by default), predicts each image;
+2. a per-class threshold: the mean probability of class j over the images labelled j;
+3. an image is a suspect when the class it most confidently belongs to (the most probable among the classes
+   whose probability reaches their threshold) is not its folder's;
+4. suspects are ranked by their probability of their own folder's class, lowest (most suspicious) first.
+The method is these few lines of NumPy; cleanlab itself would add pandas and more for them.
+
+Nothing is moved or deleted: ``tlearn check DATA --labels`` lists the suspects as findings of kind ``mislabel``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from tlearn.check import WARNING, Finding
+from tlearn.config import DataConfig, TlearnError
+from tlearn.data import scan
+
+FOLDS = 5
+
+
+def out_of_fold(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+    """(N, C) probabilities of each row from a logistic regression fitted on the other folds."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = min(folds, int(np.bincount(y).min()))
+    if folds < 2:
+        raise TlearnError("--labels needs at least 2 images in every class, to predict each one from the others")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return cross_val_predict(LogisticRegression(C=1.0, max_iter=2000), X, y, method="predict_proba",
+                                 cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+
+
+def label_issues(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the rows whose label ``y`` confident learning doubts, most suspicious first.
+
+    >>> label_issues(np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.95, 0.05]]), np.array([0, 0, 1, 1]))
+    array([3])
+    """
+    classes = proba.shape[1]
+    thresholds = np.array([proba[y == j, j].mean() if (y == j).any() else 1.0 for j in range(classes)])
+    confident = np.where(proba >= thresholds - 1e-12, proba, -1.0)  # (N, C): the classes each row reaches
+    believed = confident.argmax(1)
+    reached = confident.max(1) >= 0
+    suspects = np.flatnonzero(reached & (believed != y))
+    self_confidence = proba[suspects, y[suspects]]
+    return suspects[np.argsort(self_confidence, kind="stable")]
+
+
+def suspects(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir: str | None = None,
+             progress: bool = True) -> list[Finding]:
+    """The ``mislabel`` findings of a folder, most suspicious first, from ``backbone``'s cached features."""
+    from tlearn.api import ImageClassifier
+
+    data = scan(config)
+    clf = ImageClassifier(backbone=backbone, verbose=progress, cache_dir=cache_dir)
+    paths = [s.path for s in data.samples]
+    feats = clf._extract(paths, announce=False)
+    keep = [i for i, p in enumerate(paths) if p not in feats.failed]
+    X, y = feats.X[keep], np.array([data.samples[i].label for i in keep])
+    proba = out_of_fold(X, y, seed=config.seed)
+    found = []
+    for i in label_issues(proba, y):
+        path, believed = Path(paths[keep[i]]), int(proba[i].argmax())
+        found.append(Finding("mislabel", WARNING, str(path),
+                             f"in folder {data.classes[y[i]]!r}, but a model that never saw it believes "
+                             f"{data.classes[believed]!r} ({proba[i, believed]:.2f}); its folder's class has "
+                             f"{proba[i, y[i]]:.2f}"))
+    return found
