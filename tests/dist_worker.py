@@ -61,7 +61,7 @@ def extract(data: Path) -> dict:
     clf = ImageClassifier(**TINY, verbose=False, workers=0, mode="features")
     clf._join_processes()
     paths = sorted(Path(data).rglob("*.png"))
-    feats = clf._extract(paths)
+    feats = clf.features(paths)
     return {"extracted": extracted, "rows": len(feats.X), "cached_after": feats.cached,
             "checksum": float(feats.X.sum())}
 

@@ -186,13 +186,13 @@ def test_auto_head_reports_every_candidate() -> None:
 def spy_views(clf: ImageClassifier, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The views ``clf`` extracts from now on, in order."""
     seen: list[str] = []
-    real = clf._extract
+    real = clf.features
 
     def extract(paths, names=None, view="center", **kw):
         seen.append(view)
         return real(paths, names, view, **kw)
 
-    monkeypatch.setattr(clf, "_extract", extract)
+    monkeypatch.setattr(clf, "features", extract)
     return seen
 
 

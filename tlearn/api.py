@@ -160,7 +160,7 @@ class ImageClassifier:
                 pass  # unreadable: skipped at extraction
         return n
 
-    def _extract(self, paths: list[Path], names: list[str] | None = None, view: str = "center",
+    def features(self, paths: list[Path], names: list[str] | None = None, view: str = "center",
                  announce: bool = True, cache: bool = True) -> Features:
         """Pooled features of the frozen pretrained bases ``names`` (default: --backbone's), concatenated, in
         one of ``features.VIEWS``, through the feature cache unless ``cache`` is False; ``announce=False``
@@ -241,7 +241,7 @@ class ImageClassifier:
             write_manifest(folder, Path(out) / "split.csv")  # before training, so an interrupted run can resume
         self._check_names()
         job = Job(folder, self.decision, self.train_config, self.augment_config, self.runtime, self.run,
-                  self.base, self.engine_of, functools.partial(self._extract, announce=False), clock,
+                  self.base, self.engine_of, functools.partial(self.features, announce=False), clock,
                   self.backbone_config.names(), self._missing, lambda name, view: self._store(name, view).dir.name,
                   progress=self.verbose, resume=resume,
                   checkpoint=self._checkpointer(Path(out)) if out is not None and dist.is_main() else None)
@@ -377,7 +377,7 @@ class ImageClassifier:
             engine = net_engine(self.model, self.spec.preprocessing, len(self.classes), self.run, self.runtime)
         for view in views:
             if self.spec.kind == "head":
-                out = self._extract(paths, view=view, announce=False, cache=cache and view in ("center", "flip"))
+                out = self.features(paths, view=view, announce=False, cache=cache and view in ("center", "flip"))
                 with torch.no_grad():
                     out.X = self.model.eval()(torch.from_numpy(out.X)).numpy()
             else:

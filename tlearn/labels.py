@@ -66,7 +66,7 @@ def suspects(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir
     data = scan(config)
     clf = ImageClassifier(backbone=backbone, verbose=progress, cache_dir=cache_dir)
     paths = [s.path for s in data.samples]
-    feats = clf._extract(paths, announce=False)
+    feats = clf.features(paths, announce=False)
     keep = [i for i, p in enumerate(paths) if p not in feats.failed]
     X, y = feats.X[keep], np.array([data.samples[i].label for i in keep])
     proba = out_of_fold(X, y, seed=config.seed)
