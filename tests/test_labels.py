@@ -42,10 +42,12 @@ def test_out_of_fold_needs_two_images_per_class() -> None:
 def test_check_labels_lists_a_planted_mislabel_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = make_folder(tmp_path / "photos", per_class=12, classes=("blue", "red"))
     wrong = make_image(data / "blue" / "actually_red.png", (210, 40, 40), seed=99)
-    assert main(["check", str(data), "--labels", "--json"]) == 0
+    fix = tmp_path / "quarantine.csv"
+    assert main(["check", str(data), "--labels", "--json", "--fix-report", str(fix)]) == 0
     findings = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["kind"] == "mislabel"]
     assert findings and findings[0]["path"] == str(wrong) and "believes 'red'" in findings[0]["detail"]
-    assert wrong.exists()  # nothing is moved
+    assert wrong.exists()  # nothing is moved...
+    assert f'{wrong},"mislabel: in folder \'blue\'' in fix.read_text()  # ...but it is listed to set aside
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY, make_folder
+from tests.conftest import COLOURS, TINY, make_folder, make_image
 from tlearn import ImageClassifier
 from tlearn.calibrate import calibrated, ece, fit_temperature, nll, reliability
 from tlearn.cli import main
@@ -20,8 +20,9 @@ from tlearn.features import tta_views, view_transform
 from tlearn.images import CropResize
 from tlearn.plots import label
 
-SECTIONS = ["Decision", "Training curves", "Sample images", "Test metrics", "Misclassified: top losses", "Calibration",
-            "Model summary", "Data quality"]
+SECTIONS = ["Decision", "Training curves", "Sample images", "Test metrics", "Misclassified: top losses",
+            "Correct predictions and their evidence", "Calibration", "Model summary", "Suspected mislabels",
+            "Data quality"]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,9 @@ def test_report_has_every_section_and_is_self_contained(run: Path) -> None:
     assert headings == SECTIONS
     assert not re.search(r"(src|href)=['\"]?(https?:|//|file:)", page)  # nothing outside the file
     images = re.findall(r"src=\"data:image/png;base64,([^\"]+)\"", page)
-    assert len(images) == 5  # curves, sample grid, confusion matrix, top losses, reliability diagram
+    assert len(images) == 6  # curves, sample grid, confusion matrix, top losses, correct ones, reliability diagram
+    assert "beside its Grad-CAM heatmap" in page and "No heatmaps" not in page
+    assert "No training or validation image is suspected of being in the wrong folder" in page
     for data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((run / "config.json").read_text())
@@ -183,3 +186,28 @@ def test_report_builds_when_images_have_gone_since_training(tmp_path: Path) -> N
     (data / "blue" / "blue_000.png").write_bytes(b"damaged")
     assert main(["report", str(tmp_path / "run")]) == 0
     assert re.findall(r"<h2>(.*?)</h2>", (tmp_path / "run" / "report.html").read_text()) == SECTIONS
+
+
+def test_report_lists_suspected_mislabels_with_thumbnails(tmp_path: Path) -> None:
+    data = tmp_path / "photos"
+    for split, n in (("train", 10), ("validation", 4), ("test", 4)):
+        make_folder(data / split, per_class=n, seed=len(split))
+    planted = make_image(data / "train" / "blue" / "actually_red.png", COLOURS["red"], seed=99)
+    clf = ImageClassifier(**TINY, mode="features", verbose=False)
+    clf.fit(data, out=tmp_path / "run")
+    found = [f for f in json.loads((tmp_path / "run" / "check.json").read_text())["findings"]
+             if f["kind"] == "mislabel"]
+    assert found and found[0]["path"] == str(planted) and "believes 'red'" in found[0]["detail"]
+    page = (tmp_path / "run" / "report.html").read_text()
+    section = page.split("<h2>Suspected mislabels</h2>")[1].split("<h2>")[0]
+    assert "actually_red.png" in section and "data:image/png;base64," in section
+    assert "actually_red.png" not in page.split("<h2>Data quality</h2>")[1]  # listed once, in its own section
+    assert (tmp_path / "run" / "mislabels.png").is_file() and planted.is_file()  # nothing is moved
+
+
+def test_a_run_without_a_feature_map_reports_why_it_has_no_heatmaps(tmp_path: Path) -> None:
+    clf = ImageClassifier(mode="scratch", model="logreg-pixels", verbose=False)
+    clf.fit(make_folder(tmp_path / "photos", per_class=10), out=tmp_path / "run")
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "No heatmaps: a logreg-pixels run has no convolutional feature map" in page
+    assert (tmp_path / "run" / "top_losses.png").is_file()  # the thumbnails are still there

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import logging
 import time
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from torch import nn
 
 from tlearn import dist, report
 from tlearn.artifact import ModelSpec, load_model
-from tlearn.backbones import Backbone, load_backbone
+from tlearn.backbones import Backbone, load_backbone, load_recorded
 from tlearn.calibrate import calibrated, fit_temperature, nll
 from tlearn.check import Finding, quick_check
 from tlearn.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -36,7 +37,8 @@ from tlearn.config import (
 from tlearn.data import ImageFolder, Sample, expand_inputs, scan, scan_labelled, write_manifest
 from tlearn.evaluate import calibrated_metrics, top_classes
 from tlearn.features import FeatureCache, Features, tta_views
-from tlearn.fileio import file_sha256
+from tlearn.fileio import file_sha256, keyed_path
+from tlearn.labels import mislabels
 from tlearn.models import parameter_counts
 from tlearn.modes import Job, Trained, run_mode
 from tlearn.probe import FOLDS, Probe, describe
@@ -117,20 +119,13 @@ class ImageClassifier:
         names = self.backbone_config.names()
         name = name or names[0]
         if name not in self._bases:
-            config = dataclasses.replace(self.backbone_config, backbone=name,
-                                         weights=self.backbone_config.weights if name == names[0] else None)
-            try:
+            if self.spec and name in names:  # a trained model's: the weights it was trained with
+                bb = load_recorded(self.backbone_config, name, self.spec.weights_id.split("+")[names.index(name)],
+                                   self.runtime.cache_dir)
+            else:
+                config = dataclasses.replace(self.backbone_config, backbone=name,
+                                             weights=self.backbone_config.weights if name == names[0] else None)
                 bb = load_backbone(config, self.runtime.cache_dir)
-            except TlearnError as e:
-                if not self.spec:
-                    raise
-                raise TlearnError(f"cannot load the backbone this model was trained with: {e}") from e
-            if self.spec and name in names:
-                expected = self.spec.weights_id.split("+")[names.index(name)]
-                if bb.weights_id != expected:
-                    raise TlearnError(
-                        f"the backbone weights now available ({bb.weights_source}) differ from the ones this model "
-                        f"was trained with ({expected}); pass the original file with --weights")
             self._bases[name] = bb.to(self.run.device)
         return self._bases[name]
 
@@ -289,8 +284,32 @@ class ImageClassifier:
                 self.metrics["test"] = self._metrics(test, split="test")
             for m in self.metrics.values():
                 m["calibration"]["fitted_on"] = where
+            self.findings += self._mislabels(folder)
             self.save(out)  # removes the checkpoint once the model is written
         return self.history
+
+    def _mislabels(self, folder: ImageFolder) -> list[Finding]:
+        """Suspected mislabels among the training and validation images (``tlearn.labels``, as ``tlearn check
+        --labels`` finds them), from the first base's features. Only where these are all in the cache already,
+        as every mode but scratch leaves them: the report gets them without another pass over the images."""
+        samples = folder.split("train") + folder.split("validation")
+        paths, name = [s.path for s in samples], self.backbone_config.names()[0]
+        if self.spec.kind == "scratch" or self._missing(paths, name, "center"):
+            return []
+        start, labels = time.perf_counter(), [s.label for s in samples]
+        key = {"what": "mislabels", "version": 1, "features": self._store(name, "center").dir.name,
+               "rows": [[file_sha256(p), y] for p, y in zip(paths, labels, strict=True)], "classes": folder.classes,
+               "seed": self.train_config.seed, "scikit-learn": importlib.metadata.version("scikit-learn")}
+        try:
+            found = mislabels(paths, labels, folder.classes, self.features(paths, names=[name], announce=False),
+                              seed=self.train_config.seed, memo=keyed_path(self.runtime.cache_dir, "labels", key,
+                                                                           ".json"))
+        except TlearnError as e:  # too few images in a class to predict each from the others
+            log.info(f"suspected mislabels: not searched ({e})")
+            return []
+        log.info(f"suspected mislabels: {len(found)} among {len(paths)} training and validation images "
+                 f"({time.perf_counter() - start:.1f} s)")
+        return found
 
     def _join_processes(self) -> None:
         """Under a launcher (torchrun, accelerate launch, ``--devices``), join the process group: this process
@@ -447,6 +466,29 @@ class ImageClassifier:
         logits, failed = self._logits(paths, cache=False, tta=tta)
         proba = calibrated(logits, self.spec.temperature if calibration else 1.0)
         return top_classes(paths, failed, proba, self.classes, top_k)
+
+    def explain(self, inputs: str | Path | Iterable[str | Path], class_name: str | None = None, top_k: int = 3, *,
+                calibration: bool = True) -> list[dict[str, Any]]:
+        """Where the evidence for the predicted class (or ``class_name``) lies in each image: Grad-CAM on the
+        model's last convolutional feature map (see ``tlearn.explain``), in the model's own preprocessing.
+
+        Each result is ``{"path", "class", "probability", "heatmap", "predictions"}``: ``heatmap`` is a float
+        array of the image's height x width, in [0, 1] and zero outside the crop the model saw; ``predictions``
+        are the top-k classes as ``predict`` gives them. A file that cannot be read gets ``{"path", "error"}``.
+        """
+        self._require_fitted()
+        paths = expand_inputs(inputs)
+        return list(self.explainer().explain(paths, class_name, top_k, calibration=calibration))
+
+    def explainer(self):
+        """The ``tlearn.explain.Explainer`` of this model (its frozen bases loaded for a head)."""
+        from tlearn.explain import Explainer, head_explainer
+
+        self._require_fitted()
+        if self.spec.kind != "head":
+            return Explainer(self.spec, self.model)
+        bases = [self.base(name) for name in self.backbone_config.names()]
+        return head_explainer(self.spec, self.model, bases, self.runtime, self.run.device)
 
     # --- files ---------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ something runs it, so a command whose features are all cached never imports timm
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -197,6 +198,21 @@ def load_backbone(config: BackboneConfig, cache_dir: str | Path | None = None) -
                   about["params"], build)
     if model is not None:
         bb._model = model.eval().requires_grad_(False)
+    return bb
+
+
+def load_recorded(config: BackboneConfig, name: str, identity: str, cache_dir: str | Path | None = None) -> Backbone:
+    """Base ``name`` of a saved model (of ``config``'s bases; its weights file belongs to the first), checked
+    against the weights identity the model was trained with."""
+    names = config.names()
+    config = dataclasses.replace(config, backbone=name, weights=config.weights if name == names[0] else None)
+    try:
+        bb = load_backbone(config, cache_dir)
+    except TlearnError as e:
+        raise TlearnError(f"cannot load the backbone this model was trained with: {e}") from e
+    if bb.weights_id != identity:
+        raise TlearnError(f"the backbone weights now available ({bb.weights_source}) differ from the ones this model "
+                          f"was trained with ({identity}); pass the original file with --weights")
     return bb
 
 

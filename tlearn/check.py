@@ -296,6 +296,7 @@ def _short(path: str, root: Path) -> str:
 
 
 def quarantine_rows(report: Report) -> list[tuple[str, str]]:
-    """Files worth setting aside: unusable ones, and the second file of each duplicate or conflicting pair."""
+    """Files worth setting aside: unusable ones, the second file of each duplicate or conflicting pair, and the
+    suspected mislabels (``--labels``), to look at before moving."""
     return [(f.path, f"{f.kind}: {f.detail}") for f in report.findings
-            if (f.severity == ERROR and f.kind != "dataset") or f.kind == "duplicate"]
+            if (f.severity == ERROR and f.kind != "dataset") or f.kind in ("duplicate", "mislabel")]

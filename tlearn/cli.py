@@ -210,6 +210,44 @@ def predict(args: argparse.Namespace) -> None:
         raise TlearnError("no image could be read")
 
 
+def explain(args: argparse.Namespace) -> None:
+    """Draw where the evidence for each image's class lies: Grad-CAM heatmaps over the photos, as PNG files.
+
+    Example: tlearn explain runs/demo photos/bee.jpg --out heatmaps  (the evidence for the predicted class; add
+    --class ants for the evidence for ants)"""
+    import numpy as np
+
+    from tlearn.api import ImageClassifier
+    from tlearn.data import expand_inputs
+    from tlearn.plots import heatmap_figure, heatmap_path
+
+    if len(args.paths) < 2:
+        raise TlearnError("usage: tlearn explain RUN IMAGE [IMAGE ...] [--class NAME] [--out DIR]")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TlearnError(f"--out {out} is a file; give a folder to write the heatmaps into")
+    clf = ImageClassifier.load(args.paths[0], weights=args.weights, verbose=False, **_where(args))
+    results, taken = [], set()
+    for r in clf.explainer().explain(expand_inputs(args.paths[1:]), args.class_name, args.top_k, with_image=True):
+        if "error" in r:
+            results.append(r)
+            print(f"{r['path']}: error: {r['error']}", file=sys.stderr)
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        name = Path(r["path"]).name
+        title = [f"{name}: " + ", ".join(f"{p['class']} {p['probability']:.1%}" for p in r["predictions"]),
+                 f"heatmap: where the evidence for {r['class']} ({r['probability']:.1%}) lies"]
+        png = heatmap_figure(np.asarray(r.pop("image")), r.pop("heatmap"), [report.printable(t) for t in title],
+                             heatmap_path(out, Path(r["path"]), taken))
+        results.append({**r, "heatmap_png": str(png)})
+        if not args.json:
+            print(f"{r['path']}: {r['class']} ({r['probability']:.1%}): heatmap {png}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if results and all("error" in r for r in results):
+        raise TlearnError("no image could be read")
+
+
 def export(args: argparse.Namespace) -> None:
     """Export a run's whole classifier to one ONNX graph plus a JSON sidecar, checked against PyTorch.
 
@@ -375,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(p, DataConfig)
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.add_argument("--strict", action="store_true", help="exit with status 2 when there are blocking findings")
-    p.add_argument("--fix-report", metavar="CSV", help="write the files worth setting aside to this CSV (nothing is "
-                   "moved)")
+    p.add_argument("--fix-report", metavar="CSV", help="write the files worth setting aside to this CSV, with "
+                   "--labels' suspects among them (nothing is moved)")
     p.add_argument("--backbone", help="flag images smaller than this backbone's input (default: "
                    f"{DEFAULT_INPUT_SIZE} px, {BackboneConfig.backbone}'s)")
     p.add_argument("--labels", action="store_true", help="also list suspected mislabels: images whose folder "
@@ -418,6 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation: mean logits of the centre crop, its "
                    "mirror image and four corner crops")
     _add_fields(p, BackboneConfig, skip=("pretrained",))
+    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard", "overwrite"))
+    _add_placement(p)
+
+    p = verb(explain)
+    p.add_argument("paths", metavar="PATH", nargs="+", help="RUN followed by image files or folders")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help="show the evidence for this class (default: "
+                   "each image's predicted class)")
+    p.add_argument("--out", default="heatmaps", help="folder to write IMAGE.heatmap.png files into (default: "
+                   "heatmaps); only earlier heatmaps are ever replaced")
+    p.add_argument("--top-k", type=_whole(1), default=3, help="classes in each figure's title (default: 3)")
+    p.add_argument("--json", action="store_true", help="print the results (without the arrays) as JSON")
+    p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
     _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard", "overwrite"))
     _add_placement(p)
 

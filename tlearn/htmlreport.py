@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import html
 import json
 import platform
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,9 +30,17 @@ from tlearn.images import ImageDecodeError, load_image, thumbnail
 from tlearn.report import read_predictions_csv
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from torch import nn
 
+    from tlearn.explain import Explainer
+
+    Explaining = Callable[[], Explainer]  # the run's explainer, built on first call
+
 GALLERY = 12  # highest-loss images shown
+CORRECT_PER_CLASS = 2  # correct predictions shown with their heatmaps, per class...
+MAX_CLASSES_EXPLAINED = 10  # ...for this many classes
 PER_CLASS = 2  # plain and augmented samples per class in the grid
 MAX_CLASSES_IN_GRID = 20
 
@@ -206,32 +216,81 @@ def _metrics(metrics: dict[str, Any], run_dir: Path, cache: Path) -> str:
             + _table(per_class, ["class", "precision", "recall", "f1", "support"]) + _png(path))
 
 
-def _gallery(predictions: list[dict[str, Any]], run_dir: Path, cache: Path) -> str:
+def _gallery(predictions: list[dict[str, Any]], run_dir: Path, cache: Path, explainer: Explaining) -> str:
     split = "test" if any(r["split"] == "test" for r in predictions) else "validation"
     rows = sorted((r for r in predictions if r["split"] == split), key=lambda r: -r["loss"])
     wrong = [r for r in rows if r["true"] != r["predicted"]]
     pairs = Counter((r["true"], r["predicted"]) for r in wrong).most_common(10)
     shown = [(Path(r["path"]), f"true {r['true']}\npredicted {r['predicted']} ({r['probability']:.0%})\n"
                                 f"loss {r['loss']:.2f}") for r in rows[:GALLERY]]
+    grid, why = _heat_grid(shown, run_dir / "top_losses.png", _fingerprint(rows), explainer, cache)
+    intro = (f"<p>{len(wrong)} of {len(rows)} {split} images are misclassified. The {min(GALLERY, len(rows))} "
+             "images with the highest loss (the lowest probability of their true class), worst first, each beside "
+             "its Grad-CAM heatmap: where the evidence for the predicted class lies (<code>tlearn explain</code>)."
+             "</p>")
+    pair_table = _table([[t, p, n] for (t, p), n in pairs], ["true class", "predicted as", "images"]) if pairs else ""
+    return intro + pair_table + why + (_png(grid) if grid else "")
+
+
+def _correct(predictions: list[dict[str, Any]], classes: list[str], run_dir: Path, cache: Path,
+             explainer: Explaining) -> str:
+    """The most confident correct predictions of a few classes, with their heatmaps."""
+    split = "test" if any(r["split"] == "test" for r in predictions) else "validation"
+    rows = [r for r in predictions if r["split"] == split]
+    right = sorted((r for r in rows if r["true"] == r["predicted"]), key=lambda r: -r["probability"])
+    shown = [(Path(r["path"]), f"{r['true']} ({r['probability']:.0%})") for name in classes[:MAX_CLASSES_EXPLAINED]
+             for r in [r for r in right if r["true"] == name][:CORRECT_PER_CLASS]]
+    if not shown:
+        return "<p class='muted'>No image of this split is classified correctly.</p>"
+    grid, why = _heat_grid(shown, run_dir / "correct.png", _fingerprint(rows), explainer, cache,
+                           cols=2 * CORRECT_PER_CLASS)
+    more = len(classes) - MAX_CLASSES_EXPLAINED
+    return (f"<p>The {CORRECT_PER_CLASS} most confident correct {split} predictions of each class, beside their "
+            "heatmaps. Evidence on the background rather than on the subject means the model learned a shortcut "
+            "that will not hold on new photos.</p>" + why + (_png(grid) if grid else "")
+            + (f"<p class='muted'>{more} more classes not shown.</p>" if more > 0 else ""))
+
+
+def _explainer(run_dir: Path, model: nn.Module | None, base: Any, cache_dir: str | Path | None) -> Explainer:
+    from tlearn.explain import run_explainer  # torch and torchcam: only when a heatmap is drawn
+
+    return run_explainer(run_dir, model, base, cache_dir)
+
+
+def _fingerprint(rows: list[dict[str, Any]]) -> list[Any]:
+    """What the heatmaps of a split depend on besides the images: the model, seen through its predictions (to
+    predictions.csv's precision, so that a report rebuilt from the files finds the figures drawn at training)."""
+    return [[r["path"], f"{r['probability_uncalibrated']:.6f}"] for r in rows]
+
+
+def _heat_grid(shown: list[tuple[Path, str]], path: Path, model_key: list[Any], explainer: Explaining,
+               cache: Path, cols: int = 3) -> tuple[Path | None, str]:
+    """A grid of the images in ``shown``, each with its caption and, beside it, its Grad-CAM heatmap; and why
+    there are no heatmaps, if there are none. Drawn once per images, captions and model (see ``plots.reuse``)."""
+    why: list[str] = []
 
     def draw() -> Path | None:
+        try:
+            made = explainer()
+        except TlearnError as e:
+            made, why[:] = None, [f"<p class='muted'>No heatmaps: {html.escape(str(e))}</p>"]
         tiles = []
-        for path, caption in shown:
-            try:
-                tiles.append((thumbnail(path), caption))
-            except ImageDecodeError:  # moved or damaged since training: leave it out
-                continue
-        return plots.image_grid(tiles, run_dir / "top_losses.png", cols=4, tile=2.6) if tiles else None
+        if made is not None:
+            for (_, caption), r in zip(shown, made.explain([p for p, _ in shown], with_image=True), strict=True):
+                if "error" not in r:  # moved or damaged since training: leave it out
+                    tiles.append((plots.side_by_side(np.asarray(r["image"]), r["heatmap"], 256), caption))
+        else:
+            for p, caption in shown:
+                with contextlib.suppress(ImageDecodeError):
+                    tiles.append((thumbnail(p), caption))
+        return plots.image_grid(tiles, path, cols=cols, tile=4.0, aspect=0.6) if tiles else None
 
     try:
-        key = ["gallery", 1, [[file_sha256(p), caption] for p, caption in shown]]
+        key = ["heat grid", 2, [[file_sha256(p), caption] for p, caption in shown], model_key]
     except OSError:
         key = None
-    grid = plots.reuse(run_dir / "top_losses.png", key, draw, cache) if shown else None
-    intro = (f"<p>{len(wrong)} of {len(rows)} {split} images are misclassified. The {min(GALLERY, len(rows))} "
-             "images with the highest loss (the lowest probability of their true class), worst first:</p>")
-    pair_table = _table([[t, p, n] for (t, p), n in pairs], ["true class", "predicted as", "images"]) if pairs else ""
-    return intro + pair_table + (_png(grid) if grid else "")
+    grid = plots.reuse(path, key, draw, cache) if shown else None
+    return grid, "".join(why)
 
 
 def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run_dir: Path, cache: Path) -> str:
@@ -319,9 +378,49 @@ def _summary_rows(model: nn.Module | None, config: dict[str, Any], base: Any, ru
             p.requires_grad_(flag)
 
 
-def _findings(run_dir: Path) -> str:
+def _check_findings(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "check.json"
-    findings = json.loads(path.read_text()).get("findings", []) if path.is_file() else []
+    return json.loads(path.read_text()).get("findings", []) if path.is_file() else []
+
+
+def _mislabels(run_dir: Path, cache: Path) -> str:
+    """The suspected mislabels found after training, most suspicious first, with thumbnails."""
+    found = [f for f in _check_findings(run_dir) if f.get("kind") == "mislabel"]
+    if not found:
+        return ("<p>No training or validation image is suspected of being in the wrong folder (or the search did "
+                "not run: it needs the pretrained base's cached features, which a scratch run has none of). "
+                "<code>tlearn check DATA --labels</code> searches any folder.</p>")
+    shown = [(Path(f["path"]), _caption(Path(f["path"]), f["detail"])) for f in found[:GALLERY]]
+
+    def draw() -> Path | None:
+        tiles = []
+        for p, caption in shown:
+            with contextlib.suppress(ImageDecodeError):
+                tiles.append((thumbnail(p), caption))
+        return plots.image_grid(tiles, run_dir / "mislabels.png", cols=4, tile=2.6) if tiles else None
+
+    try:
+        key = ["mislabels", 1, [[file_sha256(p), caption] for p, caption in shown]]
+    except OSError:
+        key = None
+    grid = plots.reuse(run_dir / "mislabels.png", key, draw, cache)
+    rows = [[f["path"], f["detail"]] for f in found[:50]]
+    return (f"<p>{len(found)} training or validation image(s) are in a folder that a model which never saw them "
+            "disagrees with, confidently (confident learning on out-of-fold predictions from the base's features; "
+            "the same search as <code>tlearn check DATA --labels</code>). Most suspicious first. Some are "
+            "labelling mistakes, some are hard photos: look before moving anything. Nothing was moved.</p>"
+            + (_png(grid) if grid else "") + _table(rows, ["file", "why"])
+            + (f"<p class='muted'>Showing 50 of {len(found)}.</p>" if len(found) > 50 else ""))
+
+
+def _caption(path: Path, detail: str) -> str:
+    """The file's name and a finding's detail, wrapped to a thumbnail's width (five lines at most)."""
+    name = path.name if len(path.name) <= 32 else path.name[:31] + "…"
+    return "\n".join([name, *textwrap.wrap(detail, 34, max_lines=4, placeholder=" …")])
+
+
+def _findings(run_dir: Path) -> str:
+    findings = [f for f in _check_findings(run_dir) if f.get("kind") != "mislabel"]  # shown in their section
     skips = read_csv_rows(run_dir / "skipped.csv")
     if not findings and not skips:
         return ("<p>The check at training time found no exact duplicates, no leakage across splits and no "
@@ -362,15 +461,19 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
                               "them") from e
     train = _train_rows(config, run_dir) if train is None else train
     cache = Path(cache_dir or default_cache_dir())
+    explainer = functools.cache(lambda: _explainer(run_dir, model, base, cache_dir))  # built if a figure is drawn
     body = "\n".join([
         _header(config, run_dir, shown_as),
         _section("Decision", _decision(config)),
         _section("Training curves", _curves(run_dir, config)),
         _section("Sample images", _samples(config, train, run_dir, cache)),
         _section("Test metrics", _metrics(metrics, run_dir, cache)),
-        _section("Misclassified: top losses", _gallery(predictions, run_dir, cache)),
+        _section("Misclassified: top losses", _gallery(predictions, run_dir, cache, explainer)),
+        _section("Correct predictions and their evidence", _correct(predictions, config["model"]["classes"],
+                                                                    run_dir, cache, explainer)),
         _section("Calibration", _calibration(metrics, predictions, run_dir, cache)),
         _section("Model summary", _summary(model, config, base, run_dir, cache)),
+        _section("Suspected mislabels", _mislabels(run_dir, cache)),
         _section("Data quality", _findings(run_dir)),
     ])
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tlearn report: "

@@ -174,6 +174,26 @@ class CropResize:
         return torch.from_numpy(self.array(image))
 
 
+def crop_box(preprocessing: dict[str, Any], width: int, height: int,
+             position: tuple[float, float] = (0.5, 0.5)) -> tuple[float, float, float, float]:
+    """The region of a ``width`` x ``height`` image that the evaluation preprocessing turns into the model's input,
+    as (left, top, right, bottom) in source pixels: ``CropResize``'s box, or that of timm's squash and border
+    crops (which may reach past the image, where the border crop pads)."""
+    if crop_resize_fits(preprocessing):
+        return CropResize(preprocessing, position).box(width, height)
+    _, h, w = preprocessing["input_size"]
+    pct = preprocessing.get("crop_pct") or 0.875
+    scale_h, scale_w = math.floor(h / pct), math.floor(w / pct)
+    if preprocessing.get("crop_mode", "center") == "squash":
+        new_w, new_h = scale_w, scale_h
+    else:  # the aspect ratio kept: the shorter side fits the scale (centre crop), or the longer one (border)
+        ratio = (max if preprocessing.get("crop_mode") == "border" else min)(height / scale_h, width / scale_w)
+        new_w, new_h = round(width / ratio), round(height / ratio)
+    left, top = round((new_w - w) * position[0]), round((new_h - h) * position[1])
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + w) * sx, (top + h) * sy
+
+
 def crop_resize_fits(preprocessing: dict[str, Any]) -> bool:
     """Whether ``CropResize`` reproduces timm's evaluation transform for this preprocessing: a square centre crop
     with a known filter."""

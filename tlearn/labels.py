@@ -2,27 +2,36 @@
 
 Confident learning (Northcutt, Jiang and Chuang, 2021), as cleanlab's ``find_label_issues`` does it with
 ``filter_by="confident_learning"`` and ``rank_by="self_confidence"``:
-1. out-of-fold probabilities: a logistic regression on the frozen base's cached features, fitted on the other
-   folds (stratified, 5 by default), predicts each image;
+1. out-of-fold probabilities: a logistic regression on the frozen base's cached features (scaled to unit RMS,
+   so that bases whose features are small or large are regularised alike), fitted on the other folds
+   (stratified, 5 by default), predicts each image;
 2. a per-class threshold: the mean probability of class j over the images labelled j;
 3. an image is a suspect when the class it most confidently belongs to (the most probable among the classes
    whose probability reaches their threshold) is not its folder's;
 4. suspects are ranked by their probability of their own folder's class, lowest (most suspicious) first.
 The method is these few lines of NumPy; cleanlab itself would add pandas and more for them.
 
-Nothing is moved or deleted: ``tlearn check DATA --labels`` lists the suspects as findings of kind ``mislabel``.
+Nothing is moved or deleted: ``tlearn check DATA --labels`` lists the suspects as findings of kind ``mislabel``,
+and every training run's report shows those among its training and validation images.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tlearn.check import WARNING, Finding
 from tlearn.config import DataConfig, TlearnError
 from tlearn.data import scan
+from tlearn.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    from tlearn.features import Features
 
 FOLDS = 5
 
@@ -38,6 +47,7 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0)
         raise TlearnError("--labels needs at least 2 images in every class, to predict each one from the others")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        X = X / max(float(np.sqrt(np.mean(X ** 2))), 1e-12)  # one scale for every base: RMS 1, geometry kept
         return cross_val_predict(LogisticRegression(C=1.0, max_iter=2000), X, y, method="predict_proba",
                                  cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
 
@@ -66,15 +76,39 @@ def suspects(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir
     data = scan(config)
     clf = ImageClassifier(backbone=backbone, verbose=progress, cache_dir=cache_dir)
     paths = [s.path for s in data.samples]
-    feats = clf.features(paths, announce=False)
+    return mislabels(paths, [s.label for s in data.samples], data.classes, clf.features(paths, announce=False),
+                     seed=config.seed)
+
+
+def mislabels(paths: list[Path], labels: list[int], classes: list[str], feats: Features, seed: int = 0,
+              memo: Path | None = None) -> list[Finding]:
+    """The ``mislabel`` findings among ``paths`` (with their folders' ``labels``), most suspicious first, from
+    their features (rows of the images ``feats`` could not read are left out). ``memo`` is a file keyed by
+    everything the result depends on: found there, the result is read back instead of searched for again."""
+    remembered = _recall(memo, len(paths))
+    if remembered is not None:
+        return [Finding("mislabel", WARNING, str(paths[i]), detail) for i, detail in remembered]
     keep = [i for i, p in enumerate(paths) if p not in feats.failed]
-    X, y = feats.X[keep], np.array([data.samples[i].label for i in keep])
-    proba = out_of_fold(X, y, seed=config.seed)
+    X, y = feats.X[keep], np.array([labels[i] for i in keep])
+    proba = out_of_fold(X, y, seed=seed)
     found = []
     for i in label_issues(proba, y):
-        path, believed = Path(paths[keep[i]]), int(proba[i].argmax())
-        found.append(Finding("mislabel", WARNING, str(path),
-                             f"in folder {data.classes[y[i]]!r}, but a model that never saw it believes "
-                             f"{data.classes[believed]!r} ({proba[i, believed]:.2f}); its folder's class has "
-                             f"{proba[i, y[i]]:.2f}"))
-    return found
+        believed = int(proba[i].argmax())
+        found.append((keep[i], f"in folder {classes[y[i]]!r}, but a model that never saw it believes "
+                               f"{classes[believed]!r} ({proba[i, believed]:.2f}); its folder's class has "
+                               f"{proba[i, y[i]]:.2f}"))
+    if memo is not None:
+        with contextlib.suppress(TlearnError):  # a read-only cache folder: searched again next time
+            atomic_write_text(memo, json.dumps([[int(i), detail] for i, detail in found]))
+    return [Finding("mislabel", WARNING, str(paths[i]), detail) for i, detail in found]
+
+
+def _recall(memo: Path | None, n: int) -> list[tuple[int, str]] | None:
+    try:
+        rows = json.loads(memo.read_text()) if memo is not None else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], int)
+                                             and 0 <= r[0] < n and isinstance(r[1], str) for r in rows):
+        return None  # damaged: searched again
+    return [(i, detail) for i, detail in rows]

@@ -7,6 +7,8 @@ long names are wrapped or shortened, and fonts and figure sizes follow the class
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlearn.config import TlearnError
-from tlearn.fileio import atomic_path, atomic_write_bytes, keyed_path
+from tlearn.fileio import atomic_path, atomic_write_bytes, keyed_path, open_regular, safe_name
 
 if TYPE_CHECKING:
     from tlearn.calibrate import Reliability
@@ -143,25 +145,27 @@ def reliability_diagram(before: Reliability, after: Reliability, temperature: fl
     return _save(fig, path)
 
 
-def image_grid(tiles: list[tuple[np.ndarray, str]], path: Path, cols: int = 6, tile: float = 2.2) -> Path:
+def image_grid(tiles: list[tuple[np.ndarray, str]], path: Path, cols: int = 6, tile: float = 2.2,
+               aspect: float = 1.0) -> Path:
     """Images (H, W, 3 arrays, uint8 or floats in [0, 1]) with a caption (one or more lines) above each, ``cols``
-    to a row; ``tile`` is each cell's width in inches at 90 dpi. Composed with Pillow: a grid of dozens of photos
-    takes a fraction of a second this way, against seconds as matplotlib subplots."""
+    to a row; ``tile`` is each cell's width in inches at 90 dpi, and ``aspect`` its height over its width.
+    Composed with Pillow: a grid of dozens of photos takes a fraction of a second this way, against seconds as
+    matplotlib subplots."""
     from PIL import Image, ImageDraw, ImageFont
 
-    size = round(tile * 90)
+    size, height = round(tile * 90), round(tile * 90 * aspect)
     font = ImageFont.load_default(size=11)
     lines = max((caption.count("\n") + 1 for _, caption in tiles), default=1)
     head = 14 * lines + 6
     cols = max(1, min(cols, len(tiles)))
     rows = max(1, -(-len(tiles) // cols))
     pad = 8
-    canvas = Image.new("RGB", (cols * (size + pad) + pad, rows * (size + head + pad) + pad), "white")
+    canvas = Image.new("RGB", (cols * (size + pad) + pad, rows * (height + head + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (image, caption) in enumerate(tiles):
-        x, y = pad + (i % cols) * (size + pad), pad + (i // cols) * (size + head + pad)
+        x, y = pad + (i % cols) * (size + pad), pad + (i // cols) * (height + head + pad)
         picture = Image.fromarray(_uint8(image))
-        picture.thumbnail((size, size))
+        picture.thumbnail((size, height))
         canvas.paste(picture, (x + (size - picture.width) // 2, y + head))
         draw.multiline_text((x + size // 2, y + head - 3), caption, fill="black", font=font, anchor="md",
                             align="center")
@@ -173,6 +177,85 @@ def image_grid(tiles: list[tuple[np.ndarray, str]], path: Path, cols: int = 6, t
 def _uint8(image: np.ndarray) -> np.ndarray:
     data = np.asarray(image)
     return data if data.dtype == np.uint8 else (np.clip(data, 0, 1) * 255).round().astype(np.uint8)
+
+
+def overlay(photo: np.ndarray, heat: np.ndarray, size: int | None = None) -> np.ndarray:
+    """The photo ((H, W, 3) uint8) under its heatmap ((H, W) in [0, 1]) in the jet colour map, as the Keras
+    tutorial draws Grad-CAM: the more evidence, the more colour, and the plain photo where there is none. With
+    ``size``, both are first shrunk to fit ``size`` pixels."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    if size is not None and max(photo.shape[:2]) > size:
+        picture = Image.fromarray(photo)
+        picture.thumbnail((size, size))
+        photo = np.asarray(picture)
+        heat = np.asarray(Image.fromarray(heat.astype(np.float32), "F").resize(picture.size, Image.Resampling.BILINEAR))
+    heat = np.clip(heat, 0, 1)
+    colour = colormaps["jet"](heat)[..., :3] * 255
+    alpha = 0.6 * np.sqrt(heat)[..., None]
+    return (photo * (1 - alpha) + colour * alpha).round().astype(np.uint8)
+
+
+def side_by_side(photo: np.ndarray, heat: np.ndarray, size: int) -> np.ndarray:
+    """The photo and the photo under its heatmap, each shrunk to fit ``size`` pixels, side by side (a white gap
+    between them)."""
+    from PIL import Image
+
+    shown = overlay(photo, heat, size)
+    plain = Image.fromarray(photo)
+    plain.thumbnail((size, size))
+    gap = np.full((shown.shape[0], 6, 3), 255, np.uint8)
+    return np.hstack([np.asarray(plain), gap, shown])
+
+
+def heatmap_figure(photo: np.ndarray, heat: np.ndarray, title: list[str], path: Path, size: int = 480) -> Path:
+    """The photo, and the photo under its heatmap, side by side with ``title``'s lines above them; a PNG marked as
+    tlearn's (``HEATMAP_MARK``), so that a later run may replace it and nothing else."""
+    from PIL import Image, ImageDraw, ImageFont
+    from PIL.PngImagePlugin import PngInfo
+
+    shown = overlay(photo, heat, size)
+    plain = Image.fromarray(photo)
+    plain.thumbnail((size, size))
+    font = ImageFont.load_default(size=14)
+    pad, head = 10, 20 * len(title) + 8
+    canvas = Image.new("RGB", (2 * plain.width + 3 * pad, plain.height + head + 2 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title):
+        draw.text((pad, pad + 20 * i), line, fill="black", font=font)
+    canvas.paste(plain, (pad, pad + head))
+    canvas.paste(Image.fromarray(shown), (2 * pad + plain.width, pad + head))
+    info = PngInfo()
+    info.add_text("Software", HEATMAP_MARK)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+HEATMAP_MARK = "tlearn explain"
+
+
+def heatmap_path(out: Path, image: Path, taken: set[Path]) -> Path:
+    """``out/<image name>.heatmap.png``, numbered (``-2``, ``-3``, ...) past names this command already ``taken``
+    and past files that an earlier ``tlearn explain`` did not write: only its own figures are ever replaced."""
+    stem = safe_name(image.stem, 80) or "image"
+    for n in itertools.count(1):
+        candidate = out / f"{stem}{'' if n == 1 else f'-{n}'}.heatmap.png"
+        if candidate not in taken and (not os.path.lexists(candidate) or _ours(candidate)):
+            taken.add(candidate)
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a regular file that ``heatmap_figure`` wrote (its mark is in the PNG's first chunks)."""
+    try:
+        with open_regular(path) as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"Software\x00" + HEATMAP_MARK.encode() in head
 
 
 def prediction_chart(results: list[tuple[np.ndarray, str, list[dict[str, Any]]]], path: Path) -> Path:

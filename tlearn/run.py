@@ -62,7 +62,8 @@ class RunResult:
 # Every name tlearn writes in a run folder; anything else there is the user's and is never replaced or removed.
 RUN_FILES = frozenset({MODEL_FILE, CONFIG_FILE, CHECKPOINT_FILE, "split.csv", "skipped.csv", "check.json",
                        "history.csv", "curves.png", "metrics.json", "predictions.csv", "report.html", "samples.png",
-                       "confusion.png", "top_losses.png", "reliability.png", "tensorboard"})
+                       "confusion.png", "top_losses.png", "correct.png", "mislabels.png", "reliability.png",
+                       "tensorboard"})
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tlearn-(?P<kind>new|old)-(?P<pid>\d+)-[^/]*$")
 
 
