@@ -211,3 +211,5 @@ def test_a_run_without_a_feature_map_reports_why_it_has_no_heatmaps(tmp_path: Pa
     page = (tmp_path / "run" / "report.html").read_text()
     assert "No heatmaps: a logreg-pixels run has no convolutional feature map" in page
     assert (tmp_path / "run" / "top_losses.png").is_file()  # the thumbnails are still there
+    assert main(["report", str(tmp_path / "run")]) == 0  # rebuilt: a grid without heatmaps is never reused...
+    assert "No heatmaps: a logreg-pixels" in (tmp_path / "run" / "report.html").read_text()  # ...so it says why

@@ -16,6 +16,7 @@ import json
 import platform
 import textwrap
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +31,6 @@ from tlearn.images import ImageDecodeError, load_image, thumbnail
 from tlearn.report import read_predictions_csv
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from torch import nn
 
     from tlearn.explain import Explainer
@@ -263,34 +262,46 @@ def _fingerprint(rows: list[dict[str, Any]]) -> list[Any]:
     return [[r["path"], f"{r['probability_uncalibrated']:.6f}"] for r in rows]
 
 
+class _NoHeatmaps(Exception):
+    """The run's explainer cannot be built (why is the message)."""
+
+
 def _heat_grid(shown: list[tuple[Path, str]], path: Path, model_key: list[Any], explainer: Explaining,
                cache: Path, cols: int = 3) -> tuple[Path | None, str]:
     """A grid of the images in ``shown``, each with its caption and, beside it, its Grad-CAM heatmap; and why
-    there are no heatmaps, if there are none. Drawn once per images, captions and model (see ``plots.reuse``)."""
-    why: list[str] = []
+    there are no heatmaps, if there are none. Drawn once per images, captions and model (see ``plots.reuse``);
+    a grid without heatmaps is never kept for reuse, since what was missing (a base's weights) may come back."""
+    def grid(pictures: Callable[[], list[tuple[np.ndarray, str]]]) -> Path | None:
+        tiles = pictures()
+        return plots.image_grid(tiles, path, cols=cols, tile=4.0, aspect=0.6) if tiles else None
 
-    def draw() -> Path | None:
+    def with_heatmaps() -> list[tuple[np.ndarray, str]]:
         try:
             made = explainer()
         except TlearnError as e:
-            made, why[:] = None, [f"<p class='muted'>No heatmaps: {html.escape(str(e))}</p>"]
-        tiles = []
-        if made is not None:
-            for (_, caption), r in zip(shown, made.explain([p for p, _ in shown], with_image=True), strict=True):
-                if "error" not in r:  # moved or damaged since training: leave it out
-                    tiles.append((plots.side_by_side(np.asarray(r["image"]), r["heatmap"], 256), caption))
-        else:
-            for p, caption in shown:
-                with contextlib.suppress(ImageDecodeError):
-                    tiles.append((thumbnail(p), caption))
-        return plots.image_grid(tiles, path, cols=cols, tile=4.0, aspect=0.6) if tiles else None
+            raise _NoHeatmaps(str(e)) from e
+        results = made.explain([p for p, _ in shown], with_image=True)
+        return [(plots.side_by_side(np.asarray(r["image"]), r["heatmap"], 256), caption)
+                for (_, caption), r in zip(shown, results, strict=True)
+                if "error" not in r]  # moved or damaged since training: left out
 
+    def plain() -> list[tuple[np.ndarray, str]]:
+        tiles = []
+        for p, caption in shown:
+            with contextlib.suppress(ImageDecodeError):
+                tiles.append((thumbnail(p), caption))
+        return tiles
+
+    if not shown:
+        return None, ""
     try:
         key = ["heat grid", 2, [[file_sha256(p), caption] for p, caption in shown], model_key]
     except OSError:
         key = None
-    grid = plots.reuse(path, key, draw, cache) if shown else None
-    return grid, "".join(why)
+    try:
+        return plots.reuse(path, key, lambda: grid(with_heatmaps), cache), ""
+    except _NoHeatmaps as e:
+        return grid(plain), f"<p class='muted'>No heatmaps: {html.escape(str(e))}</p>"
 
 
 def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run_dir: Path, cache: Path) -> str:
