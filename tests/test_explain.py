@@ -176,6 +176,8 @@ def test_cli_errors_are_one_line(trained, tmp_path: Path, capsys: pytest.Capture
     assert not (tmp_path / "h").exists()  # nothing to draw, so no folder either
     assert main(["explain", str(run), str(image), "--out", str(text)]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
+    assert main(["explain", str(run), str(image), "--out", str(text / "heatmaps")]) == 2
+    assert f"cannot create --out {text / 'heatmaps'}: Not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from tlearn.run import RunResult, claim_out, write_run
 from tlearn.runtime import Engine, base_engine, net_engine
 from tlearn.strategy import Clock, budget_seconds, choose, format_table
 from tlearn.train import CPU, History, Precision, resolve_precision
+
+if TYPE_CHECKING:
+    from tlearn.explain import Explainer  # imports torchcam: only where heatmaps are made
 
 log = logging.getLogger("tlearn")
 CONFIGS = (BackboneConfig, TrainConfig, AugmentConfig, RuntimeConfig)
@@ -480,7 +483,7 @@ class ImageClassifier:
         paths = expand_inputs(inputs)
         return list(self.explainer().explain(paths, class_name, top_k, calibration=calibration))
 
-    def explainer(self):
+    def explainer(self) -> Explainer:
         """The ``tlearn.explain.Explainer`` of this model (its frozen bases loaded for a head)."""
         from tlearn.explain import Explainer, head_explainer
 

@@ -233,7 +233,10 @@ def explain(args: argparse.Namespace) -> None:
             results.append(r)
             print(f"{r['path']}: error: {r['error']}", file=sys.stderr)
             continue
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TlearnError(f"cannot create --out {out}: {e.strerror or e}; choose a writable folder") from e
         name = Path(r["path"]).name
         title = [f"{name}: " + ", ".join(f"{p['class']} {p['probability']:.1%}" for p in r["predictions"]),
                  f"heatmap: where the evidence for {r['class']} ({r['probability']:.1%}) lies"]
