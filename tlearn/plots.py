@@ -215,17 +215,14 @@ def heatmap_figure(photo: np.ndarray, heat: np.ndarray, title: list[str], path: 
     from PIL import Image, ImageDraw, ImageFont
     from PIL.PngImagePlugin import PngInfo
 
-    shown = overlay(photo, heat, size)
-    plain = Image.fromarray(photo)
-    plain.thumbnail((size, size))
+    pair = Image.fromarray(side_by_side(photo, heat, size))
     font = ImageFont.load_default(size=14)
     pad, head = 10, 20 * len(title) + 8
-    canvas = Image.new("RGB", (2 * plain.width + 3 * pad, plain.height + head + 2 * pad), "white")
+    canvas = Image.new("RGB", (pair.width + 2 * pad, pair.height + head + 2 * pad), "white")
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(title):
         draw.text((pad, pad + 20 * i), line, fill="black", font=font)
-    canvas.paste(plain, (pad, pad + head))
-    canvas.paste(Image.fromarray(shown), (2 * pad + plain.width, pad + head))
+    canvas.paste(pair, (pad, pad + head))
     info = PngInfo()
     info.add_text("Software", HEATMAP_MARK)
     with atomic_path(path) as tmp:
