@@ -217,15 +217,15 @@ def export_onnx(bb: Backbone, cache_dir: str | Path | None = None, output: str =
         return path
     import onnxruntime as ort
 
-    net = (Pooled if output == "features" else FeatureMap)
-    pooled = net(copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
+    wrap = Pooled if output == "features" else FeatureMap
+    module = wrap(copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
     x = torch.randn(2, *bb.preprocessing["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        expected = pooled(x).numpy()
+        expected = module(x).numpy()
     try:
         with atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(pooled, (x,), tmp, input_names=["image"], output_names=[output],
+            torch.onnx.export(module, (x,), tmp, input_names=["image"], output_names=[output],
                               dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}},
                               opset_version=ONNX_OPSET, dynamo=False)
             got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
