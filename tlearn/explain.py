@@ -197,11 +197,12 @@ class Explainer:
             if decoded:
                 logits, heats = self.heatmaps(list(decoded.values()), wanted)
                 proba = calibrated(logits, self.spec.temperature if calibration else 1.0)
+            row_of = {path: i for i, path in enumerate(decoded)}  # rows of logits, heats and proba
             for path in paths[start:start + BATCH]:
                 if path in failed:
                     yield {"path": str(path), "error": failed[path]}
                     continue
-                i = list(decoded).index(path)
+                i = row_of[path]
                 (row,) = top_classes([path], {}, proba[i:i + 1], classes, top_k)
                 k = int(proba[i].argmax()) if wanted is None else wanted
                 yield {"path": str(path), "class": classes[k], "probability": float(proba[i, k]),

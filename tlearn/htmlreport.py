@@ -285,13 +285,6 @@ def _heat_grid(shown: list[tuple[Path, str]], path: Path, model_key: list[Any], 
                 for (_, caption), r in zip(shown, results, strict=True)
                 if "error" not in r]  # moved or damaged since training: left out
 
-    def plain() -> list[tuple[np.ndarray, str]]:
-        tiles = []
-        for p, caption in shown:
-            with contextlib.suppress(ImageDecodeError):
-                tiles.append((thumbnail(p), caption))
-        return tiles
-
     if not shown:
         return None, ""
     try:
@@ -301,7 +294,17 @@ def _heat_grid(shown: list[tuple[Path, str]], path: Path, model_key: list[Any], 
     try:
         return plots.reuse(path, key, lambda: grid(with_heatmaps), cache), ""
     except _NoHeatmaps as e:
-        return grid(plain), f"<p class='muted'>No heatmaps: {html.escape(str(e))}</p>"
+        return grid(lambda: _thumbnails(shown)), f"<p class='muted'>No heatmaps: {html.escape(str(e))}</p>"
+
+
+def _thumbnails(shown: list[tuple[Path, str]]) -> list[tuple[np.ndarray, str]]:
+    """Thumbnail tiles of the images in ``shown`` with their captions; images moved or damaged since training
+    are left out."""
+    tiles = []
+    for p, caption in shown:
+        with contextlib.suppress(ImageDecodeError):
+            tiles.append((thumbnail(p), caption))
+    return tiles
 
 
 def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run_dir: Path, cache: Path) -> str:
@@ -404,10 +407,7 @@ def _mislabels(run_dir: Path, cache: Path) -> str:
     shown = [(Path(f["path"]), _caption(Path(f["path"]), f["detail"])) for f in found[:GALLERY]]
 
     def draw() -> Path | None:
-        tiles = []
-        for p, caption in shown:
-            with contextlib.suppress(ImageDecodeError):
-                tiles.append((thumbnail(p), caption))
+        tiles = _thumbnails(shown)
         return plots.image_grid(tiles, run_dir / "mislabels.png", cols=4, tile=2.6) if tiles else None
 
     try:
