@@ -151,21 +151,22 @@ def test_bf16_training_runs_on_cpu(photos: Path) -> None:
 def test_compare_writes_the_table_and_chart(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from tlearn.cli import main
 
-    code = main(["compare", str(photos), "--models", "logreg-pixels,test_efficientnet:features",
-                 "--no-pretrained", "--out", str(tmp_path / "cmp"), "--workers", "0"])
+    code = main(["compare", str(photos), "--models", "logreg-pixels,test_efficientnet:features,small-cnn",
+                 "--no-pretrained", "--out", str(tmp_path / "cmp"), "--workers", "0", "--epochs", "2"])
     out = capsys.readouterr().out
     assert code == 0
     assert {"compare.csv", "compare.md", "compare.png", "logreg-pixels", "test_efficientnet-features"} <= \
         {p.name for p in (tmp_path / "cmp").iterdir()}
     rows = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
     assert rows[0].startswith("model,split,accuracy,loss,train_seconds,trainable_params,total_params")
-    assert [r.split(",")[0] for r in rows[1:]] == ["logreg-pixels", "test_efficientnet:features"]
-    assert "| logreg-pixels | test |" in out
+    assert [r.split(",")[0] for r in rows[1:]] == ["logreg-pixels", "test_efficientnet:features", "small-cnn"]
+    assert "| logreg-pixels | test |" in out and out.count(" | – |") >= 1  # a logistic regression has no epochs
+    assert "| small-cnn | test |" in out and "| 2 |" in out
     splits = [(tmp_path / "cmp" / d / "split.csv").read_text() for d in ("logreg-pixels", "test_efficientnet-features")]
     assert splits[0] == splits[1], "every model trains on the same split"
     page = (tmp_path / "cmp" / "compare.html").read_text()
     assert "href='logreg-pixels/report.html'" in page and "href='test_efficientnet-features/report.html'" in page
-    assert page.count("data:image/png;base64,") == 2  # accuracy/time bars, overlaid validation curves
+    assert page.count("data:image/png;base64,") == 2  # accuracy/time bars, overlaid validation curves (small-cnn)
     runs = ("logreg-pixels", "test_efficientnet-features")
     assert all((tmp_path / "cmp" / d / "report.html").is_file() for d in runs)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from tlearn import dist, report
-from tlearn.artifact import ModelSpec, load_model
+from tlearn.artifact import CONFIG_FILE, ModelSpec, load_model
 from tlearn.backbones import Backbone, load_backbone, load_recorded
 from tlearn.calibrate import calibrated, fit_temperature, nll
 from tlearn.check import Finding, quick_check
@@ -52,6 +53,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tlearn")
 CONFIGS = (BackboneConfig, TrainConfig, AugmentConfig, RuntimeConfig)
+
+
+@contextlib.contextmanager
+def _tidy_on_failure(out: Path | None, created: bool) -> Iterator[None]:
+    """Training into ``out`` that fails before its first checkpoint leaves nothing there to resume from: take its
+    split manifest away again (and ``out`` itself, if this run created it and nothing else is in it)."""
+    try:
+        yield
+    except BaseException:
+        if out is not None and not (out / CHECKPOINT_FILE).exists() and not (out / CONFIG_FILE).exists():
+            with contextlib.suppress(OSError):
+                (out / "split.csv").unlink()
+                if created:
+                    out.rmdir()
+        raise
 
 
 def _options(configs: tuple[type, ...], options: dict[str, Any]) -> list[Any]:
@@ -215,6 +231,7 @@ class ImageClassifier:
                                                        **data_options})
         validate(self.data_config)
         self._join_processes()
+        created = out is not None and not Path(out).exists()
         if out is not None and dist.is_main():  # before any work, and before any write
             claim_out(out, self.data_config.path, overwrite=self.runtime.overwrite)
         start = time.perf_counter()
@@ -235,9 +252,14 @@ class ImageClassifier:
                      f"{format_table(n_train, len(folder.classes), self.train_config)}")
         if budget is not None:
             log.info(f"time budget: {budget:.0f} s ({budget_why})")
+        self._check_names()
         if out is not None and dist.is_main():
             write_manifest(folder, Path(out) / "split.csv")  # before training, so an interrupted run can resume
-        self._check_names()
+        with _tidy_on_failure(Path(out) if out is not None and dist.is_main() and not resume else None, created):
+            return self._finish(self._train(folder, resume, clock, out), folder, start, out)
+
+    def _train(self, folder: ImageFolder, resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None,
+               clock: Clock, out: str | Path | None) -> Trained:
         job = Job(folder, self.decision, self.train_config, self.augment_config, self.runtime, self.run,
                   self.base, self.engine_of, functools.partial(self.features, announce=False), clock,
                   self.backbone_config.names(), self._missing, lambda name, view: self._store(name, view).dir.name,
@@ -250,6 +272,10 @@ class ImageClassifier:
                 raise
             raise TlearnError(f"training process {dist.rank()} lost contact with the others ({str(e)[:160]}); "
                               "the launcher's message says which one stopped") from None
+        return trained
+
+    def _finish(self, trained: Trained, folder: ImageFolder, start: float, out: str | Path | None) -> History:
+        """After training: adopt the model, calibrate, evaluate and (with ``out``) write the run."""
         dist.finish()  # training was the shared part: rank 0 evaluates and writes alone
         folder.drop(trained.skipped)
         for path, reason in trained.skipped.items():
@@ -265,7 +291,7 @@ class ImageClassifier:
                      f"val_accuracy {p.val_accuracy:.4f}, val_loss {p.val_loss:.4f} "
                      f"({self.train_seconds:.1f} s in all)")
         else:
-            log.info(f"trained: best epoch {self.history.best_epoch} of {len(self.history.epoch)}: "
+            log.info(f"trained: best {self.history.best()}: "
                      f"val_accuracy {h['val_accuracy'][i]:.4f}, val_loss {h['val_loss'][i]:.4f} "
                      f"({self.train_seconds:.1f} s in all)")
         self.metrics, self.predictions = {}, {}

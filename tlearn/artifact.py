@@ -135,6 +135,12 @@ def read_run(run_dir: Path | str) -> SavedRun:
 
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
+    if not run_dir.is_dir():
+        exported = run_dir.suffix.lower() == ".onnx" and run_dir.is_file()
+        raise TlearnError(f"{run_dir} is an exported ONNX graph, not a run folder: load it with "
+                          "tlearn.predictor.Predictor.load, as `tlearn predict` and `tlearn serve` do" if exported
+                          else f"{run_dir} is not a run folder (no such folder); give the --out folder of "
+                          "`tlearn train`")
     if not path.is_file() and not path.is_symlink():
         what = "the run did not finish saving, so retrain it" if (run_dir / CONFIG_FILE).is_file() else \
             "is this a run folder written by `tlearn train`?"

@@ -10,8 +10,10 @@ exact duplicates (content hash) and near duplicates (a 64-bit difference hash), 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from tlearn.data import ImageFolder, Skipped, list_images, scan
 from tlearn.fileio import file_sha256, special_kind
 from tlearn.images import decode, open_image
 
+GROUPED = 5  # findings of one kind past which the details show them as one line with examples
 LOW_COLOURS = 64  # in a 64x64 thumbnail, a photo has hundreds to thousands of distinct colours
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
            ".tif": "TIFF", ".tiff": "TIFF"}
@@ -60,6 +63,7 @@ class Report:
     files: int = 0
     images: int = 0
     findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was looked at beyond the files (e.g. the mislabel search)
 
     def summary(self) -> dict[str, int]:
         return dict(Counter(f.kind for f in self.findings).most_common())
@@ -70,7 +74,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"root": str(self.root), "layout": self.layout, "classes": self.classes, "counts": self.counts,
                 "files": self.files, "images": self.images, "summary": self.summary(),
-                "blocking": len(self.blocking()), "findings": [asdict(f) for f in self.findings]}
+                "blocking": len(self.blocking()), "notes": self.notes, "findings": [asdict(f) for f in self.findings]}
 
 
 def inspect_file(path: Path, min_size: int = 0) -> tuple[list[Finding], FileInfo]:
@@ -210,6 +214,7 @@ def check(config: DataConfig, min_size: int = 0, near_threshold: int = 4, progre
         infos.append(info)
     report.images = sum(i.usable for i in infos)
     report.findings += _duplicates(infos, label, near_threshold) + _balance(report.counts)
+    report.findings += _small_classes(report.counts)
     return report
 
 
@@ -260,6 +265,14 @@ def _balance(counts: dict[str, dict[str, int]]) -> list[Finding]:
     return out
 
 
+def _small_classes(counts: dict[str, dict[str, int]]) -> list[Finding]:
+    """Classes with a single training image: training still works, but the head search cannot hold one of them out
+    to choose the head's settings or to stop early on, and ``--labels`` cannot predict it from the others."""
+    return [Finding("small-class", WARNING, name, f"class {name} has {n} training image: too few for the head "
+                    "search to hold one out (it is only fitted on); add images to it (tens per class is a good start)")
+            for name, n in counts.get("train", {}).items() if n < 2]
+
+
 def format_report(report: Report, details: int = 50) -> str:
     """The summary table, class counts, then the first ``details`` findings (errors first)."""
     from tlearn.report import format_counts, printable, table
@@ -275,17 +288,36 @@ def format_report(report: Report, details: int = 50) -> str:
         lines.append("no problems found")
     if report.counts:
         lines += ["", format_counts(report.counts)]
+    if report.notes:
+        lines += ["", *(printable(n) for n in report.notes)]
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     # suspected mislabels keep their order, most suspicious first
-    shown = sorted(report.findings, key=lambda f: (order[f.severity], f.kind, "" if f.kind == "mislabel" else f.path)
-                   )[:details]
+    ranked = sorted(report.findings, key=lambda f: (order[f.severity], f.kind, "" if f.kind == "mislabel" else f.path))
+    shown = [_detail(group, report.root) for _, group in itertools.groupby(ranked, key=lambda f: f.kind)]
+    shown = [line for group in shown for line in group]
     if shown:
-        prefix = f"{report.root}{os.sep}"
-        lines += ["", "details:"] + [f"  {f.severity:7} {f.kind}: {printable(_short(f.path, report.root))}: "
-                                     f"{printable(f.detail.replace(prefix, ''))}" for f in shown]
-        if len(report.findings) > details:
-            lines.append(f"  ... and {len(report.findings) - details} more (--json lists them all)")
+        lines += ["", "details:", *shown[:details]]
+        if len(shown) > details:
+            lines.append(f"  ... and {len(shown) - details} more (--json lists them all)")
     return "\n".join(lines)
+
+
+def _detail(group: Iterable[Finding], root: Path) -> list[str]:
+    """The detail lines of one kind of finding: one a file, or, past ``GROUPED`` files (suspected mislabels
+    apart, which are each worth a look), one line with the count and the first few as examples."""
+    from tlearn.report import printable
+
+    group = list(group)
+    prefix = f"{root}{os.sep}"
+
+    def one(f: Finding) -> str:
+        return f"{printable(_short(f.path, root))}: {printable(f.detail.replace(prefix, ''))}"
+
+    if len(group) <= GROUPED or group[0].kind == "mislabel":
+        return [f"  {f.severity:7} {f.kind}: {one(f)}" for f in group]
+    more = ", ".join(printable(_short(f.path, root)) for f in group[1:3])
+    return [f"  {group[0].severity:7} {group[0].kind}: {len(group)} files, e.g. {one(group[0])}; also {more}, ... "
+            "(--json lists them all)"]
 
 
 def _short(path: str, root: Path) -> str:

@@ -58,6 +58,8 @@ def save_checkpoint(path: Path, state: dict[str, Any], configs: dict[str, Any], 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """Read a checkpoint back as (state for ``train.fit(resume=...)``, configs, RNG states)."""
+    if not path.parent.is_dir():
+        raise TlearnError(f"--resume {path.parent}: no such folder; give the --out folder of the interrupted run")
     if not path.is_file():
         raise TlearnError(f"{path.parent} has no {CHECKPOINT_FILE} to resume from: the run finished, or never "
                           "completed an epoch; start it again without --resume")

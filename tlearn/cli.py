@@ -150,7 +150,9 @@ def check(args: argparse.Namespace) -> None:
     if args.labels:
         from tlearn.labels import suspects
 
-        report.findings += suspects(data, backbone=args.backbone or BackboneConfig.backbone, progress=not args.json)
+        found = suspects(data, backbone=args.backbone or BackboneConfig.backbone, progress=not args.json)
+        report.findings += found
+        report.notes.append(f"suspected mislabels (--labels): {len(found)} found among the labelled images")
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     if args.fix_report:
         atomic_write_csv(Path(args.fix_report), ["path", "reason"], quarantine_rows(report))
@@ -196,6 +198,9 @@ def predict(args: argparse.Namespace) -> None:
             raise TlearnError("usage: tlearn predict RUN IMAGE [IMAGE ...] (or tlearn predict --imagenet IMAGE ...)")
         model = Predictor.load(args.paths[0], weights=args.weights, verbose=not args.json, **_where(args))
         results = model.predict(args.paths[1:], top_k=args.top_k, calibration=not args.no_calibration, tta=args.tta)
+        if args.tta and not args.json:
+            print(f"with test-time augmentation: each image's probabilities come from the mean logits of "
+                  f"{len(model.tta_views())} views ({', '.join(model.tta_views())})", file=sys.stderr)
     print(json.dumps(results, indent=2) if args.json else report.format_predictions(results))
     if args.plot:
         from tlearn.images import thumbnail
@@ -241,7 +246,7 @@ def explain(args: argparse.Namespace) -> None:
         title = [f"{name}: " + ", ".join(f"{p['class']} {p['probability']:.1%}" for p in r["predictions"]),
                  f"heatmap: where the evidence for {r['class']} ({r['probability']:.1%}) lies"]
         png = heatmap_figure(np.asarray(r.pop("image")), r.pop("heatmap"), [report.printable(t) for t in title],
-                             heatmap_path(out, Path(r["path"]), taken))
+                             heatmap_path(out, Path(r["path"]), taken, args.class_name))
         results.append({**r, "heatmap_png": str(png)})
         if not args.json:
             print(f"{r['path']}: {r['class']} ({r['probability']:.1%}): heatmap {png}")

@@ -64,7 +64,8 @@ def compare(data: str, models: str, out: Path, options: dict[str, Any],
         m = clf.metrics[split]
         rows.append({"model": name, "split": split, "accuracy": m["accuracy"], "loss": m["loss"],
                      "train_seconds": round(clf.train_seconds, 1), "trainable_params": clf.params["trainable"],
-                     "total_params": clf.params["total"], "epochs": len(clf.history.epoch), "run": str(run_dir)})
+                     "total_params": clf.params["total"],
+                     "epochs": "" if clf.history.closed_form else len(clf.history.epoch), "run": str(run_dir)})
     chance = 1 / len(clf.classes)
     write_table(rows, out, chance)
     plots.compare_bars(rows, out / "compare.png", chance)
@@ -75,13 +76,17 @@ def compare(data: str, models: str, out: Path, options: dict[str, Any],
 COLUMNS = ("model", "split", "accuracy", "loss", "train_seconds", "trainable_params", "total_params", "epochs")
 
 
-def _cell(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+def _cell(column: str, v: Any) -> str:
+    """A table cell: seconds to a tenth, scores to four places, counts with thousands separators, and '–' for no
+    epochs (a logistic regression is one fit)."""
+    if column == "train_seconds":
+        return f"{v:.1f}"
+    return f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v) or "–"
 
 
 def markdown(rows: list[dict[str, Any]], chance: float) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(c, r[c]) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + f"\n\nChance level: {chance:.4f}\n"
 
 

@@ -499,14 +499,17 @@ def build_compare(out: Path, rows: list[dict[str, Any]], chance: float) -> Path:
     histories = {}
     for r in rows:
         history = read_csv_rows(Path(r["run"]) / "history.csv")
-        if history:
+        if history and r["epochs"] != "":  # a logistic regression is one fit: no curve
             histories[r["model"]] = {"epoch": [int(h["epoch"]) for h in history],
                                      **{k: [float(h[k]) for h in history] for k in ("val_accuracy", "val_loss")}}
     columns = ["model", "split", "accuracy", "loss", "train_seconds", "trainable_params", "total_params", "epochs"]
-    table = _table([[r[c] for c in columns] for r in rows], [c.replace("_", " ") for c in columns])
+    shown = [{**r, "train_seconds": f"{r['train_seconds']:.1f}", "epochs": r["epochs"] if r["epochs"] != "" else "–"}
+             for r in rows]
+    table = _table([[r[c] for c in columns] for r in shown], [c.replace("_", " ") for c in columns])
     links = "".join(f"<li><a href='{html.escape(Path(r['run']).name)}/report.html'>{html.escape(r['model'])}</a>"
                     "</li>" for r in rows)
-    curves = _png(plots.compare_curves(histories, out / "compare_curves.png")) if histories else ""
+    curves = _png(plots.compare_curves(histories, out / "compare_curves.png")) if histories else \
+        "<p>No model here trained in epochs: each is a logistic regression, fitted once.</p>"
     bars = _png(out / "compare.png") if (out / "compare.png").is_file() else ""
     body = (f"<h1>Comparison on {html.escape(rows[0]['split'])} split</h1>"
             f"<p>Every model trained on the same split. Chance level: {chance:.1%}.</p>{table}{bars}"

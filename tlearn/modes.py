@@ -222,12 +222,12 @@ def train_features(job: Job) -> Trained:
     start = time.perf_counter()
     found = probe_features(job, job.names)
     step = Step(f"features of {'+'.join(job.names)}, head chosen on validation", "features", 0.0)
-    record(step, "kept", start, found[0])
+    record(step, "kept", start, found[0], announce=False)  # the head search said it: this mode is not auto
     job.decision.plan = [step.as_dict()]
     return head_result(job, job.names, found)
 
 
-def record(step: Step, status: str, start: float, probe: Probe | None = None) -> None:
+def record(step: Step, status: str, start: float, probe: Probe | None = None, announce: bool = True) -> None:
     step.status, step.seconds = status, time.perf_counter() - start
     if probe is not None:
         step.val_loss, step.val_accuracy = probe.val_loss, probe.val_accuracy
@@ -235,7 +235,8 @@ def record(step: Step, status: str, start: float, probe: Probe | None = None) ->
         step.detail["candidates"] = [{"head": describe(c), "val_loss": round(c["val_loss"], 4),
                                       "val_accuracy": round(c["val_accuracy"], 4)} for c in probe.candidates]
     score = f": val_loss {step.val_loss:.4f}, val_accuracy {step.val_accuracy:.4f}" if step.val_loss else ""
-    log.info(f"auto: {step.name}: {status}{score} ({step.seconds:.1f} s)")
+    if announce:
+        log.info(f"auto: {step.name}: {status}{score} ({step.seconds:.1f} s)")
 
 
 def _image_batches(job: Job, samples: list[Sample], transform: Callable, failed: dict[Path, str],
@@ -399,6 +400,6 @@ def _logreg_pixels(job: Job, preprocessing: dict[str, Any]) -> Trained:
                                              balanced=job.train.class_weight == "balanced").state_dict())
     loss, acc = evaluate(model, tensor_batches(X, y, 1024)(), CPU)
     val_loss, val_acc = evaluate(model, tensor_batches(Xv, yv, 1024)(), CPU)
-    history = History(best_epoch=1)
+    history = History(best_epoch=1, closed_form=True)
     history.append("scratch", loss=loss, accuracy=acc, val_loss=val_loss, val_accuracy=val_acc)
     return Trained("scratch", model.eval(), history, "logreg-pixels", preprocessing, failed)

@@ -42,13 +42,16 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
+FIGURES_VERSION = 2  # bump when a change to the drawing changes figures drawn from the same inputs (2: TrueType text)
+
+
 def reuse(path: Path, key: Any, draw: Callable[[], Path | None], cache: Path) -> Path | None:
     """The figure at ``path``, which ``draw()`` writes (or returns None for no figure). A figure is a function of
     its inputs, so one drawn before from the same ``key`` is copied from ``figures/`` under the cache folder
     instead; ``key`` None always draws."""
     if key is None:
         return draw()
-    stored = keyed_path(cache, "figures", key, ".png")
+    stored = keyed_path(cache, "figures", [FIGURES_VERSION, key], ".png")
     try:
         data = stored.read_bytes()
     except OSError:
@@ -83,12 +86,27 @@ def curves(history: History, path: Path, title: str = "") -> Path:
             if history.stage[i] != history.stage[i - 1]:
                 ax.axvline(i + 0.5, color="tab:red", ls="--", lw=1, label=f"{history.stage[i]} starts")
         ax.set(xlabel="epoch", ylabel=key, title=f"Training and validation {key}")
+        _epoch_axis(ax, len(history.epoch))
         ax.grid(alpha=0.3)
         ax.legend()
+    if history.closed_form:
+        title = (f"{title}: " if title else "") + "a logistic regression, fitted once (no epochs)"
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _epoch_axis(ax, epochs: int) -> None:
+    """Whole-number epoch ticks, and room on both sides, so that a single epoch is a point at 1, not at the
+    centre of an axis from 0.96 to 1.04."""
+    from matplotlib.ticker import MaxNLocator
+
+    if epochs <= 10:
+        ax.set_xticks(range(1, max(epochs, 1) + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.5, max(epochs, 1) + 0.5)
 
 
 def confusion(matrix: Sequence[Sequence[int]], classes: list[str], path: Path) -> Path:
@@ -151,12 +169,14 @@ def image_grid(tiles: list[tuple[np.ndarray, str]], path: Path, cols: int = 6, t
     to a row; ``tile`` is each cell's width in inches at 90 dpi, and ``aspect`` its height over its width.
     Composed with Pillow: a grid of dozens of photos takes a fraction of a second this way, against seconds as
     matplotlib subplots."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     size, height = round(tile * 90), round(tile * 90 * aspect)
-    font = ImageFont.load_default(size=11)
+    face = font(11)
+    tiles = [(image, "\n".join(fit_text(line, face, size)[0] for line in caption.split("\n")))
+             for image, caption in tiles]
     lines = max((caption.count("\n") + 1 for _, caption in tiles), default=1)
-    head = 14 * lines + 6
+    head = 16 * lines + 6
     cols = max(1, min(cols, len(tiles)))
     rows = max(1, -(-len(tiles) // cols))
     pad = 8
@@ -167,11 +187,37 @@ def image_grid(tiles: list[tuple[np.ndarray, str]], path: Path, cols: int = 6, t
         picture = Image.fromarray(_uint8(image))
         picture.thumbnail((size, height))
         canvas.paste(picture, (x + (size - picture.width) // 2, y + head))
-        draw.multiline_text((x + size // 2, y + head - 3), caption, fill="black", font=font, anchor="md",
-                            align="center")
+        draw.multiline_text((x + size // 2, y + head - 3), caption, fill="black", font=face, anchor="md",
+                            align="center", spacing=3)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return Path(path)
+
+
+def font(size: int):
+    """DejaVu Sans, the TrueType font matplotlib ships, at ``size`` pixels: it has the glyphs of accented, Greek,
+    Cyrillic and many other class names, which Pillow's built-in bitmap font draws as boxes."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+
+
+def fit_text(text: str, face, width: int, lines: int = 1) -> list[str]:
+    """``text`` wrapped at spaces onto at most ``lines`` lines no wider than ``width`` pixels in ``face``, the last
+    shortened with "…" where it still does not fit."""
+    out, words = [], text.split(" ")
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while words and face.getlength(f"{line} {words[0]}") <= width:
+            line += " " + words.pop(0)
+        if len(out) == lines - 1 and words:  # the last line: the rest goes on it, shortened
+            line = " ".join([line, *words])
+            words = []
+        while face.getlength(line) > width and len(line) > 1:
+            line = line[:-2] + "…"
+        out.append(line)
+    return out or [""]
 
 
 def _uint8(image: np.ndarray) -> np.ndarray:
@@ -212,16 +258,17 @@ def side_by_side(photo: np.ndarray, heat: np.ndarray, size: int) -> np.ndarray:
 def heatmap_figure(photo: np.ndarray, heat: np.ndarray, title: list[str], path: Path, size: int = 480) -> Path:
     """The photo, and the photo under its heatmap, side by side with ``title``'s lines above them; a PNG marked as
     tlearn's (``HEATMAP_MARK``), so that a later run may replace it and nothing else."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
     from PIL.PngImagePlugin import PngInfo
 
     pair = Image.fromarray(side_by_side(photo, heat, size))
-    font = ImageFont.load_default(size=14)
+    face = font(14)
+    title = [part for line in title for part in fit_text(line, face, pair.width, lines=2)]  # fits a small photo
     pad, head = 10, 20 * len(title) + 8
     canvas = Image.new("RGB", (pair.width + 2 * pad, pair.height + head + 2 * pad), "white")
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(title):
-        draw.text((pad, pad + 20 * i), line, fill="black", font=font)
+        draw.text((pad, pad + 20 * i), line, fill="black", font=face)
     canvas.paste(pair, (pad, pad + head))
     info = PngInfo()
     info.add_text("Software", HEATMAP_MARK)
@@ -233,16 +280,27 @@ def heatmap_figure(photo: np.ndarray, heat: np.ndarray, title: list[str], path: 
 HEATMAP_MARK = "tlearn explain"
 
 
-def heatmap_path(out: Path, image: Path, taken: set[Path]) -> Path:
-    """``out/<image name>.heatmap.png``, numbered (``-2``, ``-3``, ...) past names this command already ``taken``
-    and past files that an earlier ``tlearn explain`` did not write: only its own figures are ever replaced."""
-    stem = safe_name(image.stem, 80) or "image"
+def heatmap_path(out: Path, image: Path, taken: set[Path], class_name: str | None = None) -> Path:
+    """``out/<image name>.heatmap.png`` (``<image name>.<class>.heatmap.png`` for the evidence for a class asked
+    for, so that it stands beside the default one), numbered (``-2``, ``-3``, ...) past names this command already
+    ``taken`` and past files that an earlier ``tlearn explain`` did not write: only its own figures are ever
+    replaced."""
+    stem = _name_part(image.stem, 80, "image")
+    tag = f".{_name_part(class_name, 60, 'class')}" if class_name else ""
     for n in itertools.count(1):
-        candidate = out / f"{stem}{'' if n == 1 else f'-{n}'}.heatmap.png"
+        candidate = out / f"{stem}{'' if n == 1 else f'-{n}'}{tag}.heatmap.png"
         if candidate not in taken and (not os.path.lexists(candidate) or _ours(candidate)):
             taken.add(candidate)
             return candidate
     raise AssertionError("unreachable")
+
+
+def _name_part(text: str, limit: int, fallback: str) -> str:
+    """``safe_name`` of ``text``, or ``fallback`` for a name of no letters it keeps (e.g. "日本")."""
+    try:
+        return safe_name(text, limit)
+    except TlearnError:
+        return fallback
 
 
 def _ours(path: Path) -> bool:
@@ -287,6 +345,7 @@ def compare_curves(histories: dict[str, dict[str, list]], path: Path) -> Path:
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy per model")
     ax_loss.set(xlabel="epoch", ylabel="validation loss", title="Validation loss per model", yscale="log")
     for ax in (ax_acc, ax_loss):
+        _epoch_axis(ax, max((len(h["epoch"]) for h in histories.values()), default=1))
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
     fig.tight_layout()

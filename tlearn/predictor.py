@@ -214,15 +214,18 @@ class Predictor:
 
     # --- prediction ----------------------------------------------------------------------------------------
 
+    def tta_views(self) -> list[str]:
+        """The views that test-time augmentation averages: the centre crop, its mirror image and the four corner
+        crops (corner crops need a square centre-crop preprocessing; without one, the first two)."""
+        return TTA_VIEWS if all(crop_resize_fits(pp) for pp in self.inputs) else ["center", "flip"]
+
     def prepare(self, images: list[Image.Image], tta: bool = False) -> list[list[np.ndarray]]:
         """Decoded pictures → for each view of the model (or the six test-time views with ``tta``), one
         (B, 3, H, W) float32 batch per model input. The mirror view is the centre crop's array flipped, which is
         what resampling and then mirroring the picture gives, at no second resampling."""
         if tta and self.backend == "exported":
             raise TlearnError("--tta needs the run folder: an exported graph computes its own views")
-        views = TTA_VIEWS if tta else self.views
-        if tta and not all(crop_resize_fits(pp) for pp in self.inputs):
-            views = ["center", "flip"]  # corner crops need a square centre-crop preprocessing
+        views = self.tta_views() if tta else self.views
         out: dict[str, list[np.ndarray]] = {}
         for view in views:
             if view == "flip" and "center" in out and all(crop_resize_fits(pp) for pp in self.inputs):

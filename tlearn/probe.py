@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -52,6 +53,7 @@ log = logging.getLogger("tlearn")
 C_GRID = (1.0, 3.0, 10.0)  # inverse L2 strengths tried by cross-validation: raw features peak near 3, and C=0.3
 # was never chosen on the shared datasets while costing a third of the search
 FOLDS = 3  # for choosing C (on the training split)
+DEFAULT_C = 3.0  # where nothing can be held out to choose C: raw features peak near 3
 LARGE_TRAIN = 20_000  # training images above which --head auto trains the dense head alone: scikit-learn's
 # full-batch solver copies the training features to float64 (0.9 GB for 42,000 images and their mirror images)
 # and its cross-validation takes minutes, while the dense head reads mini-batches in place
@@ -141,22 +143,39 @@ def _path(train: Split, fit_idx: np.ndarray, held_idx: np.ndarray, flip: bool, C
 
 
 def out_of_fold(data: Split, flip: bool, Cs: tuple[float, ...], folds: int, config: TrainConfig) -> list[np.ndarray]:
-    """Out-of-fold logits of every image of ``data`` for each C (mirror images stay with their image's fold)."""
+    """Out-of-fold logits of every image of ``data`` for each C (mirror images stay with their image's fold).
+
+    An image of a class with a single training image is never held out (every fold's fit must know every class):
+    its rows are NaN, and ``held`` picks the rows that have out-of-fold logits."""
     from joblib import Parallel, delayed
     from sklearn.model_selection import StratifiedKFold
 
-    classes = np.unique(data.y)
-    folds = max(2, min(folds, int(np.bincount(data.y).min())))
-    splits = list(StratifiedKFold(folds, shuffle=True, random_state=config.seed).split(data.X, data.y))
-    # every fold's training part must hold every class, or its logits would have fewer columns
-    splits = [(a, b) for a, b in splits if len(np.unique(data.y[a])) == len(classes)]
+    classes, counts = np.unique(data.y, return_counts=True)
+    rows, always = heldable(data.y)
+    oof = [np.full((len(data.y), len(classes)), np.nan) for _ in Cs]
+    if not len(rows):
+        return oof
+    folds = max(2, min(folds, int(counts[counts >= 2].min())))
+    splits = [(np.concatenate([rows[a], always]), rows[b]) for a, b in
+              StratifiedKFold(folds, shuffle=True, random_state=config.seed).split(rows, data.y[rows])]
     parts = Parallel(n_jobs=min(len(splits), cpu_cores()), prefer="threads")(
         delayed(_path)(data, a, b, flip, Cs, config) for a, b in splits)
-    oof = [np.zeros((len(data.y), len(classes))) for _ in Cs]
     for (_, held), logits in zip(splits, parts, strict=True):
         for i, z in enumerate(logits):
             oof[i][held] = z
     return oof
+
+
+def heldable(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that can be held out, rows that cannot): an image whose class has a single image here cannot be held
+    out, or the model fitted without it would not know its class."""
+    single = np.bincount(y)[y] < 2
+    return np.flatnonzero(~single), np.flatnonzero(single)
+
+
+def held(z: np.ndarray) -> np.ndarray:
+    """The rows of out-of-fold logits ``z`` that were held out (the others are NaN)."""
+    return np.isfinite(z).all(1)
 
 
 def _linear_head(clf: LogisticRegression, num_features: int, num_classes: int) -> nn.Sequential:
@@ -180,30 +199,60 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(1) == y).mean())
 
 
-def _logreg_candidate(train: Split, val: Split, flips: tuple[bool, ...], config: TrainConfig) -> dict[str, Any]:
+def _logreg_candidate(train: Split, val: Split, flips: tuple[bool, ...], config: TrainConfig,
+                      notes: list[str]) -> dict[str, Any]:
     """The logistic regression whose C and use of mirror images have the lowest out-of-fold loss on the training
-    split, refit on all of it and scored on validation."""
+    split, refit on all of it and scored on validation. Where no class has two training images there is nothing to
+    hold out: C is then ``DEFAULT_C`` and the note says so."""
     oof = {(flip, C): z for flip in flips for C, z in zip(C_GRID, out_of_fold(train, flip, C_GRID, FOLDS, config),
                                                           strict=True)}
-    scores = {key: nll(z, train.y) for key, z in oof.items()}
-    flip, C = min(scores, key=scores.get)
+    scores = {key: nll(z[held(z)], train.y[held(z)]) for key, z in oof.items() if held(z).any()}
+    if scores:
+        flip, C = min(scores, key=scores.get)
+        cv_loss = float(scores[flip, C])
+    else:
+        (flip, C), cv_loss = (flips[-1], DEFAULT_C), None
+        notes.append(f"logreg: no class has two training images, so C is not cross-validated (C={C:g})")
+        log.info(f"  {notes[-1]}")
     clf = _fit(_logreg(C, config), *train.rows(flip))
     logits = val.logits(functools.partial(logreg_logits, clf), flip)
-    return {"head": "logreg", "flip": flip, "C": C, "cv_loss": float(scores[flip, C]), "val_logits": logits,
+    return {"head": "logreg", "flip": flip, "C": C, "cv_loss": cv_loss, "val_logits": logits,
             "model": clf, "val_loss": nll(logits, val.y), "val_accuracy": _accuracy(logits, val.y),
             "train_oof": oof[flip, C]}
 
 
-def _dense_candidate(train: Split, val: Split, flip: bool, num_classes: int, config: TrainConfig,
-                     weight: torch.Tensor | None) -> dict[str, Any]:
-    """The dense head, early-stopped on a stratified 15 % of the training split, so that its validation score is
-    as honest as the logistic regression's (stopping on the validation split itself would flatter it)."""
+def stop_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(rows to fit on, rows to stop early on, a note) of the training split: a stratified 15 %; on a small split
+    at least one image of each class that has two or more (a class with one image is only fitted on), and the note
+    says so. None when no class has two images."""
     from sklearn.model_selection import train_test_split
 
-    fit_idx, stop_idx = train_test_split(np.arange(len(train.y)), test_size=0.15, stratify=train.y,
-                                         random_state=config.seed)
-    head, history, _ = fit_head(train.X, train.y, train.X, train.y, num_classes, config, weight=weight,
-                                mirror=train.X_flip if flip else None, rows=fit_idx, val_rows=stop_idx)
+    rows, always = heldable(y)
+    if not len(rows):
+        return None
+    if not len(always) and math.ceil(0.15 * len(y)) >= len(np.unique(y)):  # the usual case, as it always was
+        fit_rows, stop_rows = train_test_split(np.arange(len(y)), test_size=0.15, stratify=y, random_state=seed)
+        return fit_rows, stop_rows, ""
+    size = max(len(np.unique(y[rows])), math.ceil(0.15 * len(rows)))
+    fit_rows, stop_rows = train_test_split(rows, test_size=size, stratify=y[rows], random_state=seed)
+    note = (f"the dense head stops early on {size} training image(s), one or more of each class with two or more"
+            + (f"; {len(always)} image(s) of classes with a single training image are only fitted on" if len(always)
+               else ""))
+    return np.concatenate([fit_rows, always]), stop_rows, note
+
+
+def _dense_candidate(train: Split, val: Split, flip: bool, num_classes: int, config: TrainConfig,
+                     weight: torch.Tensor | None, stop: tuple[np.ndarray, np.ndarray, str] | None) -> dict[str, Any]:
+    """The dense head, early-stopped on ``stop``'s rows of the training split (``stop_split``), so that its
+    validation score is as honest as the logistic regression's (stopping on the validation split itself would
+    flatter it). Without them (``--head dense`` on a training split with no two images of a class), it stops on
+    the validation split, the one held-out set there is."""
+    if stop is None:
+        head, history, _ = fit_head(train.X, train.y, val.X, val.y, num_classes, config, weight=weight,
+                                    mirror=train.X_flip if flip else None)
+    else:
+        head, history, _ = fit_head(train.X, train.y, train.X, train.y, num_classes, config, weight=weight,
+                                    mirror=train.X_flip if flip else None, rows=stop[0], val_rows=stop[1])
     logits = val.logits(functools.partial(_torch_logits, head), flip)
     return {"head": "dense", "flip": flip, "val_logits": logits, "model": head, "history": history,
             "val_loss": nll(logits, val.y), "val_accuracy": _accuracy(logits, val.y)}
@@ -226,11 +275,17 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
     # tries both
     tried = flips[-1:] if config.head == "auto" else flips
     if config.head == "logreg" or (config.head == "auto" and not large):
-        candidates.append(_logreg_candidate(train, val, tried, config))
-    if config.head in ("auto", "dense"):
+        candidates.append(_logreg_candidate(train, val, tried, config, notes))
+    stop = stop_split(train.y, config.seed) if config.head in ("auto", "dense") else None
+    if config.head in ("auto", "dense") and (stop is None or stop[2]):
+        dense = "stops early on the validation split" if config.head == "dense" else "is not a candidate"
+        notes.append(stop[2] if stop else "no class has two training images to hold out for the dense head's early "
+                     f"stopping, so it {dense}")
+        log.info(f"  {notes[-1]}")
+    if config.head == "dense" or (config.head == "auto" and stop is not None):
         for flip in tried:
             try:
-                candidates.append(_dense_candidate(train, val, flip, num_classes, config, weight))
+                candidates.append(_dense_candidate(train, val, flip, num_classes, config, weight, stop))
             except TrainingDiverged as e:
                 if config.head == "dense" or not candidates:
                     raise
@@ -244,7 +299,7 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
     if best["head"] == "dense":
         probe = Probe(best["model"].eval(), best["history"], chosen, table, best["val_logits"], model=best["model"])
     else:
-        clf, history = best["model"], History(best_epoch=1)
+        clf, history = best["model"], History(best_epoch=1, closed_form=True)
         train_logits = train.logits(functools.partial(logreg_logits, clf), best["flip"])
         history.append("head", loss=nll(train_logits, train.y), accuracy=_accuracy(train_logits, train.y),
                        val_loss=best["val_loss"], val_accuracy=best["val_accuracy"])
@@ -267,8 +322,10 @@ def refit(probe: Probe, train: Split, val: Split, num_classes: int, config: Trai
                  np.concatenate([train.y, val.y]))
     clf = _fit(_logreg(C, config), *both.rows(flip))
     held_out = np.vstack([probe.train_oof, probe.val_logits])
+    kept = held(held_out)  # not the training images that were never held out (a class's only one)
     return dataclasses.replace(
-        probe, head=_linear_head(clf, train.X.shape[1], num_classes), model=clf, calibration=(held_out, both.y),
+        probe, head=_linear_head(clf, train.X.shape[1], num_classes), model=clf,
+        calibration=(held_out[kept], both.y[kept]),
         refit=True, seconds=probe.seconds + time.perf_counter() - start,
         notes=[*probe.notes, f"refit on train + validation ({len(both.y)} images) with the chosen settings"])
 
@@ -314,7 +371,7 @@ def load_probe(path: Path) -> tuple[Probe, list[list[Any]]] | None:
     head = make_head(weights["1.weight"].shape[1], weights[last].shape[0], about["shape"][0], about["shape"][1])
     head.load_state_dict(weights)
     h = about["history"]
-    history = History(h["epoch"], h["history"], h["stage"], h["best_epoch"])
+    history = History(h["epoch"], h["history"], h["stage"], h["best_epoch"], h.get("closed_form", False))
     calibration = (arrays["calibration_logits"], arrays["calibration_y"]) if "calibration_y" in arrays else None
     probe = Probe(head.eval(), history, about["chosen"], about["candidates"], arrays["val_logits"],
                   arrays.get("train_oof"), calibration, about["refit"], about["seconds"], about["notes"])

@@ -44,6 +44,7 @@ class History:
         default_factory=lambda: {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []})
     stage: list[str] = field(default_factory=list)
     best_epoch: int = 0
+    closed_form: bool = False  # one fit of a logistic regression, not epochs of gradient descent
 
     def append(self, stage: str, **metrics: float) -> None:
         self.epoch.append(len(self.epoch) + 1)
@@ -51,8 +52,21 @@ class History:
         for k, v in metrics.items():
             self.history[k].append(float(v))
 
+    def best(self) -> str:
+        """The kept epoch in words: 'epoch 3 of 5', or, over several stages, which stage's epoch it is and how many
+        each stage ran ('finetune epoch 1 of 1, after 11 head epochs')."""
+        stages = list(dict.fromkeys(self.stage))
+        if len(stages) < 2 or not self.best_epoch:
+            return f"epoch {self.best_epoch} of {len(self.epoch)}"
+        stage = self.stage[self.best_epoch - 1]
+        within = self.stage[:self.best_epoch].count(stage)
+        others = ", ".join(f"{self.stage.count(s)} {s}" for s in stages if s != stage)
+        when = "after" if stages.index(stage) > 0 else "then"
+        return f"{stage} epoch {within} of {self.stage.count(stage)}, {when} {others} epoch(s)"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "history": self.history, "stage": self.stage, "best_epoch": self.best_epoch}
+        return {"epoch": self.epoch, "history": self.history, "stage": self.stage, "best_epoch": self.best_epoch,
+                "closed_form": self.closed_form}
 
 
 class DevicePlacementError(RuntimeError):
@@ -300,6 +314,7 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
     warmup = round(config.warmup_epochs * stage.steps_per_epoch)
     scheduler = warmup_cosine(opt, warmup, total) if stage.schedule else None
     scaler = torch.amp.GradScaler() if run.dtype == torch.float16 else None
+    carried = best is not None  # a previous stage's weights to fall back on: even the first epoch may be skipped
     best = best or {"loss": float("inf"), "epoch": 0, "weights": copy.deepcopy(model.state_dict())}
     first, waited = 1, 0
     if resume:
@@ -311,10 +326,13 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
     epoch_seconds = 0.0
     for epoch in range(first, stage.epochs + 1):
         start = time.perf_counter()
-        if stage.deadline is not None and start + epoch_seconds > stage.deadline:
+        if stage.deadline is not None and start + epoch_seconds > stage.deadline and (epoch > 1 or carried):
             log.info(f"{stage.name}: stopping before epoch {epoch}: the time budget leaves "
                      f"{max(stage.deadline - start, 0):.0f} s, an epoch takes about {epoch_seconds:.0f} s")
             break
+        if epoch == 1 and stage.deadline is not None and start > stage.deadline and not carried:
+            log.warning(f"{stage.name}: the time budget is spent before the first epoch; training one epoch anyway, "
+                        "so that there is a model (raise --time-budget for more)")
         with tqdm(total=stage.images_per_epoch or None, unit="img", leave=False, disable=not progress or None,
                   desc=f"{stage.name} epoch {epoch}/{stage.epochs}") as bar:
             loss, acc = train_one_epoch(trained, stage.train(), opt, run, weight, scheduler, scaler, bar)

@@ -108,19 +108,25 @@ class DeclaredSizeLimit:
         await self.app(scope, receive, send)
 
 
-def _prepare(predictor: Predictor, uploads: list[tuple[str, bytes]]) -> tuple[list[Image.Image], Prepared]:
-    """Uploads → their pictures and the model's input arrays, or the HTTP error that names the bad file."""
+def _prepare(predictor: Predictor, uploads: list[tuple[str, bytes]]) -> tuple[list[Image.Image | HTTPException],
+                                                                             Prepared | None]:
+    """Uploads → each one's picture, or the HTTP error that names it, and the model's input arrays for the
+    pictures (None when there is none). Every file failing is the first one's error: a request with nothing to
+    answer fails as a whole."""
     pictures = [_decode(name, data) for name, data in uploads]
-    return pictures, predictor.prepare(pictures)
+    good = [p for p in pictures if not isinstance(p, HTTPException)]
+    if not good:
+        raise pictures[0]
+    return pictures, predictor.prepare(good)
 
 
-def _decode(name: str, data: bytes) -> Image.Image:
+def _decode(name: str, data: bytes) -> Image.Image | HTTPException:
     """An upload's bytes → an RGB picture, or the HTTP error that names the file and says what is wrong."""
     try:
         return load_image(io.BytesIO(data))
     except ImageDecodeError as e:
         not_image = isinstance(e.__cause__, Image.UnidentifiedImageError) or not data
-        raise HTTPException(415 if not_image else 422, detail=f"{name}: {e}") from None
+        return HTTPException(415 if not_image else 422, detail=f"{name}: {e}")
 
 
 def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_files: int = MAX_FILES,
@@ -156,16 +162,22 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
 
     @app.post("/predict", max_body_size=max_upload_bytes, form_limits={"max_files": max_files})
     async def predict(files: Annotated[list[UploadFile], File(description="one or more image files")],
-                      top_k: Annotated[int, Query(ge=1, le=most, description="classes per image")] =
-                      min(default_top_k, most)) -> dict[str, Any]:
-        """Each uploaded image's top-k classes and their probabilities, most probable first."""
+                      top_k: Annotated[int, Query(ge=1, description="classes per image (at most the model's "
+                                                  "classes)")] = min(default_top_k, most)) -> dict[str, Any]:
+        """Each uploaded image's top-k classes and their probabilities, most probable first. A file that cannot be
+        read gets ``{"filename", "error", "status"}`` in its place, beside the others' results, as ``tlearn
+        predict`` skips it; a request whose every file fails gets that file's status (415 or 422)."""
         start = time.perf_counter()
+        top_k = min(top_k, most)  # as the CLI and the API cap it
         uploads = [((f.filename or f"file {i + 1}")[:MAX_FILENAME], await f.read()) for i, f in enumerate(files)]
         pictures, prepared = await run_in_threadpool(_prepare, predictor, uploads)
-        logits = await run_in_threadpool(batcher.submit, prepared)
-        proba = predictor.probabilities(logits)
+        proba = iter(predictor.probabilities(await run_in_threadpool(batcher.submit, prepared)))
         results = []
-        for (name, _), picture, p in zip(uploads, pictures, proba, strict=True):
+        for (name, _), picture in zip(uploads, pictures, strict=True):
+            if isinstance(picture, HTTPException):
+                results.append({"filename": name, "error": picture.detail, "status": picture.status_code})
+                continue
+            p = next(proba)
             order = p.argsort()[::-1][:top_k]
             results.append({"filename": name, "width": picture.width, "height": picture.height,
                             "predictions": [{"class": predictor.classes[j], "probability": float(p[j])}
