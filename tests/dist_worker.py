@@ -15,7 +15,7 @@ from tests.conftest import TINY
 from tlearn import ImageClassifier, dist
 from tlearn.data import DataConfig, scan
 from tlearn.features import ImageFiles
-from tlearn.modes import _image_batches
+from tlearn.recipes.images import _image_batches
 from tlearn.runtime import Engine
 
 

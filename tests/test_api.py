@@ -141,7 +141,8 @@ def test_model_file_alone_is_a_complete_model(trained, tmp_path: Path, caplog: p
 def test_loading_with_different_backbone_weights_is_refused(trained) -> None:
     _, _, data, run = trained
     clf = ImageClassifier.load(run, verbose=False)
-    clf.spec.weights_id = "sha256:something-else"
+    assert clf.extractor.recorded == {"test_efficientnet": clf.spec.weights_id}  # checked against on first use
+    clf.extractor.recorded = {"test_efficientnet": "sha256:something-else"}
     with pytest.raises(TlearnError, match="differ from the ones this model was trained with"):
         clf.predict([data / "red"])
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from tests.conftest import TINY, make_folder
-from tlearn import auto, modes
 from tlearn.api import ImageClassifier
 from tlearn.calibrate import fit_temperature
 from tlearn.config import TlearnError, TrainConfig, parse_duration
-from tlearn.probe import C_GRID, Split, choose_head, logreg_logits, refit
-from tlearn.strategy import Clock, Measured, plan
+from tlearn.recipes import auto
+from tlearn.recipes.heads import C_GRID, Probe, Split, choose_head, logreg_logits, refit
+from tlearn.recipes.job import Job
+from tlearn.recipes.plan import Clock, Measured, plan
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ants_bees"
 FAST = {"verbose": False, "workers": 0, "batch_size": 8}
@@ -80,7 +81,7 @@ def test_durations_parse_and_bad_ones_are_named() -> None:
         ImageClassifier(backbone="a+a")
 
 
-def _fake_probe(val_loss: float, real: modes.Probe) -> modes.Probe:
+def _fake_probe(val_loss: float, real: Probe) -> Probe:
     import dataclasses
 
     return dataclasses.replace(real, chosen={**real.chosen, "val_loss": val_loss})
@@ -93,7 +94,7 @@ def test_a_step_that_does_not_improve_validation_is_discarded(tmp_path: Path, mo
     monkeypatch.setattr(auto, "_larger", lambda job, names: ("test_efficientnet_gn", 1.5))
     real = auto.probe_features
 
-    def probe(job: modes.Job, names: list[str]):  # the concatenation looks worse than the first base alone
+    def probe(job: Job, names: list[str]):  # the concatenation looks worse than the first base alone
         found = real(job, names)
         return (_fake_probe(9.0 if len(names) > 1 else 0.5, found[0]), *found[1:])
 
@@ -114,7 +115,7 @@ def test_a_step_that_improves_validation_is_kept_with_concatenated_bases(tmp_pat
     clf = ImageClassifier(**TINY, **FAST, head="logreg")
     real = auto.probe_features
 
-    def probe(job: modes.Job, names: list[str]):  # the concatenation looks better
+    def probe(job: Job, names: list[str]):  # the concatenation looks better
         found = real(job, names)
         return (_fake_probe(1.0 / len(names), found[0]), *found[1:])
 
@@ -184,15 +185,16 @@ def test_auto_head_reports_every_candidate() -> None:
 
 
 def spy_views(clf: ImageClassifier, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The views ``clf`` extracts from now on, in order."""
+    """The views ``clf`` extracts from now on, in order (through its feature service, as training and prediction
+    do)."""
     seen: list[str] = []
-    real = clf.features
+    real = clf.extractor.features
 
-    def extract(paths, names=None, view="center", **kw):
+    def extract(paths, names=None, view="center", *args, **kw):
         seen.append(view)
-        return real(paths, names, view, **kw)
+        return real(paths, names, view, *args, **kw)
 
-    monkeypatch.setattr(clf, "features", extract)
+    monkeypatch.setattr(clf.extractor, "features", extract)
     return seen
 
 

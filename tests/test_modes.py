@@ -19,7 +19,7 @@ from tests.conftest import TINY, make_folder
 from tlearn import ImageClassifier, TlearnError
 from tlearn.config import TrainConfig
 from tlearn.models import Classifier, stages, unfreeze_groups
-from tlearn.strategy import DEFAULT_BUDGET, choose, format_table, table_advice
+from tlearn.recipes.plan import DEFAULT_BUDGET, choose, format_table, table_advice
 from tlearn.train import class_weights, make_head, make_optimizer, resolve_precision
 
 FAST = {"verbose": False, "workers": 0, "batch_size": 8}

@@ -34,7 +34,7 @@ def test_the_onnx_predictor_gives_the_full_stacks_predictions(run: tuple[Path, P
     run_dir, data = run
     cache = str(run_dir.parent / "cache")
     fast = Predictor.load(run_dir, cache_dir=cache)
-    assert fast.fallback is None  # the base's ONNX export is in the cache: no torch needed
+    assert fast.backend == "onnx" and fast.stack is None  # the base's ONNX export is in the cache: no torch needed
     full = ImageClassifier.load(run_dir, verbose=False, cache_dir=cache)
     images = [data / "red", data / "blue", data / "red" / "missing.png"]
     (data / "red" / "broken.png").write_bytes(b"not an image")
@@ -57,15 +57,15 @@ def test_without_the_onnx_export_it_uses_the_full_stack(run: tuple[Path, Path], 
     run_dir, data = run
     moved = shutil.copytree(run_dir, tmp_path / "run")
     p = Predictor.load(moved, cache_dir=str(tmp_path / "empty-cache"), verbose=False)
-    assert isinstance(p.fallback, ImageClassifier)
+    assert p.backend == "torch" and p.stack is not None
     assert p.predict([data / "red"], top_k=1)[0]["predictions"][0]["class"] == "red"
     torch_path = Predictor.load(run_dir, cache_dir=str(run_dir.parent / "cache"), runtime="torch", verbose=False)
-    assert isinstance(torch_path.fallback, ImageClassifier)
+    assert torch_path.backend == "torch"
 
 
 def test_importing_the_predictor_loads_no_training_code_torch_or_scikit_learn() -> None:
     code = ("import sys, tlearn.predictor; heavy = ('torch', 'timm', 'sklearn', 'tlearn.train', 'tlearn.api', "
-            "'tlearn.modes', 'tlearn.augment', 'tlearn.htmlreport', 'matplotlib'); "
+            "'tlearn.recipes', 'tlearn.extractor', 'tlearn.augment', 'tlearn.htmlreport', 'matplotlib'); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -86,6 +86,6 @@ def test_predict_command_goes_through_the_predictor(run: tuple[Path, Path], monk
 
     monkeypatch.setattr(Predictor, "load", classmethod(load))
     assert main(["predict", str(run_dir), str(data / "red"), "--top-k", "1"]) == 0
-    assert loaded and loaded[0].fallback is None
+    assert loaded and loaded[0].stack is None
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 10 and all(line.startswith(str(data / "red")) and ": red " in line for line in lines)

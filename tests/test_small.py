@@ -17,7 +17,7 @@ from tests.conftest import HYMENOPTERA, TINY, make_folder, make_image, needs
 from tests.test_cli import TINY_FLAGS, cli
 from tlearn import ImageClassifier, TlearnError
 from tlearn.config import TrainConfig
-from tlearn.probe import Split, held, out_of_fold, stop_split
+from tlearn.recipes.heads import Split, held, out_of_fold, stop_split
 
 MODES = {"auto": ["--mode", "auto"], "features": ["--mode", "features"],
          "frozen": ["--mode", "frozen", "--epochs", "1"], "finetune": ["--mode", "finetune", "--epochs", "1"],
@@ -202,7 +202,7 @@ def test_a_run_that_fails_after_the_split_leaves_nothing(tmp_path: Path, monkeyp
     def boom(job):
         raise TlearnError("stopped on purpose")
 
-    monkeypatch.setattr("tlearn.api.run_mode", boom)
+    monkeypatch.setattr("tlearn.api.run_recipe", boom)
     data = make_folder(tmp_path / "photos", per_class=6)
     with pytest.raises(TlearnError, match="on purpose"):
         ImageClassifier(**TINY, verbose=False).fit(data, out=tmp_path / "run")

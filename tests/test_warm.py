@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from tests.conftest import TINY, make_folder
-from tlearn import fileio, htmlreport, plots, probe
+from tlearn import fileio, htmlreport, plots
 from tlearn.api import ImageClassifier
 from tlearn.config import TrainConfig
+from tlearn.recipes import heads as probe
 from tlearn.train import tensor_batches
 
 
@@ -89,7 +90,7 @@ def test_a_rerun_takes_the_chosen_head_and_the_figures_from_the_cache(tmp_path: 
 
     with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="tlearn"):
         for name in ("choose_head", "refit"):
-            m.setattr(f"tlearn.modes.{name}", must_not_run)
+            m.setattr(f"tlearn.recipes.features.{name}", must_not_run)
         for name in ("confusion", "curves", "reliability_diagram", "image_grid"):
             m.setattr(plots, name, must_not_run)
         m.setattr(htmlreport, "_summary_rows", must_not_run)

@@ -7,6 +7,7 @@ One file, written atomically, so tensors and state can never disagree after a cr
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tlearn.config import TlearnError
+from tlearn.config import AugmentConfig, BackboneConfig, TlearnError, TrainConfig, from_dict, validate
 from tlearn.fileio import atomic_path, require_regular
 from tlearn.train import History
 
+log = logging.getLogger("tlearn")
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
@@ -56,6 +58,16 @@ def save_checkpoint(path: Path, state: dict[str, Any], configs: dict[str, Any], 
         save_file(tensors, tmp, metadata={"format": "tlearn-checkpoint", "state": json.dumps(header)})
 
 
+def writer(path: Path, configs: dict[str, Any]):
+    """The checkpoint callback of a run: each epoch's state saved to ``path`` with the run's ``configs``, except
+    the last (the final save follows; an interrupted save leaves the last epoch's checkpoint)."""
+    def checkpoint(state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
+        if not state.pop("done"):
+            save_checkpoint(path, state, configs, rng)
+
+    return checkpoint
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """Read a checkpoint back as (state for ``train.fit(resume=...)``, configs, RNG states)."""
     if not path.parent.is_dir():
@@ -84,3 +96,18 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[st
         raise TlearnError(f"{path} is damaged or incomplete ({type(e).__name__}: {e}); start the run again "
                           "without --resume") from e
     return state, configs, part("rng.")
+
+
+def resume_configs(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                           tuple[BackboneConfig, TrainConfig, AugmentConfig]]:
+    """An interrupted run's checkpoint: its training state, RNG states and (backbone, train, augment) configs,
+    checked, with which it resumes."""
+    state, configs, rng = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    where = str(run_dir / CHECKPOINT_FILE)
+    saved = (from_dict(BackboneConfig, configs.get("backbone"), where), from_dict(TrainConfig, configs.get("train"),
+                                                                                   where),
+             from_dict(AugmentConfig, configs.get("augment"), where))
+    validate(*saved)
+    log.info(f"resuming {run_dir} after epoch {state['epoch']} of stage {state['stage']}, "
+                                     "with its saved settings")
+    return state, rng, saved

@@ -288,6 +288,23 @@ class Decision:
     measured: dict[str, Any] = field(default_factory=dict)  # what the plan was estimated from
 
 
+def route_options(configs: tuple[type, ...], options: dict[str, Any]) -> list[Any]:
+    """Keyword options (the CLI flags' names) routed to the config dataclass that has a field of that name: one
+    instance of each of ``configs``."""
+    fields = {f.name: cls for cls in configs for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TlearnError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(fields))}")
+    return [cls(**{k: v for k, v in options.items() if fields[k] is cls}) for cls in configs]
+
+
+def check_names(backbone: BackboneConfig, train: TrainConfig) -> None:
+    """Several bases (--backbone A+B) are concatenated features, which only a head on features can use."""
+    if len(backbone.names()) > 1 and train.mode not in ("features", "auto"):
+        raise TlearnError(f"--backbone {backbone.backbone} concatenates the features of several bases, which only a "
+                          f"head on features can use: use --mode features or auto. Received: mode={train.mode!r}")
+
+
 def check_parallel(mode: str, processes: int) -> None:
     """Data-parallel training takes a fixed mode: ``auto`` decides from timings, which differ between processes."""
     if processes > 1 and mode == "auto":

@@ -9,6 +9,7 @@ Two layouts are understood:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import hashlib
 import os
@@ -65,12 +66,16 @@ class ImageFolder:
                 out[split] = {name: c.get(name, 0) for name in self.classes}
         return out
 
-    def drop(self, bad: dict[Path, str]) -> None:
-        """Remove samples whose files could not be decoded, keeping them in ``skipped`` with the reason."""
+    def without(self, bad: dict[Path, str]) -> ImageFolder:
+        """This folder without the samples whose files could not be decoded, which join ``skipped`` with the
+        reason (a new value: this one is left as it is)."""
+        if not bad:
+            return self
         present = {s.path for s in self.samples}
-        self.skipped += [Skipped(p, r) for p, r in bad.items() if p in present]
-        self.samples = [s for s in self.samples if s.path not in bad]
-        _check_nonempty(self)
+        data = dataclasses.replace(self, samples=[s for s in self.samples if s.path not in bad],
+                                   skipped=[*self.skipped, *(Skipped(p, r) for p, r in bad.items() if p in present)])
+        _check_nonempty(data)
+        return data
 
 
 # --- scanning -----------------------------------------------------------------------------------------
@@ -257,6 +262,16 @@ def scan_labelled(path: Path | str, classes: list[str]) -> ImageFolder:
     if not samples:
         raise TlearnError(f"no images found under {folder}; accepted extensions: {' '.join(IMAGE_EXTENSIONS)}")
     return ImageFolder(root, list(classes), samples, skipped, layout=f"evaluation folder {folder.name}/")
+
+
+def recorded_split(run_dir: Path, config: dict) -> ImageFolder:
+    """The data split a saved run was trained on, from its split.csv and the data folder its config records (the
+    folder must still be there)."""
+    manifest = Path(run_dir) / "split.csv"
+    summary = config.get("data_summary")
+    if not manifest.is_file() or not isinstance(summary, dict) or not isinstance(summary.get("root"), str):
+        raise TlearnError("no data split is recorded with this model; pass the folder to evaluate on")
+    return scan(DataConfig(path=summary["root"], split_manifest=str(manifest)))
 
 
 def expand_inputs(inputs: Path | str | Iterable[Path | str]) -> list[Path]:

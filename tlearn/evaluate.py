@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tlearn.calibrate import calibrated, ece, nll
+from tlearn.calibrate import calibrated, ece, fit_temperature, nll
+from tlearn.config import TlearnError
+from tlearn.data import Sample
+
+log = logging.getLogger("tlearn")
+PathsLogits = Callable[[list[Path], bool, bool], tuple[np.ndarray, dict[Path, str]]]  # (paths, tta, cache) ->
+# (logits, failed): ``Predictor.paths_logits``
+
+
+@dataclass
+class Scored:
+    """Uncalibrated logits and labels of the decodable images of a split, their paths, and the failures."""
+
+    logits: np.ndarray  # (N, C)
+    y: np.ndarray  # (N,)
+    paths: list[Path]
+    failed: dict[Path, str] = field(default_factory=dict)
+
+
+def score(logits_of: PathsLogits, samples: list[Sample], tta: bool = False) -> Scored:
+    """The model's logits of ``samples`` (through the feature cache: they are a run's own images), without the
+    images that could not be decoded."""
+    paths = [s.path for s in samples]
+    logits, failed = logits_of(paths, tta, True)
+    keep = [i for i, p in enumerate(paths) if p not in failed]
+    if not keep:
+        raise TlearnError("none of the images to evaluate on could be decoded")
+    return Scored(logits[keep], np.array([samples[i].label for i in keep]), [paths[i] for i in keep], failed)
+
+
+def metrics_of(scored: Scored, classes: list[str], temperature: float, tta: bool = False) -> dict[str, Any]:
+    """``calibrated_metrics`` of scored images, with the files that were skipped."""
+    metrics = {**calibrated_metrics(scored.y, scored.logits, classes, temperature), "tta": tta}
+    if scored.failed:
+        metrics["skipped"] = {str(p): r for p, r in scored.failed.items()}
+    return metrics
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -61,3 +99,36 @@ def top_classes(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, n
         results.append({"path": str(path),
                         "predictions": [{"class": names[j], "probability": float(proba[i, j])} for j in order]})
     return results
+
+
+@dataclass
+class Assessed:
+    """A trained model's evaluation: its calibration temperature and what it was fitted on, and per split its
+    metrics and per-image (paths, labels, logits)."""
+
+    temperature: float
+    fitted_on: str
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]] = field(default_factory=dict)
+    failed: dict[Path, str] = field(default_factory=dict)  # images that could not be decoded when scored
+
+
+def assess(logits_of: PathsLogits, validation: Scored, calibration: tuple[np.ndarray, np.ndarray, str] | None,
+           test: list[Sample], classes: list[str], full: bool = True) -> Assessed:
+    """Calibrate on ``calibration`` (held-out logits, labels and what they are; default: the validation split's),
+    then, with ``full``, score the validation and ``test`` splits with the calibrated probabilities."""
+    logits, y, where = calibration or (validation.logits, validation.y, "validation")
+    out = Assessed(fit_temperature(logits, y), where)
+    log.info(f"calibration: temperature {out.temperature:.3f}, fitted on {where} (loss "
+                                     f"{nll(logits, y):.4f} -> {nll(logits, y, out.temperature):.4f})")
+    if not full:
+        return out
+    splits = {"validation": validation, **({"test": score(logits_of, test)} if test else {})}
+    for split, scored in splits.items():
+        for path, reason in scored.failed.items():
+            log.warning(f"skipped {path}: {reason}")
+        out.failed.update(scored.failed)
+        out.metrics[split] = metrics_of(scored, classes, out.temperature)
+        out.metrics[split]["calibration"]["fitted_on"] = where
+        out.predictions[split] = (scored.paths, scored.y, scored.logits)
+    return out

@@ -25,7 +25,6 @@ import json
 import logging
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlearn import __version__
-from tlearn.api import ImageClassifier
-from tlearn.config import TlearnError
-from tlearn.data import Sample, scan_labelled
-from tlearn.fileio import ONNX_OPSET, atomic_path, atomic_write_text
+from tlearn import __version__, graph
+from tlearn.config import RuntimeConfig, TlearnError
+from tlearn.data import Sample, recorded_split, scan_labelled
+from tlearn.extractor import Loaded, load_run
+from tlearn.fileio import atomic_path, atomic_write_text
 from tlearn.images import ImageDecodeError, load_image
 from tlearn.predictor import (
     EXPORT_FORMAT,
     EXPORT_FORMAT_VERSION,
-    quiet,
     read_sidecar,
     run_about,
     sidecar_path,
@@ -100,9 +98,9 @@ class ExportResult:
     agreement: float | None = None  # int8: share of images with the fp32 graph's top-1 class
 
 
-def whole_classifier(clf: ImageClassifier) -> tuple[WholeClassifier, list[dict[str, Any]]]:
+def whole_classifier(run: Loaded) -> tuple[WholeClassifier, list[dict[str, Any]]]:
     """A loaded run's module for export (a CPU fp32 copy) and the preprocessing of each of its inputs."""
-    spec = clf.spec
+    spec = run.spec
     if not set(spec.views) <= {"center", "flip"}:
         raise TlearnError(f"this run predicts with views {spec.views}; an export holds the centre crop and its mirror")
 
@@ -110,17 +108,16 @@ def whole_classifier(clf: ImageClassifier) -> tuple[WholeClassifier, list[dict[s
         return copy.deepcopy(module).float().cpu().to(memory_format=torch.contiguous_format).eval()
 
     if spec.kind == "head":
-        names = [b["name"] for b in spec.bases] or clf.backbone_config.names()
-        bases = [clf.base(name) for name in names]
+        bases = [run.extractor.base(name) for name in run.names]
         inputs: list[dict[str, Any]] = []
         for bb in bases:
             if bb.preprocessing not in inputs:
                 inputs.append(bb.preprocessing)
         module = WholeClassifier([Pooled(cpu_copy(bb.model)) for bb in bases],
-                                 [inputs.index(bb.preprocessing) for bb in bases], cpu_copy(clf.model),
+                                 [inputs.index(bb.preprocessing) for bb in bases], cpu_copy(run.model),
                                  "flip" in spec.views, spec.temperature)
         return module.eval(), inputs
-    return WholeClassifier([], [], cpu_copy(clf.model), "flip" in spec.views, spec.temperature).eval(), \
+    return WholeClassifier([], [], cpu_copy(run.model), "flip" in spec.views, spec.temperature).eval(), \
         [spec.preprocessing]
 
 
@@ -134,11 +131,11 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = F
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}{'-int8' if int8 else ''}.onnx"
     _claim(out, overwrite)
-    clf = ImageClassifier.load(run_dir, weights=weights, verbose=False, device="cpu", precision="fp32",
-                               cache_dir=cache_dir)
-    module, inputs = whole_classifier(clf)
+    run = load_run(run_dir, RuntimeConfig(cache_dir=cache_dir), weights=weights, device="cpu", precision="fp32",
+                   verbose=False)
+    module, inputs = whole_classifier(run)
     names = ["image"] if len(inputs) == 1 else [f"image_{i}" for i in range(len(inputs))]
-    evaluation, calibration, split = _real_images(clf, data)
+    evaluation, calibration, split = _real_images(run, data)
     if int8 and not evaluation:
         raise TlearnError("--int8 needs real images to calibrate and to measure its accuracy: pass --data FOLDER "
                           "(class sub-folders), or export where the run's data folder is")
@@ -147,8 +144,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = F
         [[np.random.default_rng(0).normal(size=(4, *pp["input_size"])).astype(np.float32) for pp in inputs]]
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        _write_graph(module, arrays[0], names, fp32)
-        session = _session(fp32)
+        graph.write(module, [torch.from_numpy(x) for x in arrays[0]], fp32, names, ["logits", "probabilities"])
+        session = graph.session(fp32)
         parity, checked = _parity(module, session, names, arrays)
         if not parity < PARITY_LIMIT:
             raise TlearnError(f"the ONNX graph's probabilities differ from PyTorch's by up to {parity:.2g} on "
@@ -157,15 +154,15 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = F
         if pictures and measure:
             result.split, result.evaluated = split, len(labels)
             reference = _measure(session, names, arrays, labels, "fp32", result)
-        graph = fp32
+        written = fp32
         if int8:
-            graph = Path(tmp) / "int8.onnx"
-            _quantize(fp32, graph, names, _batches(_decode(calibration)[0], inputs))
-            quantized = _measure(_session(graph), names, arrays, labels, "int8", result)
+            written = int8_path = Path(tmp) / "int8.onnx"
+            _quantize(fp32, int8_path, names, _batches(_decode(calibration)[0], inputs))
+            quantized = _measure(graph.session(int8_path), names, arrays, labels, "int8", result)
             result.agreement = float((quantized.argmax(1) == reference.argmax(1)).mean())
         with atomic_path(out) as target:
-            Path(target).write_bytes(graph.read_bytes())
-    atomic_write_text(result.sidecar, json.dumps(_card(clf, run_dir, inputs, names, result), indent=2) + "\n")
+            Path(target).write_bytes(written.read_bytes())
+    atomic_write_text(result.sidecar, json.dumps(_card(run, inputs, names, result), indent=2) + "\n")
     return result
 
 
@@ -185,13 +182,13 @@ def _claim(out: Path, overwrite: bool) -> None:
                           "to replace it") from None
 
 
-def _real_images(clf: ImageClassifier, data: str | Path | None) -> tuple[list[Sample], list[Sample], str]:
+def _real_images(run: Loaded, data: str | Path | None) -> tuple[list[Sample], list[Sample], str]:
     """(images to check and measure on, training images to calibrate int8 with, what the first are)."""
     if data is not None:
-        samples = scan_labelled(data, clf.classes).samples
+        samples = scan_labelled(data, run.spec.classes).samples
         return samples, samples[:: max(1, len(samples) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES], str(data)
     try:
-        folder = clf.recorded_split()
+        folder = recorded_split(run.run_dir, run.config)
     except TlearnError as e:
         log.warning(f"no real images to check the export on ({e}); pass --data FOLDER for a check on photos")
         return [], [], ""
@@ -217,24 +214,6 @@ def _batches(pictures: list[Any], inputs: list[dict[str, Any]], size: int = 8) -
     return [[np.stack([t(p) for p in pictures[i:i + size]]) for t in steps] for i in range(0, len(pictures), size)]
 
 
-def _write_graph(module: WholeClassifier, example: list[np.ndarray], names: list[str], path: Path) -> None:
-    dynamic = {name: {0: "batch"} for name in [*names, "logits", "probabilities"]}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(module, tuple(torch.from_numpy(x) for x in example), str(path), input_names=names,
-                              output_names=["logits", "probabilities"], dynamic_axes=dynamic,
-                              opset_version=ONNX_OPSET, dynamo=False)
-    except Exception as e:
-        raise TlearnError(f"cannot export this model to ONNX: {type(e).__name__}: {str(e)[:300]}") from e
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), quiet(ort), providers=["CPUExecutionProvider"])
-
-
 def _parity(module: WholeClassifier, session: Any, names: list[str], arrays: list[list[np.ndarray]]
             ) -> tuple[float, int]:
     """Max |Δ probability| between the module in PyTorch fp32 and the graph, on up to PARITY_IMAGES images."""
@@ -244,8 +223,9 @@ def _parity(module: WholeClassifier, session: Any, names: list[str], arrays: lis
             if n >= PARITY_IMAGES:
                 break
             expected = module(*(torch.from_numpy(x) for x in batch))[1].numpy()
-            got = session.run(["probabilities"], dict(zip(names, batch, strict=True)))[0]
-            worst, n = max(worst, float(np.abs(got - expected).max())), n + len(expected)
+            difference = graph.largest_difference(session, [expected], dict(zip(names, batch, strict=True)),
+                                                  ["probabilities"])  # probabilities: none is above 1
+            worst, n = max(worst, difference), n + len(expected)
     return worst, n
 
 
@@ -286,8 +266,7 @@ def _quantize(fp32: Path, out: Path, names: list[str], calibration: list[list[np
         raise TlearnError(f"int8 quantization failed: {type(e).__name__}: {str(e)[:300]}") from e
 
 
-def _card(clf: ImageClassifier, run_dir: Path, inputs: list[dict[str, Any]], names: list[str],
-          result: ExportResult) -> dict[str, Any]:
+def _card(run: Loaded, inputs: list[dict[str, Any]], names: list[str], result: ExportResult) -> dict[str, Any]:
     """The sidecar: everything a program needs to feed the graph and read its outputs, and what was checked."""
     from tlearn.artifact import read_run
 
@@ -306,13 +285,13 @@ def _card(clf: ImageClassifier, run_dir: Path, inputs: list[dict[str, Any]], nam
     if result.agreement is not None:
         checks["int8_top1_agreement"] = round(result.agreement, 4)
     return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "precision": result.precision,
-            "classes": clf.classes,
+            "classes": run.spec.classes,
             "inputs": [{"name": n, "shape": ["batch", *pp["input_size"]], "dtype": "float32", "layout": "NCHW",
                         "preprocessing": pp, "how": how(pp)} for n, pp in zip(names, inputs, strict=True)],
             "outputs": {"logits": "(batch, classes) float32, averaged over the views",
                         "probabilities": "(batch, classes) float32, softmax(logits / temperature)"},
-            "temperature": clf.spec.temperature, "views": clf.spec.views,
-            "source": {**run_about(read_run(run_dir)), "tlearn": __version__}, "checks": checks}
+            "temperature": run.spec.temperature, "views": run.spec.views,
+            "source": {**run_about(read_run(run.run_dir)), "tlearn": __version__}, "checks": checks}
 
 
 def summary(result: ExportResult) -> str:

@@ -18,7 +18,10 @@ and every training run's report shows those among its training and validation im
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
+import logging
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,12 +30,14 @@ import numpy as np
 
 from tlearn.check import WARNING, Finding
 from tlearn.config import DataConfig, TlearnError
-from tlearn.data import scan
-from tlearn.fileio import atomic_write_text
+from tlearn.data import ImageFolder, scan
+from tlearn.fileio import atomic_write_text, file_sha256, keyed_path
 
 if TYPE_CHECKING:
+    from tlearn.extractor import Extractor
     from tlearn.features import Features
 
+log = logging.getLogger("tlearn")
 FOLDS = 5
 
 
@@ -71,13 +76,39 @@ def label_issues(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
 def suspects(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir: str | None = None,
              progress: bool = True) -> list[Finding]:
     """The ``mislabel`` findings of a folder, most suspicious first, from ``backbone``'s cached features."""
-    from tlearn.api import ImageClassifier
+    from tlearn.config import BackboneConfig, RuntimeConfig, TrainConfig, validate
+    from tlearn.extractor import Extractor  # torch and timm: only when the search runs
 
     data = scan(config)
-    clf = ImageClassifier(backbone=backbone, verbose=progress, cache_dir=cache_dir)
+    settings = BackboneConfig(backbone=backbone), TrainConfig(), RuntimeConfig(cache_dir=cache_dir)
+    validate(*settings)
+    extractor = Extractor(*settings, verbose=progress)
     paths = [s.path for s in data.samples]
-    return mislabels(paths, [s.label for s in data.samples], data.classes, clf.features(paths, announce=False),
-                     seed=config.seed)
+    return mislabels(paths, [s.label for s in data.samples], data.classes,
+                     extractor.features(paths, announce=False), seed=config.seed)
+
+
+def run_mislabels(folder: ImageFolder, extractor: Extractor, seed: int, cache_dir: str | None) -> list[Finding]:
+    """Suspected mislabels among a run's training and validation images, from the first base's features. Only
+    where these are all in the cache already, as every mode but scratch leaves them: the report gets them without
+    another pass over the images."""
+    samples = folder.split("train") + folder.split("validation")
+    paths, name = [s.path for s in samples], extractor.names()[0]
+    if extractor.missing(paths, name, "center"):
+        return []
+    start, labels = time.perf_counter(), [s.label for s in samples]
+    key = {"what": "mislabels", "version": 1, "features": extractor.namespace(name, "center"),
+           "rows": [[file_sha256(p), y] for p, y in zip(paths, labels, strict=True)], "classes": folder.classes,
+           "seed": seed, "scikit-learn": importlib.metadata.version("scikit-learn")}
+    try:
+        found = mislabels(paths, labels, folder.classes, extractor.features(paths, names=[name], announce=False),
+                          seed=seed, memo=keyed_path(cache_dir, "labels", key, ".json"))
+    except TlearnError as e:  # too few images in a class to predict each from the others
+        log.info(f"suspected mislabels: not searched ({e})")
+        return []
+    log.info(f"suspected mislabels: {len(found)} among {len(paths)} training and validation images "
+             f"({time.perf_counter() - start:.1f} s)")
+    return found
 
 
 def mislabels(paths: list[Path], labels: list[int], classes: list[str], feats: Features, seed: int = 0,

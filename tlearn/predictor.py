@@ -9,8 +9,10 @@ A ``Predictor`` is a list of inputs (each a preprocessing: an image becomes a no
 - **exported** (a file written by ``tlearn export``): the whole classifier in one ONNX graph, described by its
   JSON sidecar. No torch either.
 - **torch** (anything else: a fine-tuned or scratch network, a GPU, ``--runtime torch``, a base not exported
-  here): the full stack's engines (``tlearn.runtime``), the same ones ``ImageClassifier`` uses. A folder of
-  paths goes through ``ImageClassifier.predict`` itself, whose extraction decodes on several threads.
+  here): the run read back with its feature service (``tlearn.extractor``), whose engines training used too.
+  Paths are extracted on several threads, and a run's own images through the feature cache. ``ImageClassifier``
+  predicts, evaluates and scores its splits through this backend (``Predictor.of``): there is one prediction
+  loop.
 
 ``predict`` takes paths; ``predict_images`` takes decoded pictures (the server's uploads). All give the same
 answers.
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tlearn import graph
 from tlearn.artifact import (
     MAX_CLASS_NAME,
     MAX_CLASSES,
@@ -44,6 +47,7 @@ from tlearn.artifact import (
     preprocessing_problems,
     read_run,
 )
+from tlearn.calibrate import calibrated
 from tlearn.config import TlearnError
 from tlearn.data import expand_inputs
 from tlearn.evaluate import top_classes
@@ -62,12 +66,6 @@ def _no_gpu() -> bool:
     """True when this machine has no NVIDIA driver, so that mode auto would run on the CPU (checked without
     importing torch)."""
     return not Path("/proc/driver/nvidia/version").exists() and not os.environ.get("CUDA_VISIBLE_DEVICES")
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = np.exp(z - z.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
 
 
 def sidecar_path(onnx_file: str | Path) -> Path:
@@ -91,13 +89,13 @@ class Predictor:
 
     def __init__(self, classes: list[str], inputs: list[dict[str, Any]], forward: Forward, *, temperature: float = 1.0,
                  views: list[str] | None = None, backend: str = "onnx", about: dict[str, Any] | None = None,
-                 spec: ModelSpec | None = None, fallback: Any = None):
+                 spec: ModelSpec | None = None):
         self.classes, self.inputs, self.forward = classes, inputs, forward
         self.temperature, self.views = temperature, views or ["center"]
         self.backend = backend  # onnx | exported | torch
         self.about = about or {}  # what `GET /model` shows: model id, backbone, kind, metrics, when trained
         self.spec = spec
-        self.fallback = fallback  # the ImageClassifier of the torch backend, for folders of paths
+        self.stack: tuple[Any, Any, list[Any]] | None = None  # the torch backend's (model, extractor, engines)
         self._transforms: dict[str, list[Callable[[Image.Image], np.ndarray]]] = {}
 
     @classmethod
@@ -105,7 +103,7 @@ class Predictor:
              **runtime_options: Any) -> Predictor:
         """The run folder at ``path``, or the classifier that ``tlearn export`` wrote to ``path`` (a ``.onnx``
         file). ``weights`` and ``runtime_options`` (cache_dir, runtime, device, ...) are as for
-        ``ImageClassifier.load``."""
+        ``extractor.load_run``."""
         path = Path(path)
         if path.suffix.lower() == ".onnx" and not path.is_dir():
             return cls.exported(path, **runtime_options)
@@ -130,12 +128,11 @@ class Predictor:
         files = [onnx_export_path(runtime.get("cache_dir"), b["name"], b["identity"]) for b in spec.bases]
         if not all(f.is_file() for f in files):
             return None
-        import onnxruntime as ort
         from safetensors.numpy import load_file
 
         try:
             tensors = load_file(str(run_dir / MODEL_FILE))
-            sessions = [ort.InferenceSession(str(f), quiet(ort), providers=["CPUExecutionProvider"]) for f in files]
+            sessions = [graph.session(f) for f in files]
         except Exception:  # noqa: BLE001 - a damaged file: the full loader names it (or exports the base again)
             return None
         layers = [(tensors[f"{i}.weight"], tensors[f"{i}.bias"])
@@ -152,29 +149,42 @@ class Predictor:
 
     @classmethod
     def _torch(cls, run_dir: Path, weights: str | None, verbose: bool, runtime: dict[str, Any]) -> Predictor:
-        """The full stack: ``ImageClassifier.load`` and its engines (device and precision as asked)."""
+        """The full stack: the run read back with its feature service (``extractor.load_run``), on the device and
+        in the precision asked for."""
+        from tlearn.config import RuntimeConfig, route_options
+        from tlearn.extractor import load_run
+
+        options = dict(runtime)
+        device, precision = options.pop("device", "auto"), options.pop("precision", "auto")
+        (settings,) = route_options((RuntimeConfig,), options)
+        loaded = load_run(run_dir, settings, weights=weights, device=device, precision=precision, verbose=verbose)
+        return cls.of(loaded.spec, loaded.model, loaded.extractor, about=run_about(read_run(run_dir)))
+
+    @classmethod
+    def of(cls, spec: ModelSpec, model: Any, extractor: Any, about: dict[str, Any] | None = None) -> Predictor:
+        """The PyTorch predictor of a model in memory: ``model`` with its ``spec``, and the ``Extractor`` of its
+        frozen bases (a head's) or of the device it runs on (a whole network's)."""
         import torch
 
-        from tlearn.api import ImageClassifier
         from tlearn.runtime import net_engine
 
-        clf = ImageClassifier.load(run_dir, weights=weights, verbose=verbose, **runtime)
-        spec = clf.spec
         if spec.kind == "head":
-            names = [b["name"] for b in spec.bases] or clf.backbone_config.names()
-            engines, inputs = [clf.engine_of(name) for name in names], [clf.base(n).preprocessing for n in names]
+            names = [b["name"] for b in spec.bases] or extractor.names()
+            engines, inputs = [extractor.engine(n) for n in names], [extractor.base(n).preprocessing for n in names]
         else:
-            engines = [net_engine(clf.model, spec.preprocessing, len(spec.classes), clf.run, clf.runtime)]
+            engines = [net_engine(model, spec.preprocessing, len(spec.classes), extractor.run, extractor.runtime)]
             inputs = [spec.preprocessing]
 
         def forward(arrays: list[np.ndarray]) -> np.ndarray:
             with torch.inference_mode():
                 out = [torch.as_tensor(e.forward(torch.from_numpy(x))).float().cpu()
                        for e, x in zip(engines, arrays, strict=True)]
-                return (clf.model(torch.cat(out, 1)) if spec.kind == "head" else out[0]).numpy()
+                return (model(torch.cat(out, 1)) if spec.kind == "head" else out[0]).numpy()
 
-        return cls(spec.classes, inputs, forward, temperature=spec.temperature, views=spec.views, backend="torch",
-                   about=run_about(read_run(run_dir)), spec=spec, fallback=clf)
+        predictor = cls(spec.classes, inputs, forward, temperature=spec.temperature, views=spec.views,
+                        backend="torch", about=about, spec=spec)
+        predictor.stack = (model, extractor, engines)
+        return predictor
 
     @classmethod
     def exported(cls, path: str | Path, **runtime: Any) -> Predictor:
@@ -187,11 +197,9 @@ class Predictor:
         if not path.is_file():
             raise TlearnError(f"{path} does not exist; write it with `tlearn export RUN --out {path}`")
         card = read_sidecar(sidecar_path(path))
-        import onnxruntime as ort
-
         try:
             require_regular(path)
-            session = ort.InferenceSession(str(path), quiet(ort), providers=["CPUExecutionProvider"])
+            session = graph.session(path)
         except Exception as e:
             raise TlearnError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:200]}); "
                               "export it again") from e
@@ -250,7 +258,7 @@ class Predictor:
         return self.run(self.prepare(images, tta))
 
     def probabilities(self, logits: np.ndarray, calibration: bool = True) -> np.ndarray:
-        return softmax(logits, self.temperature if calibration else 1.0)
+        return calibrated(logits, self.temperature if calibration else 1.0)
 
     def predict_images(self, images: list[Image.Image], top_k: int = 3, *, calibration: bool = True,
                        tta: bool = False) -> list[list[dict[str, Any]]]:
@@ -264,13 +272,25 @@ class Predictor:
 
     def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
                 tta: bool = False) -> list[dict[str, Any]]:
-        """Top-k classes with probabilities for image files and the images in folders, in order, exactly as
-        ``ImageClassifier.predict`` returns them."""
-        if self.fallback is not None:
-            return self.fallback.predict(inputs, top_k, calibration=calibration, tta=tta)
+        """Top-k classes with probabilities for image files and the images in folders, in order: ``{"path",
+        "predictions": [{"class", "probability"}, ...]}``, or ``{"path", "error"}`` for a file that could not be
+        read."""
         paths = expand_inputs(inputs)
         if not paths:
             return []
+        logits, failed = self.paths_logits(paths, tta)
+        return top_classes(paths, failed, self.probabilities(logits, calibration), self.classes, top_k)
+
+    def paths_logits(self, paths: list[Path], tta: bool = False, cache: bool = False
+                     ) -> tuple[np.ndarray, dict[Path, str]]:
+        """(N, C) uncalibrated logits of the images at ``paths``, the mean over the model's views (or the
+        test-time views with ``tta``); rows of files that cannot be read are zero and listed with the reason.
+
+        The PyTorch backend extracts on several threads through its engines, and a head's features of the centre
+        and mirror views go through the feature cache where ``cache`` is set (a run's own splits), so that its
+        metrics use the very features it was trained and chosen on."""
+        if self.stack is not None:
+            return self._stack_logits(paths, tta, cache)
         logits = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
         failed: dict[Path, str] = {}
         for start in range(0, len(paths), BATCH):
@@ -283,16 +303,24 @@ class Predictor:
                     failed[paths[i]] = str(e)
             if images:
                 logits[rows] = self.logits(images, tta)
-        return top_classes(paths, failed, self.probabilities(logits, calibration), self.classes, top_k)
+        return logits, failed
 
+    def _stack_logits(self, paths: list[Path], tta: bool, cache: bool) -> tuple[np.ndarray, dict[Path, str]]:
+        import torch
 
-def quiet(ort: Any) -> Any:
-    """Session options that keep ONNX Runtime's own log to errors: it would note each constant it prunes from an
-    exported graph, on the terminal, bypassing tlearn's output."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, not spin
-    return options
+        model, extractor, engines = self.stack
+        views = self.tta_views() if tta else self.spec.views
+        total, failed = 0.0, {}
+        for view in views:
+            if self.spec.kind == "head":
+                out = extractor.features(paths, view=view, announce=False, cache=cache and view in ("center", "flip"))
+                with torch.no_grad():
+                    out.X = model.eval()(torch.from_numpy(out.X)).numpy()
+            else:
+                out = engines[0].extract(paths, progress=extractor.verbose, view=view)
+            failed = out.failed
+            total = total + out.X
+        return total / len(views), failed
 
 
 def _dense(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

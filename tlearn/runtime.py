@@ -20,7 +20,6 @@ import copy
 import importlib.util
 import logging
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from tlearn import graph
 from tlearn.backbones import Backbone
 from tlearn.config import RuntimeConfig, TlearnError, TrainConfig
 from tlearn.features import FeatureCache, Features, cpu_cores, extract, view_transform
-from tlearn.fileio import ONNX_OPSET, atomic_path, onnx_export_path
+from tlearn.fileio import onnx_export_path
 from tlearn.train import Precision, resolve_precision
 
 log = logging.getLogger("tlearn")
@@ -215,28 +215,10 @@ def export_onnx(bb: Backbone, cache_dir: str | Path | None = None, output: str =
     path = onnx_export_path(cache_dir, bb.name, identity)
     if path.exists():
         return path
-    import onnxruntime as ort
-
     wrap = Pooled if output == "features" else FeatureMap
     module = wrap(copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
     x = torch.randn(2, *bb.preprocessing["input_size"], generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = module(x).numpy()
-    try:
-        with atomic_path(path) as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(module, (x,), tmp, input_names=["image"], output_names=[output],
-                              dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}},
-                              opset_version=ONNX_OPSET, dynamo=False)
-            got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
-            error = float(np.abs(got - expected).max() / max(1.0, np.abs(expected).max()))
-            if not error < 1e-3:
-                raise TlearnError(f"the ONNX export of {bb.name} differs from PyTorch by {error:.2g}")
-    except TlearnError:
-        raise
-    except Exception as e:  # the exporter raises many kinds of errors for models it cannot trace
-        raise TlearnError(f"cannot export {bb.name} to ONNX: {type(e).__name__}: {e}") from e
-    return path
+    return graph.export_checked(module, (x,), path, ["image"], [output], what=bb.name)
 
 
 def _onnx_engine(bb: Backbone, runtime: RuntimeConfig, reason: str) -> Engine:
@@ -257,17 +239,12 @@ def map_trunk(bb: Backbone, runtime: RuntimeConfig, device: torch.device
     keeps a heatmap within a few times a prediction's cost. None: PyTorch runs it (``Explainer``'s default)."""
     if device.type != "cpu" or runtime.runtime == "torch" or not onnxruntime_available():
         return None
-    import onnxruntime as ort
-
     try:
         path = export_onnx(bb, runtime.cache_dir, output="map")
     except TlearnError as e:
         log.info(f"{e}; PyTorch computes its feature maps")
         return None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpu_cores()  # one call at a time, for a few images: every core on it
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = graph.session(path, threads=cpu_cores())  # one call at a time, for a few images: every core on it
     return lambda x: torch.from_numpy(session.run(None, {"image": x.cpu().numpy()})[0])
 
 
@@ -281,18 +258,13 @@ class _Session:
         self.lock = threading.Lock()
 
     def _open(self) -> Any:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
         try:
-            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            return graph.session(self.path, self.threads, inter_threads=1)
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
             log.warning(f"{self.path} cannot be loaded ({e}); exporting the base again")
             self.path.unlink(missing_ok=True)
             self.path = export_onnx(self.bb, self.cache_dir)
-            return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            return graph.session(self.path, self.threads, inter_threads=1)
 
     def run(self, x: torch.Tensor) -> np.ndarray:
         with self.lock:  # lanes call this from several threads; the first opens the session

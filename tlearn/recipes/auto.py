@@ -1,4 +1,5 @@
-"""Mode ``auto``: the plan of ``strategy.py`` carried out step by step, with the recipes of ``modes.py``.
+"""Mode ``auto``: the plan of ``plan.py`` carried out step by step, with the recipes of ``features.py`` and
+``images.py``.
 
 Features of the chosen base always come first; a larger offline base and fine-tuning follow while the time
 budget allows, each re-checked against the clock before it starts and kept only if it lowers the validation loss.
@@ -14,8 +15,10 @@ import time
 import numpy as np
 
 from tlearn.backbones import REGISTRY, larger_offline
-from tlearn.modes import Found, Job, Trained, finetune_stage, head_result, head_views, probe_features, record
-from tlearn.strategy import Measured, Step, can_take, evaluation_reserve, format_plan, plan
+from tlearn.recipes.features import Found, head_result, probe_features
+from tlearn.recipes.images import finetune_stage
+from tlearn.recipes.job import Job, Trained, head_views, record
+from tlearn.recipes.plan import Measured, Step, can_take, evaluation_reserve, format_plan, plan
 
 log = logging.getLogger("tlearn")
 AUTO_FINETUNE_PATIENCE = 2  # epochs of fine-tuning in mode auto without beating the best validation loss so far
@@ -23,10 +26,11 @@ AUTO_FINETUNE_PATIENCE = 2  # epochs of fine-tuning in mode auto without beating
 
 def train_auto(job: Job) -> Trained:
     """Features first; then, while the budget allows, a larger base and fine-tuning, each kept only if it lowers
-    the validation loss (see ``strategy.py``)."""
+    the validation loss (see ``plan.py``)."""
     names = job.names
     m = _measure(job, names)
-    job.decision.measured = {k: round(v, 1) if isinstance(v, float) else v for k, v in dataclasses.asdict(m).items()}
+    measured = {k: round(v, 1) if isinstance(v, float) else v for k, v in dataclasses.asdict(m).items()}
+    job = dataclasses.replace(job, decision=dataclasses.replace(job.decision, measured=measured))
     steps = plan(m, job.clock, job.train.max_epochs("finetune"), finetune=len(names) == 1, small=job.train.auto_small)
     budget = "no limit" if job.clock.budget is None else f"{job.clock.budget:.0f} s"
     log.info(f"auto: measured {m.rate:.0f} img/s through {names[0]} here; plan (time budget {budget}, "
@@ -35,6 +39,7 @@ def train_auto(job: Job) -> Trained:
     start = time.perf_counter()
     first = best_found = probe_features(job, names)
     best, best_names = first[0], names
+    job = job.without(first[3])  # the next steps work on the images that decoded
     record(steps[0], "kept", start, best)
     for step in steps[1:]:
         if step.status == "skipped":
@@ -67,18 +72,17 @@ def train_auto(job: Job) -> Trained:
 def _measure(job: Job, names: list[str]) -> Measured:
     """What the plan is estimated from: the split sizes, the base's throughput here (two batches per lane, not
     cached), and how many image views each base still has to extract."""
-    data = job.data
+    data, ex = job.data, job.extractor
     paths = [s.path for s in data.samples]
     n = {split: len(data.split(split)) for split in ("train", "validation", "test")}
-    rate = job.engine(names[0]).rate([s.path for s in data.split("train")])
-    misses = sum(job.missing(paths, name, view) for name in names for view in head_views(job))
-    m = Measured(n["train"], n["validation"], n["test"], sum(job.backbone(x).num_features for x in names), rate,
-                 misses)
+    rate = ex.engine(names[0]).rate([s.path for s in data.split("train")])
+    misses = sum(ex.missing(paths, name, view) for name in names for view in head_views(job))
+    m = Measured(n["train"], n["validation"], n["test"], sum(ex.base(x).num_features for x in names), rate, misses)
     larger = _larger(job, names)
     if larger:
         m.larger, m.larger_cost = larger
-        m.larger_features = job.backbone(m.larger).num_features
-        m.larger_misses = sum(job.missing(paths, m.larger, view) for view in head_views(job))
+        m.larger_features = ex.base(m.larger).num_features
+        m.larger_misses = sum(ex.missing(paths, m.larger, view) for view in head_views(job))
     return m
 
 
@@ -106,19 +110,18 @@ def _auto_finetune(job: Job, step: Step, first: Found, bar: float,
 def _larger(job: Job, names: list[str]) -> tuple[str, float] | None:
     """The larger offline base that auto may add, and its extraction cost relative to the chosen base: offered
     where the chosen base has packaged weights (not a --weights file of its own)."""
-    if not job.backbone(names[0]).weights_source.startswith("package"):
+    if not job.extractor.base(names[0]).weights_source.startswith("package"):
         return None
     larger = larger_offline(names)
     return (larger, REGISTRY[larger].cost / REGISTRY[names[0]].cost) if larger else None
 
 
 def _finish(job: Job, trained: Trained, mode: str, steps: list[Step]) -> Trained:
-    """Record what mode auto kept, and why, in the decision."""
+    """The trained model with the decision as auto ended it: the mode it kept, why, and the plan's outcome."""
     kept = [s for s in steps if s.status == "kept"][-1]
-    job.decision.mode, job.decision.plan = mode, [s.as_dict() for s in steps]
-    job.decision.reason = (f"auto: kept '{kept.name}'" + (f" ({kept.detail['features']})" if "features" in
-                                                          kept.detail else "")
-                           + f", which had the lowest validation loss of the {sum(s.seconds > 0 for s in steps)} "
-                           f"step(s) tried in {job.clock.elapsed():.0f} s")
-    log.info(f"{job.decision.reason}\n{format_plan(steps)}")
-    return trained
+    reason = (f"auto: kept '{kept.name}'" + (f" ({kept.detail['features']})" if "features" in kept.detail else "")
+              + f", which had the lowest validation loss of the {sum(s.seconds > 0 for s in steps)} step(s) tried in "
+              f"{job.clock.elapsed():.0f} s")
+    log.info(f"{reason}\n{format_plan(steps)}")
+    decision = dataclasses.replace(job.decision, mode=mode, plan=[s.as_dict() for s in steps], reason=reason)
+    return dataclasses.replace(trained, decision=decision)
