@@ -72,8 +72,7 @@ def int8_path(paths: list[Path], bb, calibration: list[Path]) -> Callable[[], np
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from tlearn.config import RuntimeConfig, TrainConfig
-    from tlearn.features import eval_transform
-    from tlearn.images import load_image
+    from tlearn.images import eval_transform, load_image
     from tlearn.runtime import base_engine, export_onnx
 
     transform = eval_transform(bb.preprocessing)

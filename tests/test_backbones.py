@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tlearn import backbones
 from tlearn.backbones import REGISTRY, BackboneEntry, load_backbone, packaged_weights_file
 from tlearn.config import BackboneConfig, TlearnError
-from tlearn.features import eval_transform
+from tlearn.images import eval_transform
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

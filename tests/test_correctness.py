@@ -276,7 +276,7 @@ def test_training_frames_images_as_evaluation_does_for_every_crop_mode(crop_mode
 
     from tlearn.augment import train_transform
     from tlearn.config import AugmentConfig
-    from tlearn.features import eval_transform
+    from tlearn.images import eval_transform
 
     pp = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
           "std": (0.229, 0.224, 0.225), "crop_pct": 1.0 if crop_mode == "border" else 0.875, "crop_mode": crop_mode}

@@ -17,8 +17,9 @@ import pytest
 from tests.conftest import TINY, make_folder, make_image
 from tlearn.backbones import load_backbone
 from tlearn.config import BackboneConfig
-from tlearn.features import FeatureCache, eval_transform, extract
+from tlearn.features import FeatureCache, extract
 from tlearn.fileio import default_cache_dir
+from tlearn.images import eval_transform
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,8 @@ KILLABLE = textwrap.dedent("""
     from pathlib import Path
     from tlearn.backbones import load_backbone
     from tlearn.config import BackboneConfig
-    from tlearn.features import FeatureCache, eval_transform, extract
+    from tlearn.features import FeatureCache, extract
+    from tlearn.images import eval_transform
     bb = load_backbone(BackboneConfig(backbone="test_efficientnet", pretrained=False))
     paths = sorted(Path(sys.argv[1]).rglob("*.png"))
     def slow(x):

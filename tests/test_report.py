@@ -16,8 +16,7 @@ from tests.conftest import COLOURS, TINY, make_folder, make_image
 from tlearn import ImageClassifier
 from tlearn.calibrate import calibrated, ece, fit_temperature, nll, reliability
 from tlearn.cli import main
-from tlearn.features import tta_views, view_transform
-from tlearn.images import CropResize
+from tlearn.images import CropResize, eval_transform, tta_views
 from tlearn.plots import label
 
 SECTIONS = ["Decision", "Training curves", "Sample images", "Test metrics", "Misclassified: top losses",
@@ -124,7 +123,7 @@ def test_predict_uses_the_temperature_unless_told_not_to(run: Path) -> None:
 def test_tta_views_and_evaluate_shows_both(run: Path, capsys: pytest.CaptureFixture) -> None:
     clf = ImageClassifier.load(run, verbose=False)
     names = tta_views(clf.spec.preprocessing)
-    views = [view_transform(clf.spec.preprocessing, name) for name in names]
+    views = [eval_transform(clf.spec.preprocessing, name) for name in names]
     assert names[:2] == ["center", "flip"] and len(views) == 6 and all(isinstance(v, CropResize) for v in views)
     image = Image.new("RGB", (80, 60))
     image.paste((255, 0, 0), (0, 0, 40, 60))  # left half red

@@ -18,8 +18,8 @@ from tests.conftest import TINY, make_folder
 from tlearn import runtime
 from tlearn.backbones import load_backbone, preprocessing_of
 from tlearn.config import BackboneConfig, RuntimeConfig, TlearnError, TrainConfig, validate
-from tlearn.features import FeatureCache, eval_transform
-from tlearn.images import CropResize, load_image
+from tlearn.features import FeatureCache
+from tlearn.images import CropResize, eval_transform, load_image
 from tlearn.models import SCRATCH
 from tlearn.runtime import base_engine, export_onnx
 

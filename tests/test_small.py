@@ -17,7 +17,7 @@ from tests.conftest import HYMENOPTERA, TINY, make_folder, make_image, needs
 from tests.test_cli import TINY_FLAGS, cli
 from tlearn import ImageClassifier, TlearnError
 from tlearn.config import TrainConfig
-from tlearn.recipes.heads import Split, held, out_of_fold, stop_split
+from tlearn.recipes.heads import Split, cv_logits, held, stop_split
 
 MODES = {"auto": ["--mode", "auto"], "features": ["--mode", "features"],
          "frozen": ["--mode", "frozen", "--epochs", "1"], "finetune": ["--mode", "finetune", "--epochs", "1"],
@@ -86,7 +86,7 @@ def test_a_class_with_one_training_image_is_fitted_on_and_never_held_out() -> No
 
     rng = np.random.default_rng(0)
     X = (rng.normal(size=(21, 8)) + y[:, None]).astype(np.float32)
-    (z,) = out_of_fold(Split(X, None, y), False, (1.0,), 3, TrainConfig())
+    (z,) = cv_logits(Split(X, None, y), False, (1.0,), 3, TrainConfig())
     assert held(z).tolist() == [True] * 20 + [False]  # the singleton's row has no out-of-fold logits
 
 

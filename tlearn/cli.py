@@ -57,13 +57,9 @@ def _launch(args: argparse.Namespace, data: dict[str, Any]) -> None:
     --standalone --nproc-per-node N`` runs): one process per GPU with CUDA, else N CPU processes (gloo), each with
     its share of the cores. If one fails, the launcher stops the others; the checkpoint of the last finished
     epoch stays for ``--resume``."""
-    import logging
-    import uuid
-
     import torch
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from tlearn import dist
     from tlearn.features import cpu_cores
 
     n = args.devices
@@ -73,23 +69,15 @@ def _launch(args: argparse.Namespace, data: dict[str, Any]) -> None:
         raise TlearnError(f"--devices {n}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if not args.out and not args.resume:  # one name for every process, chosen here
         args.argv += ["--out", _default_out(data)]
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // n)))  # the cores, shared out
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failures are summarised below
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     argv = [a for i, a in enumerate(args.argv) if not a.startswith("--devices") and
             (i == 0 or args.argv[i - 1] != "--devices")]
     print(f"training on {n} {'GPUs' if cuda else 'CPU processes (gloo)'}: --batch-size {args.batch_size} is the "
           f"effective batch, {max(1, args.batch_size // n)} images per process", file=sys.stderr)
     try:
-        elastic_launch(config, sys.executable)("-m", "tlearn", *argv)
-    except ChildFailedError as e:
-        # the process that failed first, not the ones the launcher then stopped with SIGTERM
-        (rank, failure), *_ = sorted(e.failures.items(), key=lambda item: (item[1].signal_name() == "SIGTERM",
-                                                                          item[1].timestamp, item[0]))
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
+        dist.launch(n, argv, threads=cpu_cores() // n)  # the cores, shared out
+    except dist.ProcessFailed as e:
         where = args.resume or args.out or "the run folder"
-        raise TlearnError(f"training process {rank} of {n} stopped ({how}), so the others were stopped too; "
+        raise TlearnError(f"training process {e.rank} of {n} stopped ({e.how}), so the others were stopped too; "
                           f"`tlearn train {data['path']} --resume {where} --devices {n}` continues from the last "
                           "finished epoch") from None
 
@@ -203,14 +191,12 @@ def predict(args: argparse.Namespace) -> None:
                   f"{len(model.tta_views())} views ({', '.join(model.tta_views())})", file=sys.stderr)
     print(json.dumps(results, indent=2) if args.json else report.format_predictions(results))
     if args.plot:
-        from tlearn.images import thumbnail
-        from tlearn.plots import prediction_chart
+        from tlearn.plots import prediction_charts
 
-        shown = [(thumbnail(Path(r["path"])), Path(r["path"]).name, r["predictions"]) for r in results
-                 if "predictions" in r][:MAX_PLOTTED]
-        if shown:
-            print(f"chart written to {prediction_chart(shown, Path(args.plot))}"
-                  + (f" (the first {MAX_PLOTTED} images)" if len(results) > MAX_PLOTTED else ""), file=sys.stderr)
+        chart = prediction_charts(results, Path(args.plot), MAX_PLOTTED)
+        if chart:
+            print(f"chart written to {chart}" + (f" (the first {MAX_PLOTTED} images)" if len(results) > MAX_PLOTTED
+                                                 else ""), file=sys.stderr)
     if results and all("error" in r for r in results):
         raise TlearnError("no image could be read")
 
@@ -220,11 +206,9 @@ def explain(args: argparse.Namespace) -> None:
 
     Example: tlearn explain runs/demo photos/bee.jpg --out heatmaps  (the evidence for the predicted class; add
     --class ants for the evidence for ants)"""
-    import numpy as np
-
     from tlearn.api import ImageClassifier
     from tlearn.data import expand_inputs
-    from tlearn.plots import heatmap_figure, heatmap_path
+    from tlearn.plots import explained_figure, heatmap_path
 
     if len(args.paths) < 2:
         raise TlearnError("usage: tlearn explain RUN IMAGE [IMAGE ...] [--class NAME] [--out DIR]")
@@ -242,11 +226,7 @@ def explain(args: argparse.Namespace) -> None:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TlearnError(f"cannot create --out {out}: {e.strerror or e}; choose a writable folder") from e
-        name = Path(r["path"]).name
-        title = [f"{name}: " + ", ".join(f"{p['class']} {p['probability']:.1%}" for p in r["predictions"]),
-                 f"heatmap: where the evidence for {r['class']} ({r['probability']:.1%}) lies"]
-        png = heatmap_figure(np.asarray(r.pop("image")), r.pop("heatmap"), [report.printable(t) for t in title],
-                             heatmap_path(out, Path(r["path"]), taken, args.class_name))
+        png = explained_figure(r, heatmap_path(out, Path(r["path"]), taken, args.class_name), report.printable)
         results.append({**r, "heatmap_png": str(png)})
         if not args.json:
             print(f"{r['path']}: {r['class']} ({r['probability']:.1%}): heatmap {png}")

@@ -7,13 +7,15 @@ the first one made, and the backbone modes share the feature cache.
 
 from __future__ import annotations
 
+import html
 import logging
 from pathlib import Path
 from typing import Any
 
 from tlearn import plots
 from tlearn.config import TlearnError
-from tlearn.fileio import atomic_write_csv, atomic_write_text, safe_name
+from tlearn.fileio import atomic_write_csv, atomic_write_text, read_csv_rows, safe_name
+from tlearn.htmlreport import CSS, html_table, png_tag
 from tlearn.models import SCRATCH
 
 log = logging.getLogger("tlearn")
@@ -43,7 +45,6 @@ def compare(data: str, models: str, out: Path, options: dict[str, Any],
     """Train each model into ``out/<name>`` on one split and write ``compare.csv``, ``compare.md``,
     ``compare.png`` and ``compare.html``. Returns one row per model."""
     from tlearn.api import ImageClassifier
-    from tlearn.htmlreport import build_compare
     from tlearn.run import claim_out
 
     claim_out(out, data, overwrite=options.get("overwrite", False), kind="compare")
@@ -94,3 +95,30 @@ def write_table(rows: list[dict[str, Any]], out: Path, chance: float) -> None:
     columns = [*COLUMNS, "run"]
     atomic_write_csv(out / "compare.csv", columns, ([r[c] for c in columns] for r in rows))
     atomic_write_text(out / "compare.md", markdown(rows, chance))
+
+
+def build_compare(out: Path, rows: list[dict[str, Any]], chance: float) -> Path:
+    """``out/compare.html``: the comparison table, accuracy and training-time bars, each model's validation curves
+    overlaid, and a link to each model's own report."""
+    histories = {}
+    for r in rows:
+        history = read_csv_rows(Path(r["run"]) / "history.csv")
+        if history and r["epochs"] != "":  # a logistic regression is one fit: no curve
+            histories[r["model"]] = {"epoch": [int(h["epoch"]) for h in history],
+                                     **{k: [float(h[k]) for h in history] for k in ("val_accuracy", "val_loss")}}
+    columns = ["model", "split", "accuracy", "loss", "train_seconds", "trainable_params", "total_params", "epochs"]
+    shown = [{**r, "train_seconds": f"{r['train_seconds']:.1f}", "epochs": r["epochs"] if r["epochs"] != "" else "–"}
+             for r in rows]
+    table = html_table([[r[c] for c in columns] for r in shown], [c.replace("_", " ") for c in columns])
+    links = "".join(f"<li><a href='{html.escape(Path(r['run']).name)}/report.html'>{html.escape(r['model'])}</a>"
+                    "</li>" for r in rows)
+    curves = png_tag(plots.compare_curves(histories, out / "compare_curves.png")) if histories else \
+        "<p>No model here trained in epochs: each is a logistic regression, fitted once.</p>"
+    bars = png_tag(out / "compare.png") if (out / "compare.png").is_file() else ""
+    body = (f"<h1>Comparison on {html.escape(rows[0]['split'])} split</h1>"
+            f"<p>Every model trained on the same split. Chance level: {chance:.1%}.</p>{table}{bars}"
+            f"<h2>Validation curves</h2>{curves}<h2>Each model's report</h2><ul>{links}</ul>")
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tlearn comparison</title>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+    atomic_write_text(out / "compare.html", page)
+    return out / "compare.html"

@@ -1,8 +1,8 @@
 """Data-parallel runs on PyTorch's own engine: which process this is, and the few collectives tlearn needs.
 
-tlearn does not start or supervise processes. A launcher does: ``torchrun --nproc_per_node N -m tlearn train ...``,
+tlearn does not supervise processes. A launcher does: ``torchrun --nproc_per_node N -m tlearn train ...``,
 ``accelerate launch --multi_gpu --num_processes N -m tlearn train ...``, or ``tlearn train --devices N``, which
-runs torchrun's launcher.
+runs torchrun's launcher (``launch``).
 The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; ``init`` joins that process
 group (NCCL on GPUs, one process per GPU; gloo on CPUs) and everything else here is a thin name for a
 ``torch.distributed`` call. With one process every function is a no-op, so the single-process path is unchanged.
@@ -121,3 +121,35 @@ def finish() -> None:
         td.barrier()
         td.destroy_process_group()
         _left = True
+
+
+class ProcessFailed(RuntimeError):
+    """One process of a launched group stopped: ``rank`` first, ``how`` (a signal or an exit status)."""
+
+    def __init__(self, rank: int, how: str):
+        super().__init__(f"process {rank} stopped ({how})")
+        self.rank, self.how = rank, how
+
+
+def launch(n: int, argv: Sequence[str], threads: int) -> None:
+    """Run ``python -m tlearn ARGV`` as ``n`` processes under PyTorch's elastic launcher (what ``torchrun
+    --standalone --nproc-per-node N`` runs), each with ``threads`` intra-op threads. If one fails, the launcher
+    stops the others, and ``ProcessFailed`` names the one that failed first (not those it then stopped)."""
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failures are summarised here
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    try:
+        elastic_launch(config, sys.executable)("-m", "tlearn", *argv)
+    except ChildFailedError as e:
+        (first, failure), *_ = sorted(e.failures.items(), key=lambda item: (item[1].signal_name() == "SIGTERM",
+                                                                           item[1].timestamp, item[0]))
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
+        raise ProcessFailed(first, how) from None

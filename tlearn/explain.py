@@ -41,8 +41,7 @@ from tlearn.backbones import Backbone, load_recorded
 from tlearn.calibrate import calibrated
 from tlearn.config import RuntimeConfig, TlearnError
 from tlearn.evaluate import top_classes
-from tlearn.features import view_transform
-from tlearn.images import VIEWS, ImageDecodeError, crop_box, load_image
+from tlearn.images import VIEWS, ImageDecodeError, crop_box, eval_transform, load_image
 
 CPU = torch.device("cpu")
 BATCH = 8  # images per forward pass; their heatmaps have the photos' size, so they are made a few at a time
@@ -146,7 +145,7 @@ class Explainer:
         """One (N * V, 3, H, W) batch per part: each image in each of the run's views, image-major."""
         out = []
         for part, device in zip(self.net.parts, self.devices, strict=True):
-            transforms = [view_transform(part.preprocessing, view) for view in self.views]
+            transforms = [eval_transform(part.preprocessing, view) for view in self.views]
             out.append(torch.stack([t(im) for im in images for t in transforms]).to(device))
         return out
 

@@ -38,14 +38,13 @@ from tlearn.config import RuntimeConfig, TlearnError
 from tlearn.data import Sample, recorded_split, scan_labelled
 from tlearn.extractor import Loaded, load_run
 from tlearn.fileio import atomic_path, atomic_write_text
-from tlearn.images import ImageDecodeError, load_image
+from tlearn.images import ImageDecodeError, eval_transform, load_image
 from tlearn.predictor import (
     EXPORT_FORMAT,
     EXPORT_FORMAT_VERSION,
     read_sidecar,
     run_about,
     sidecar_path,
-    transform,
 )
 from tlearn.runtime import Pooled
 
@@ -210,7 +209,7 @@ def _decode(samples: list[Sample]) -> tuple[list[Any], np.ndarray]:
 
 def _batches(pictures: list[Any], inputs: list[dict[str, Any]], size: int = 8) -> list[list[np.ndarray]]:
     """Pictures → batches of ``size``, each one array per input, preprocessed as prediction does."""
-    steps = [transform(pp) for pp in inputs]
+    steps = [eval_transform(pp, array=True) for pp in inputs]
     return [[np.stack([t(p) for p in pictures[i:i + size]]) for t in steps] for i in range(0, len(pictures), size)]
 
 

@@ -16,17 +16,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from tlearn.backbones import Backbone
 from tlearn.fileio import atomic_path, atomic_write_text, default_cache_dir, file_sha256, identity_key
-from tlearn.images import VIEWS, CropResize, ImageDecodeError, crop_resize_fits, load_image
+from tlearn.images import ImageDecodeError, load_image
 
 # Bump when decoding or preprocessing code changes in a way that changes features.
 PIPELINE_VERSION = "pil-2"
@@ -97,36 +95,6 @@ def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int
     failed = [(i, reason) for i, x, reason in items if x is None]
     batch = torch.stack([x for _, x in ok]) if ok else None
     return [i for i, _ in ok], batch, failed
-
-
-def eval_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalised (3, H, W) tensor, as timm's pretrained cfg says (e.g. 256 -> centre 224, bicubic).
-    ``CropResize`` covers the usual square centre crop; other crop modes use timm's transform itself."""
-    if crop_resize_fits(preprocessing):
-        return CropResize(preprocessing)
-    import timm.data
-
-    return timm.data.create_transform(**preprocessing, is_training=False)
-
-
-def view_transform(preprocessing: dict[str, Any], view: str = "center") -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation preprocessing of one named view. Preprocessings that ``CropResize`` does not cover have the
-    centre and the mirror view only."""
-    plain = eval_transform(preprocessing)
-    if view == "center":
-        return plain
-    position, flip = VIEWS[view]
-    if isinstance(plain, CropResize):
-        return CropResize(preprocessing, position, flip)
-    if view != "flip":
-        raise ValueError(f"view {view!r} needs a square centre-crop preprocessing")
-    return lambda image: plain(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-
-
-def tta_views(preprocessing: dict[str, Any]) -> list[str]:
-    """Test-time augmentation: the centre crop, its mirror image and, where the preprocessing allows, the four
-    corner crops of the resized image."""
-    return list(VIEWS) if isinstance(eval_transform(preprocessing), CropResize) else ["center", "flip"]
 
 
 @dataclass

@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlearn import fileio, plots
+from tlearn import fileio, grids, plots
 from tlearn.artifact import load_model, read_run
 from tlearn.calibrate import binned
 from tlearn.config import AugmentConfig, TlearnError, from_dict
 from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, read_csv_rows
-from tlearn.images import ImageDecodeError, load_image, thumbnail
 from tlearn.report import read_predictions_csv
 
 if TYPE_CHECKING:
@@ -51,12 +50,12 @@ img{max-width:100%;border:1px solid #eee}.muted{color:#666}.kv td:first-child{fo
 .big{font-size:1.3em;font-weight:600}"""
 
 
-def _png(path: Path) -> str:
+def png_tag(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _table(rows: list[list[Any]], header: list[str], cls: str = "") -> str:
+def html_table(rows: list[list[Any]], header: list[str], cls: str = "") -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f'<td class="n">{v:.4f}</td>'
@@ -103,7 +102,7 @@ def _header(config: dict[str, Any], run_dir: Path, shown_as: Path) -> str:
     count_rows.append(["total", *(sum(counts[s].values()) for s in splits)])
     title = f"{model}:{mode} on {Path(summary.get('root', shown_as)).name}"
     return (f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(shown_as))}</p>"
-            + _table(rows, ["", ""], "kv") + (_table(count_rows, ["class", *splits]) if splits else ""))
+            + html_table(rows, ["", ""], "kv") + (html_table(count_rows, ["class", *splits]) if splits else ""))
 
 
 def _decision(config: dict[str, Any]) -> str:
@@ -128,14 +127,14 @@ def _decision(config: dict[str, Any]) -> str:
                  "-" if s.get("val_loss") is None else s["val_loss"],
                  "-" if s.get("val_accuracy") is None else s["val_accuracy"],
                  s.get("head") or s.get("why") or ""] for i, s in enumerate(plan, 1)]
-        parts.append(_table(rows, ["step", "what", "estimate", "outcome", "took", "val loss", "val accuracy",
+        parts.append(html_table(rows, ["step", "what", "estimate", "outcome", "took", "val loss", "val accuracy",
                                    "head, or why"]))
         candidates = [[s["name"], c["head"], c["val_loss"], c["val_accuracy"]] for s in plan
                       for c in s.get("candidates", [])]
         if candidates:
             parts.append("<p>Heads tried on the cached features (trained on the training split, scored on "
                          "validation; the lowest loss is kept):</p>"
-                         + _table(candidates, ["step", "head", "val loss", "val accuracy"]))
+                         + html_table(candidates, ["step", "head", "val loss", "val accuracy"]))
     return "\n".join(parts)
 
 
@@ -149,7 +148,7 @@ def _curves(run_dir: Path, config: dict[str, Any]) -> str:
     if kept and kept[-1].get("head", "").startswith("dense") and config["model"]["kind"] == "head":
         note += ("<p>This dense head stopped early on 15 % of the training images, so its curves' validation line "
                  "is that split; its score on the validation split is in the Decision section.</p>")
-    return note + _png(path)
+    return note + png_tag(path)
 
 
 def _train_rows(config: dict[str, Any], run_dir: Path) -> list[tuple[Path, str]]:
@@ -171,38 +170,13 @@ def _samples(config: dict[str, Any], train: list[tuple[Path, str]], run_dir: Pat
     except OSError:
         key = None  # moved or unreadable since training: drawn from what is still there
     more = len(config["model"]["classes"]) - len(classes)
-    path = plots.reuse(run_dir / "samples.png", key, lambda: _sample_grid(chosen, pp, augment, run_dir), cache)
+    path = plots.reuse(run_dir / "samples.png", key, lambda: grids.sample_grid(chosen, pp, augment, run_dir, PER_CLASS),
+                       cache)
     if path is None:
         return "<p class='muted'>The training images are not readable from here.</p>"
     return (f"<p>{PER_CLASS} training images per class as the model sees them (resized and cropped), then the same "
             f"images augmented as the image modes train on them (<code>--augment {augment.augment}</code>).</p>"
-            + _png(path) + (f"<p class='muted'>{more} more classes not shown.</p>" if more > 0 else ""))
-
-
-def _sample_grid(chosen: dict[str, list[Path]], pp: dict[str, Any], augment: AugmentConfig,
-                 run_dir: Path) -> Path | None:
-    import torch
-
-    from tlearn.augment import train_transform
-
-    plain = train_transform(pp, AugmentConfig(augment="none"), normalize=False)
-    augmented = train_transform(pp, augment, normalize=False)
-    tiles = []
-    with torch.random.fork_rng(devices=[]):  # the same augmentations every time, without moving the caller's RNG
-        torch.manual_seed(0)
-        for name, paths in chosen.items():
-            images = []
-            for p in paths:
-                try:
-                    images.append(load_image(p))
-                except ImageDecodeError:  # moved or damaged since training: leave it out
-                    continue
-            tiles += [(plain(im).permute(1, 2, 0).numpy(), name) for im in images]
-            tiles += [(augmented(im).permute(1, 2, 0).numpy(), f"{name} (augmented)") for im in images]
-            tiles += [(np.ones((8, 8, 3)), "")] * (2 * PER_CLASS - 2 * len(images))
-    if not any(caption for _, caption in tiles):
-        return None
-    return plots.image_grid(tiles, run_dir / "samples.png", cols=4 * PER_CLASS, tile=1.6)
+            + png_tag(path) + (f"<p class='muted'>{more} more classes not shown.</p>" if more > 0 else ""))
 
 
 def _metrics(metrics: dict[str, Any], run_dir: Path, cache: Path) -> str:
@@ -212,7 +186,7 @@ def _metrics(metrics: dict[str, Any], run_dir: Path, cache: Path) -> str:
     path = plots.reuse(run_dir / "confusion.png", ["confusion", m["confusion_matrix"], m["classes"]],
                        lambda: plots.confusion(m["confusion_matrix"], m["classes"], run_dir / "confusion.png"), cache)
     return (f"<p class='big'>{split}: accuracy {m['accuracy']:.2%}, loss {m['loss']:.4f} on {m['n']} images</p>"
-            + _table(per_class, ["class", "precision", "recall", "f1", "support"]) + _png(path))
+            + html_table(per_class, ["class", "precision", "recall", "f1", "support"]) + png_tag(path))
 
 
 def _gallery(predictions: list[dict[str, Any]], run_dir: Path, cache: Path, explainer: Explaining) -> str:
@@ -222,13 +196,14 @@ def _gallery(predictions: list[dict[str, Any]], run_dir: Path, cache: Path, expl
     pairs = Counter((r["true"], r["predicted"]) for r in wrong).most_common(10)
     shown = [(Path(r["path"]), f"true {r['true']}\npredicted {r['predicted']} ({r['probability']:.0%})\n"
                                 f"loss {r['loss']:.2f}") for r in rows[:GALLERY]]
-    grid, why = _heat_grid(shown, run_dir / "top_losses.png", _fingerprint(rows), explainer, cache)
+    grid, why = grids.heat_grid(shown, run_dir / "top_losses.png", grids.fingerprint(rows), explainer, cache)
     intro = (f"<p>{len(wrong)} of {len(rows)} {split} images are misclassified. The {min(GALLERY, len(rows))} "
              "images with the highest loss (the lowest probability of their true class), worst first, each beside "
              "its Grad-CAM heatmap: where the evidence for the predicted class lies (<code>tlearn explain</code>)."
              "</p>")
-    pair_table = _table([[t, p, n] for (t, p), n in pairs], ["true class", "predicted as", "images"]) if pairs else ""
-    return intro + pair_table + why + (_png(grid) if grid else "")
+    pair_table = html_table([[t, p, n] for (t, p), n in pairs], ["true class", "predicted as", "images"]) \
+        if pairs else ""
+    return intro + pair_table + why + (png_tag(grid) if grid else "")
 
 
 def _correct(predictions: list[dict[str, Any]], classes: list[str], run_dir: Path, cache: Path,
@@ -241,70 +216,13 @@ def _correct(predictions: list[dict[str, Any]], classes: list[str], run_dir: Pat
              for r in [r for r in right if r["true"] == name][:CORRECT_PER_CLASS]]
     if not shown:
         return "<p class='muted'>No image of this split is classified correctly.</p>"
-    grid, why = _heat_grid(shown, run_dir / "correct.png", _fingerprint(rows), explainer, cache,
+    grid, why = grids.heat_grid(shown, run_dir / "correct.png", grids.fingerprint(rows), explainer, cache,
                            cols=2 * CORRECT_PER_CLASS)
     more = len(classes) - MAX_CLASSES_EXPLAINED
     return (f"<p>The {CORRECT_PER_CLASS} most confident correct {split} predictions of each class, beside their "
             "heatmaps. Evidence on the background rather than on the subject means the model learned a shortcut "
-            "that will not hold on new photos.</p>" + why + (_png(grid) if grid else "")
+            "that will not hold on new photos.</p>" + why + (png_tag(grid) if grid else "")
             + (f"<p class='muted'>{more} more classes not shown.</p>" if more > 0 else ""))
-
-
-def _explainer(run_dir: Path, model: nn.Module | None, base: Any, cache_dir: str | Path | None) -> Explainer:
-    from tlearn.explain import run_explainer  # torch and torchcam: only when a heatmap is drawn
-
-    return run_explainer(run_dir, model, base, cache_dir)
-
-
-def _fingerprint(rows: list[dict[str, Any]]) -> list[Any]:
-    """What the heatmaps of a split depend on besides the images: the model, seen through its predictions (to
-    predictions.csv's precision, so that a report rebuilt from the files finds the figures drawn at training)."""
-    return [[r["path"], f"{r['probability_uncalibrated']:.6f}"] for r in rows]
-
-
-class _NoHeatmaps(Exception):
-    """The run's explainer cannot be built (why is the message)."""
-
-
-def _heat_grid(shown: list[tuple[Path, str]], path: Path, model_key: list[Any], explainer: Explaining,
-               cache: Path, cols: int = 3) -> tuple[Path | None, str]:
-    """A grid of the images in ``shown``, each with its caption and, beside it, its Grad-CAM heatmap; and why
-    there are no heatmaps, if there are none. Drawn once per images, captions and model (see ``plots.reuse``);
-    a grid without heatmaps is never kept for reuse, since what was missing (a base's weights) may come back."""
-    def grid(pictures: Callable[[], list[tuple[np.ndarray, str]]]) -> Path | None:
-        tiles = pictures()
-        return plots.image_grid(tiles, path, cols=cols, tile=4.0, aspect=0.6) if tiles else None
-
-    def with_heatmaps() -> list[tuple[np.ndarray, str]]:
-        try:
-            made = explainer()
-        except TlearnError as e:
-            raise _NoHeatmaps(str(e)) from e
-        results = made.explain([p for p, _ in shown], with_image=True)
-        return [(plots.side_by_side(np.asarray(r["image"]), r["heatmap"], 256), caption)
-                for (_, caption), r in zip(shown, results, strict=True)
-                if "error" not in r]  # moved or damaged since training: left out
-
-    if not shown:
-        return None, ""
-    try:
-        key = ["heat grid", 2, [[file_sha256(p), caption] for p, caption in shown], model_key]
-    except OSError:
-        key = None
-    try:
-        return plots.reuse(path, key, lambda: grid(with_heatmaps), cache), ""
-    except _NoHeatmaps as e:
-        return grid(lambda: _thumbnails(shown)), f"<p class='muted'>No heatmaps: {html.escape(str(e))}</p>"
-
-
-def _thumbnails(shown: list[tuple[Path, str]]) -> list[tuple[np.ndarray, str]]:
-    """Thumbnail tiles of the images in ``shown`` with their captions; images moved or damaged since training
-    are left out."""
-    tiles = []
-    for p, caption in shown:
-        with contextlib.suppress(ImageDecodeError):
-            tiles.append((thumbnail(p), caption))
-    return tiles
 
 
 def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run_dir: Path, cache: Path) -> str:
@@ -328,7 +246,7 @@ def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run
     if split == "validation" and c.get("fitted_on", "validation") == "validation":
         text += ("<p><b>This run has no test split</b>, so the temperature was fitted on the very images it is "
                  "evaluated on here: the numbers after scaling are optimistic.</p>")
-    return text + _png(path)
+    return text + png_tag(path)
 
 
 def _summary(model: nn.Module | None, config: dict[str, Any], base: Any, run_dir: Path, cache: Path) -> str:
@@ -353,11 +271,11 @@ def _summary(model: nn.Module | None, config: dict[str, Any], base: Any, run_dir
         return (f"<p>The head reads the concatenated pooled features ({spec['num_features']:,} per image) of the "
                 f"frozen bases {html.escape(spec['backbone']['backbone'].replace('+', ' and '))} "
                 f"({config.get('params', {}).get('total', 0):,} parameters in all, "
-                f"{sum(r['params'] for r in rows):,} of them trained).</p>" + _table(table, header))
+                f"{sum(r['params'] for r in rows):,} of them trained).</p>" + html_table(table, header))
     total = sum(r["params"] for r in rows)
     trainable = sum(r["trainable"] for r in rows)
     return (f"<p>{trainable:,} trainable and {total - trainable:,} frozen parameters, {total:,} in all. Output "
-            "shapes are for one image.</p>" + _table(table, header))
+            "shapes are for one image.</p>" + html_table(table, header))
 
 
 def _summary_rows(model: nn.Module | None, config: dict[str, Any], base: Any, run_dir: Path) -> list[dict[str, Any]]:
@@ -407,7 +325,7 @@ def _mislabels(run_dir: Path, cache: Path) -> str:
     shown = [(Path(f["path"]), _caption(Path(f["path"]), f["detail"])) for f in found[:GALLERY]]
 
     def draw() -> Path | None:
-        tiles = _thumbnails(shown)
+        tiles = grids.thumbnails(shown)
         return plots.image_grid(tiles, run_dir / "mislabels.png", cols=4, tile=2.6) if tiles else None
 
     try:
@@ -420,7 +338,7 @@ def _mislabels(run_dir: Path, cache: Path) -> str:
             "disagrees with, confidently (confident learning on out-of-fold predictions from the base's features; "
             "the same search as <code>tlearn check DATA --labels</code>). Most suspicious first. Some are "
             "labelling mistakes, some are hard photos: look before moving anything. Nothing was moved.</p>"
-            + (_png(grid) if grid else "") + _table(rows, ["file", "why"])
+            + (png_tag(grid) if grid else "") + html_table(rows, ["file", "why"])
             + (f"<p class='muted'>Showing 50 of {len(found)}.</p>" if len(found) > 50 else ""))
 
 
@@ -440,7 +358,7 @@ def _findings(run_dir: Path) -> str:
     rows = [[f.get("severity", ""), f.get("kind", ""), f.get("path", ""), f.get("detail", "")] for f in findings]
     rows += [["skipped", "unreadable", s["path"], s["reason"]] for s in skips]
     note = f"<p class='muted'>Showing 50 of {len(rows)}.</p>" if len(rows) > 50 else ""
-    return _table(rows[:50], ["severity", "finding", "file", "detail"]) + note + \
+    return html_table(rows[:50], ["severity", "finding", "file", "detail"]) + note + \
         "<p>Run <code>tlearn check DATA</code> for the full report, including near-duplicates.</p>"
 
 
@@ -472,7 +390,7 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
                               "them") from e
     train = _train_rows(config, run_dir) if train is None else train
     cache = Path(cache_dir or default_cache_dir())
-    explainer = functools.cache(lambda: _explainer(run_dir, model, base, cache_dir))  # built if a figure is drawn
+    explainer = functools.cache(lambda: grids.explainer(run_dir, model, base, cache_dir))  # built if a figure is drawn
     body = "\n".join([
         _header(config, run_dir, shown_as),
         _section("Decision", _decision(config)),
@@ -491,30 +409,3 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
             f"{html.escape(shown_as.name)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
     atomic_write_text(run_dir / "report.html", page)
     return run_dir / "report.html"
-
-
-def build_compare(out: Path, rows: list[dict[str, Any]], chance: float) -> Path:
-    """``out/compare.html``: the comparison table, accuracy and training-time bars, each model's validation curves
-    overlaid, and a link to each model's own report."""
-    histories = {}
-    for r in rows:
-        history = read_csv_rows(Path(r["run"]) / "history.csv")
-        if history and r["epochs"] != "":  # a logistic regression is one fit: no curve
-            histories[r["model"]] = {"epoch": [int(h["epoch"]) for h in history],
-                                     **{k: [float(h[k]) for h in history] for k in ("val_accuracy", "val_loss")}}
-    columns = ["model", "split", "accuracy", "loss", "train_seconds", "trainable_params", "total_params", "epochs"]
-    shown = [{**r, "train_seconds": f"{r['train_seconds']:.1f}", "epochs": r["epochs"] if r["epochs"] != "" else "–"}
-             for r in rows]
-    table = _table([[r[c] for c in columns] for r in shown], [c.replace("_", " ") for c in columns])
-    links = "".join(f"<li><a href='{html.escape(Path(r['run']).name)}/report.html'>{html.escape(r['model'])}</a>"
-                    "</li>" for r in rows)
-    curves = _png(plots.compare_curves(histories, out / "compare_curves.png")) if histories else \
-        "<p>No model here trained in epochs: each is a logistic regression, fitted once.</p>"
-    bars = _png(out / "compare.png") if (out / "compare.png").is_file() else ""
-    body = (f"<h1>Comparison on {html.escape(rows[0]['split'])} split</h1>"
-            f"<p>Every model trained on the same split. Chance level: {chance:.1%}.</p>{table}{bars}"
-            f"<h2>Validation curves</h2>{curves}<h2>Each model's report</h2><ul>{links}</ul>")
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tlearn comparison</title>"
-            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
-    atomic_write_text(out / "compare.html", page)
-    return out / "compare.html"

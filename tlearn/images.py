@@ -200,3 +200,29 @@ def crop_resize_fits(preprocessing: dict[str, Any]) -> bool:
     square = preprocessing["input_size"][1] == preprocessing["input_size"][2]
     return preprocessing.get("crop_mode", "center") == "center" and square and bool(preprocessing.get("crop_pct")) \
         and preprocessing["interpolation"] in RESAMPLE
+
+
+def eval_transform(preprocessing: dict[str, Any], view: str = "center", *, array: bool = False
+                   ) -> Callable[[Image.Image], Any]:
+    """The one evaluation preprocessing, as timm's ``create_transform(is_training=False)`` does it from the model's
+    pretrained cfg (e.g. 256 -> centre 224, bicubic): a picture → the normalised (3, H, W) input, a tensor, or a
+    float32 array with ``array`` (no torch), in one of ``VIEWS``. ``CropResize`` covers the usual square centre crop
+    and all six views; other crop modes use timm's transform itself, and have the centre and mirror views only.
+
+    Extraction, training's validation batches, the predictor, export and the heatmaps all preprocess here."""
+    if crop_resize_fits(preprocessing):
+        crop = CropResize(preprocessing, *VIEWS[view])
+        return crop.array if array else crop
+    if view not in ("center", "flip"):
+        raise ValueError(f"view {view!r} needs a square centre-crop preprocessing")
+    import timm.data  # imports torch: only for the crop modes CropResize does not cover
+
+    plain = timm.data.create_transform(**preprocessing, is_training=False)
+    tensor = plain if view == "center" else lambda image: plain(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    return (lambda image: tensor(image).numpy()) if array else tensor
+
+
+def tta_views(preprocessing: dict[str, Any]) -> list[str]:
+    """Test-time augmentation: the centre crop, its mirror image and, where the preprocessing allows, the four
+    corner crops of the resized image."""
+    return list(VIEWS) if crop_resize_fits(preprocessing) else ["center", "flip"]

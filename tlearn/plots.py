@@ -280,6 +280,16 @@ def heatmap_figure(photo: np.ndarray, heat: np.ndarray, title: list[str], path: 
 HEATMAP_MARK = "tlearn explain"
 
 
+def explained_figure(result: dict[str, Any], path: Path, printable: Callable[[str], str] = str) -> Path:
+    """``tlearn explain``'s figure of one ``Explainer.explain(with_image=True)`` result, its title the top-k
+    probabilities and the class explained (``printable`` makes names safe to show); the result's image and
+    heatmap arrays are taken out of it."""
+    name = Path(result["path"]).name
+    title = [f"{name}: " + ", ".join(f"{p['class']} {p['probability']:.1%}" for p in result["predictions"]),
+             f"heatmap: where the evidence for {result['class']} ({result['probability']:.1%}) lies"]
+    return heatmap_figure(np.asarray(result.pop("image")), result.pop("heatmap"), [printable(t) for t in title], path)
+
+
 def heatmap_path(out: Path, image: Path, taken: set[Path], class_name: str | None = None) -> Path:
     """``out/<image name>.heatmap.png`` (``<image name>.<class>.heatmap.png`` for the evidence for a class asked
     for, so that it stands beside the default one), numbered (``-2``, ``-3``, ...) past names this command already
@@ -311,6 +321,16 @@ def _ours(path: Path) -> bool:
     except OSError:
         return False
     return head.startswith(b"\x89PNG") and b"Software\x00" + HEATMAP_MARK.encode() in head
+
+
+def prediction_charts(results: list[dict[str, Any]], path: Path, most: int) -> Path | None:
+    """``prediction_chart`` of the first ``most`` images that could be read among ``predict``'s results (None
+    when none could)."""
+    from tlearn.images import thumbnail
+
+    shown = [(thumbnail(Path(r["path"])), Path(r["path"]).name, r["predictions"]) for r in results
+             if "predictions" in r][:most]
+    return prediction_chart(shown, path) if shown else None
 
 
 def prediction_chart(results: list[tuple[np.ndarray, str, list[dict[str, Any]]]], path: Path) -> Path:

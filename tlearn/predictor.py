@@ -52,7 +52,7 @@ from tlearn.config import TlearnError
 from tlearn.data import expand_inputs
 from tlearn.evaluate import top_classes
 from tlearn.fileio import file_sha256, onnx_export_path, require_regular
-from tlearn.images import VIEWS, CropResize, ImageDecodeError, crop_resize_fits, load_image
+from tlearn.images import VIEWS, ImageDecodeError, crop_resize_fits, eval_transform, load_image, tta_views
 
 log = logging.getLogger("tlearn")
 BATCH = 8
@@ -71,17 +71,6 @@ def _no_gpu() -> bool:
 def sidecar_path(onnx_file: str | Path) -> Path:
     """The JSON file that describes an exported classifier: ``model.onnx`` → ``model.json``."""
     return Path(onnx_file).with_suffix(".json")
-
-
-def transform(preprocessing: dict[str, Any], view: str = "center") -> Callable[[Image.Image], np.ndarray]:
-    """A picture → the normalised (3, H, W) float32 array one model input takes, in one of ``images.VIEWS``.
-    ``CropResize`` covers the usual square centre crop without torch; other crops use timm's own transform."""
-    if crop_resize_fits(preprocessing):
-        return CropResize(preprocessing, *VIEWS[view]).array
-    from tlearn.features import view_transform  # imports torch and timm
-
-    tensor = view_transform(preprocessing, view)
-    return lambda image: tensor(image).numpy()
 
 
 class Predictor:
@@ -225,7 +214,7 @@ class Predictor:
     def tta_views(self) -> list[str]:
         """The views that test-time augmentation averages: the centre crop, its mirror image and the four corner
         crops (corner crops need a square centre-crop preprocessing; without one, the first two)."""
-        return TTA_VIEWS if all(crop_resize_fits(pp) for pp in self.inputs) else ["center", "flip"]
+        return TTA_VIEWS if all(tta_views(pp) == TTA_VIEWS for pp in self.inputs) else ["center", "flip"]
 
     def prepare(self, images: list[Image.Image], tta: bool = False) -> list[list[np.ndarray]]:
         """Decoded pictures → for each view of the model (or the six test-time views with ``tta``), one
@@ -240,7 +229,7 @@ class Predictor:
                 out[view] = [np.ascontiguousarray(x[..., ::-1]) for x in out["center"]]
                 continue
             if view not in self._transforms:
-                self._transforms[view] = [transform(pp, view) for pp in self.inputs]
+                self._transforms[view] = [eval_transform(pp, view, array=True) for pp in self.inputs]
             out[view] = [np.stack([t(image) for image in images]) for t in self._transforms[view]]
         return list(out.values())
 

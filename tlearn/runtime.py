@@ -32,8 +32,9 @@ from torch import nn
 from tlearn import graph
 from tlearn.backbones import Backbone
 from tlearn.config import RuntimeConfig, TlearnError, TrainConfig
-from tlearn.features import FeatureCache, Features, cpu_cores, extract, view_transform
+from tlearn.features import FeatureCache, Features, cpu_cores, extract
 from tlearn.fileio import onnx_export_path
+from tlearn.images import eval_transform
 from tlearn.train import Precision, resolve_precision
 
 log = logging.getLogger("tlearn")
@@ -86,7 +87,7 @@ class Engine:
         if cache is not None and cache.view != view:
             raise ValueError(f"a cache of view {cache.view!r} cannot hold view {view!r}")
         with self._threads():
-            return extract(paths, self.forward, transform=view_transform(self.preprocessing, view), dim=self.dim,
+            return extract(paths, self.forward, transform=eval_transform(self.preprocessing, view), dim=self.dim,
                            cache=cache, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
 
     def rate(self, paths: Sequence[Path]) -> float:

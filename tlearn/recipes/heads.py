@@ -44,7 +44,7 @@ from tlearn.calibrate import nll
 from tlearn.config import TlearnError, TrainConfig
 from tlearn.features import cpu_cores
 from tlearn.fileio import atomic_path
-from tlearn.train import History, TrainingDiverged, fit_head, make_head
+from tlearn.train import History, TrainingDiverged, fit_head, logreg_linear, make_head
 
 if TYPE_CHECKING:
     from sklearn.linear_model import LogisticRegression
@@ -142,7 +142,7 @@ def _path(train: Split, fit_idx: np.ndarray, held_idx: np.ndarray, flip: bool, C
     return out
 
 
-def out_of_fold(data: Split, flip: bool, Cs: tuple[float, ...], folds: int, config: TrainConfig) -> list[np.ndarray]:
+def cv_logits(data: Split, flip: bool, Cs: tuple[float, ...], folds: int, config: TrainConfig) -> list[np.ndarray]:
     """Out-of-fold logits of every image of ``data`` for each C (mirror images stay with their image's fold).
 
     An image of a class with a single training image is never held out (every fold's fit must know every class):
@@ -180,13 +180,8 @@ def held(z: np.ndarray) -> np.ndarray:
 
 def _linear_head(clf: LogisticRegression, num_features: int, num_classes: int) -> nn.Sequential:
     """The fitted logistic regression as the Dropout(0) + Linear head that is saved and served like any other."""
-    coef, bias = clf.coef_, clf.intercept_
-    if coef.shape[0] == 1:  # binary: one logit z for class 1; softmax([0, z]) == sigmoid(z)
-        coef, bias = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, bias[0]])
     head = make_head(num_features, num_classes, hidden=0, dropout=0.0)
-    with torch.no_grad():
-        head[1].weight.copy_(torch.from_numpy(coef))
-        head[1].bias.copy_(torch.from_numpy(bias))
+    head[1].load_state_dict(logreg_linear(clf, num_classes).state_dict())
     return head.eval()
 
 
@@ -204,7 +199,7 @@ def _logreg_candidate(train: Split, val: Split, flips: tuple[bool, ...], config:
     """The logistic regression whose C and use of mirror images have the lowest out-of-fold loss on the training
     split, refit on all of it and scored on validation. Where no class has two training images there is nothing to
     hold out: C is then ``DEFAULT_C`` and the note says so."""
-    oof = {(flip, C): z for flip in flips for C, z in zip(C_GRID, out_of_fold(train, flip, C_GRID, FOLDS, config),
+    oof = {(flip, C): z for flip in flips for C, z in zip(C_GRID, cv_logits(train, flip, C_GRID, FOLDS, config),
                                                           strict=True)}
     scores = {key: nll(z[held(z)], train.y[held(z)]) for key, z in oof.items() if held(z).any()}
     if scores:

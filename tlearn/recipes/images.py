@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tlearn import dist
 from tlearn.config import parse_lr_mult
 from tlearn.data import Sample
-from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, eval_transform, extract
+from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, extract
+from tlearn.images import eval_transform
 from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
 from tlearn.recipes.job import Job, Trained, by_split, cached_features, weight
 from tlearn.recipes.plan import REPORT_SECONDS
