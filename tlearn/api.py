@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,8 @@ from tlearn.config import (
     BackboneConfig,
     DataConfig,
     Decision,
+    InferenceConfig,
+    OutputConfig,
     RuntimeConfig,
     TlearnError,
     TrainConfig,
@@ -58,14 +60,15 @@ if TYPE_CHECKING:
     from tlearn.explain import Explainer  # imports torchcam: only where heatmaps are made
 
 log = logging.getLogger("tlearn")
-CONFIGS = (BackboneConfig, TrainConfig, AugmentConfig, RuntimeConfig)
+CONFIGS = (BackboneConfig, TrainConfig, AugmentConfig, RuntimeConfig, OutputConfig)
 
 
 class ImageClassifier:
     """An image classifier trained by transfer learning (or from scratch, as a baseline).
 
-    Options are the fields of :class:`BackboneConfig`, :class:`TrainConfig`, :class:`AugmentConfig` and
-    :class:`RuntimeConfig`, with the CLI flags' names: ``mode="finetune"``, ``hidden=256``, ``epochs=5``, ...
+    Options are the fields of :class:`BackboneConfig`, :class:`TrainConfig`, :class:`AugmentConfig`,
+    :class:`RuntimeConfig` and :class:`OutputConfig`, with the CLI flags' names: ``mode="finetune"``,
+    ``hidden=256``, ``epochs=5``, ...; or whole configs, as the CLI hands them over: ``configs=(train_config,)``.
 
     >>> clf = ImageClassifier(backbone="efficientnet_lite0")        # doctest: +SKIP
     >>> history = clf.fit("photos/")                                # doctest: +SKIP
@@ -76,9 +79,10 @@ class ImageClassifier:
     >>> clf.save("runs/mine"); clf = ImageClassifier.load("runs/mine")  # doctest: +SKIP
     """
 
-    def __init__(self, backbone: str = "efficientnet_lite0", *, verbose: bool = True, **options: Any):
-        configs = route_options(CONFIGS, {"backbone": backbone, **options})
-        self.backbone_config, self.train_config, self.augment_config, self.runtime = configs
+    def __init__(self, backbone: str | None = None, *, verbose: bool = True, configs: Sequence[Any] = (),
+                 **options: Any):
+        configs = route_options(CONFIGS, {**({"backbone": backbone} if backbone else {}), **options}, configs)
+        self.backbone_config, self.train_config, self.augment_config, self.runtime, self.output = configs
         validate(*configs)
         self.verbose = verbose
         if verbose:
@@ -125,26 +129,27 @@ class ImageClassifier:
 
     # --- training ------------------------------------------------------------------------------------------
 
-    def fit(self, data: str | Path, *, out: str | Path | None = None, started: float | None = None,
+    def fit(self, data: str | Path | DataConfig, *, out: str | Path | None = None, started: float | None = None,
             **data_options: Any) -> History:
-        """Split ``data`` and train in the configured mode; with ``out``, evaluate on the validation and test
-        splits and write the whole run there (checkpointing each epoch, so ``resume=out`` can continue it).
-        ``data_options`` are :class:`DataConfig` fields (val, test, seed, split_manifest). The time budget counts
-        from ``started`` (a ``time.perf_counter()`` value; default: now). Returns the history."""
+        """Split ``data`` (a folder, or a whole :class:`DataConfig`) and train in the configured mode; with ``out``,
+        evaluate on the validation and test splits and write the whole run there (checkpointing each epoch, so
+        ``resume=out`` can continue it). ``data_options`` are :class:`DataConfig` fields (val, test, seed,
+        split_manifest). The time budget counts from ``started`` (a ``time.perf_counter()`` value; default: now).
+        Returns the history."""
         resume = None
-        if self.runtime.resume:
-            out, data_options = self.runtime.resume, {**data_options, "split_manifest": str(
-                Path(self.runtime.resume) / "split.csv")}
+        if self.output.resume:
+            out, data_options = self.output.resume, {**data_options, "split_manifest": str(
+                Path(self.output.resume) / "split.csv")}
             *resume, (self.backbone_config, self.train_config, self.augment_config) = resume_configs(Path(out))
             self.extractor = Extractor(self.backbone_config, self.train_config, self.runtime, verbose=self.verbose)
-        # one seed, as the CLI's --seed: the split's too, unless given here
-        (self.data_config,) = route_options((DataConfig,), {"path": str(data), "seed": self.train_config.seed,
-                                                            **data_options})
+        given = [data] if isinstance(data, DataConfig) else []
+        path = {} if given else {"path": str(data), "seed": self.train_config.seed}  # one seed, as the CLI's --seed
+        (self.data_config,) = route_options((DataConfig,), {**path, **data_options}, given)
         validate(self.data_config)
         self._join_processes()
         created, writes = out is not None and not Path(out).exists(), out is not None and dist.is_main()
         if writes:  # before any work, and before any write
-            claim_out(out, self.data_config.path, overwrite=self.runtime.overwrite)
+            claim_out(out, self.data_config.path, overwrite=self.output.overwrite)
         start = time.perf_counter()
         budget, budget_why = budget_seconds(self.train_config, self.run.device.type)
         folder = scan(self.data_config)
@@ -298,7 +303,7 @@ class ImageClassifier:
         cache = Path(self.runtime.cache_dir) if self.runtime.cache_dir else None
         return write_run(Path(run_dir), RunResult(self.spec, self.model, extra, title, self.history, data,
                                                   self.findings, self.metrics, self.predictions, base,
-                                                  self.runtime.tensorboard, cache), overwrite=self.runtime.overwrite)
+                                                  self.output.tensorboard, cache), overwrite=self.output.overwrite)
 
     def describe(self) -> str:
         """A short name: backbone and mode, or the scratch model."""
@@ -308,14 +313,15 @@ class ImageClassifier:
         return f"{self.backbone_config.backbone}:{mode}"
 
     @classmethod
-    def load(cls, run_dir: str | Path, *, weights: str | None = None, verbose: bool = True,
-             **runtime_options: Any) -> ImageClassifier:
-        """Load a saved model (``extractor.load_run``). A head on a pretrained base loads that base on first use,
-        which must have the weights it was trained with (by SHA-256); ``weights`` points to the file if it has
-        moved. The model runs where ``device`` and ``precision`` say (default: auto), never where it was trained."""
-        device, precision = runtime_options.pop("device", "auto"), runtime_options.pop("precision", "auto")
-        (runtime,) = route_options((RuntimeConfig,), runtime_options)
-        loaded = load_run(run_dir, runtime, weights=weights, device=device, precision=precision, verbose=verbose)
+    def load(cls, run_dir: str | Path, *, verbose: bool = True, configs: Sequence[Any] = (),
+             **options: Any) -> ImageClassifier:
+        """Load a saved model (``extractor.load_run``). ``configs`` are an :class:`InferenceConfig` and a
+        :class:`RuntimeConfig`, ``options`` their fields by name. A head on a pretrained base loads that base on
+        first use, which must have the weights it was trained with (by SHA-256); ``weights`` points to the file if
+        it has moved. The model runs where ``device`` and ``precision`` say (default: auto), never where it was
+        trained."""
+        inference, runtime = route_options((InferenceConfig, RuntimeConfig), options, configs)
+        loaded = load_run(run_dir, inference, runtime, verbose)
         clf = cls(verbose=verbose)
         ex = clf.extractor = loaded.extractor
         clf.backbone_config, clf.train_config, clf.runtime = ex.backbone_config, ex.train_config, ex.runtime

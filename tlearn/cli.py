@@ -1,16 +1,13 @@
-"""The ``tlearn`` command: one verb → one plain function. Flags come from the config dataclasses' fields."""
+"""The ``tlearn`` command: one verb → one plain function of typed configs. The flags come from the configs'
+fields (``flags.py``); each verb builds its configs from them and hands them to the API as they are."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
-import re
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +16,30 @@ from tlearn.config import (
     AugmentConfig,
     BackboneConfig,
     DataConfig,
+    InferenceConfig,
+    OutputConfig,
     RuntimeConfig,
     TlearnError,
     TrainConfig,
     check_parallel,
     validate,
 )
+from tlearn.flags import DEFAULT_INPUT_SIZE, config
 
 START = time.perf_counter()  # the command's start, for the total time it reports
-DEFAULT_INPUT_SIZE = 224  # the input size of the default backbone, pinned to timm's cfg by a test
 MAX_PLOTTED = 12  # images in one `predict --plot` chart
 
 
 def train(args: argparse.Namespace) -> None:
     """Train a classifier on a folder of images and write the run (model, metrics, curves) to --out."""
-    data, options = _train_options(args)
+    data, configs = _training(args)
     if args.devices > 1:
         return _launch(args, data)
     from tlearn.api import ImageClassifier
 
     out = Path(args.resume or args.out or _default_out(data))
-    clf = ImageClassifier(**options)
-    clf.fit(data.pop("path"), out=out, started=START, **data)  # the time budget counts from the command's start
+    clf = ImageClassifier(configs=configs)
+    clf.fit(data, out=out, started=START)  # the time budget counts from the command's start
     from tlearn import dist
 
     if not dist.is_main():  # one of several processes: rank 0 reports the run
@@ -52,7 +51,7 @@ def train(args: argparse.Namespace) -> None:
           f"{out / 'report.html'})" + (f"; {skipped} file(s) skipped: see {out / 'skipped.csv'}" if skipped else ""))
 
 
-def _launch(args: argparse.Namespace, data: dict[str, Any]) -> None:
+def _launch(args: argparse.Namespace, data: DataConfig) -> None:
     """``--devices N``: this same command as N processes under PyTorch's elastic launcher (what ``torchrun
     --standalone --nproc-per-node N`` runs): one process per GPU with CUDA, else N CPU processes (gloo), each with
     its share of the cores. If one fails, the launcher stops the others; the checkpoint of the last finished
@@ -78,7 +77,7 @@ def _launch(args: argparse.Namespace, data: dict[str, Any]) -> None:
     except dist.ProcessFailed as e:
         where = args.resume or args.out or "the run folder"
         raise TlearnError(f"training process {e.rank} of {n} stopped ({e.how}), so the others were stopped too; "
-                          f"`tlearn train {data['path']} --resume {where} --devices {n}` continues from the last "
+                          f"`tlearn train {data.path} --resume {where} --devices {n}` continues from the last "
                           "finished epoch") from None
 
 
@@ -89,11 +88,9 @@ def compare(args: argparse.Namespace) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TlearnError("tlearn compare runs in one process; start each model with `tlearn train --devices N` to "
                           "train it data-parallel")
-    data, options = _train_options(args)
-    for name in ("mode", "model", "backbone", "resume"):
-        options.pop(name)
+    data, configs = _training(args)
     out = Path(args.out or _default_out(data, "compare"))
-    run_compare(data.pop("path"), args.models, out, options, data)
+    run_compare(data, args.models, out, configs)
     print((out / "compare.md").read_text())
     print(f"comparison written to {out} (compare.csv, compare.md, compare.png)")
 
@@ -104,7 +101,7 @@ def augment_preview(args: argparse.Namespace) -> None:
     from tlearn.backbones import preprocessing_of
     from tlearn.images import ImageDecodeError
 
-    augment = _config(AugmentConfig, args)
+    augment = config(AugmentConfig, args)
     validate(augment)
     if args.model:
         from tlearn.models import SCRATCH
@@ -127,7 +124,7 @@ def check(args: argparse.Namespace) -> None:
     from tlearn.check import format_report, quarantine_rows
     from tlearn.fileio import atomic_write_csv
 
-    data = _config(DataConfig, args)
+    data = config(DataConfig, args)
     validate(data)
     min_size = DEFAULT_INPUT_SIZE  # the default backbone's, without importing timm (about 4 s)
     if args.backbone:
@@ -152,12 +149,13 @@ def evaluate(args: argparse.Namespace) -> None:
     """Evaluate a trained run on its test split, or on DATA (class sub-folders, or a split folder's test/)."""
     from tlearn.api import ImageClassifier
 
-    clf = ImageClassifier.load(args.run, weights=args.weights, verbose=not args.json, **_where(args))
+    inference, runtime = _inference(args)
+    clf = ImageClassifier.load(args.run, verbose=not inference.json, configs=(inference, runtime))
     metrics = clf.evaluate(args.data)
     if args.tta:  # both, so the difference shows
         plain, metrics = metrics, clf.evaluate(args.data, tta=True)
         metrics["without_tta"] = {"accuracy": plain["accuracy"], "loss": plain["loss"]}
-    if args.json:
+    if inference.json:
         print(json.dumps(metrics, indent=2))
         return
     print(report.format_metrics(metrics, metrics["split"]))
@@ -175,21 +173,23 @@ def report_(args: argparse.Namespace) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     """Top-k predictions for images and folders: `tlearn predict RUN IMAGES...`, or `--imagenet IMAGES...`."""
+    inference, runtime = _inference(args)
     if args.imagenet:
         from tlearn.api import predict_imagenet
 
-        results = predict_imagenet(args.paths, backbone=args.backbone, weights=args.weights, top_k=args.top_k)
+        results = predict_imagenet(args.paths, backbone=args.backbone, weights=args.weights, top_k=inference.top_k)
     else:
         from tlearn.predictor import Predictor  # inference only: ONNX Runtime and NumPy where it can
 
         if len(args.paths) < 2:
             raise TlearnError("usage: tlearn predict RUN IMAGE [IMAGE ...] (or tlearn predict --imagenet IMAGE ...)")
-        model = Predictor.load(args.paths[0], weights=args.weights, verbose=not args.json, **_where(args))
-        results = model.predict(args.paths[1:], top_k=args.top_k, calibration=not args.no_calibration, tta=args.tta)
-        if args.tta and not args.json:
+        model = Predictor.load(args.paths[0], verbose=not inference.json, configs=(inference, runtime))
+        results = model.predict(args.paths[1:], top_k=inference.top_k, calibration=not args.no_calibration,
+                                tta=args.tta)
+        if args.tta and not inference.json:
             print(f"with test-time augmentation: each image's probabilities come from the mean logits of "
                   f"{len(model.tta_views())} views ({', '.join(model.tta_views())})", file=sys.stderr)
-    print(json.dumps(results, indent=2) if args.json else report.format_predictions(results))
+    print(json.dumps(results, indent=2) if inference.json else report.format_predictions(results))
     if args.plot:
         from tlearn.plots import prediction_charts
 
@@ -215,9 +215,11 @@ def explain(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise TlearnError(f"--out {out} is a file; give a folder to write the heatmaps into")
-    clf = ImageClassifier.load(args.paths[0], weights=args.weights, verbose=False, **_where(args))
+    inference, runtime = _inference(args)
+    clf = ImageClassifier.load(args.paths[0], verbose=False, configs=(inference, runtime))
     results, taken = [], set()
-    for r in clf.explainer().explain(expand_inputs(args.paths[1:]), args.class_name, args.top_k, with_image=True):
+    for r in clf.explainer().explain(expand_inputs(args.paths[1:]), args.class_name, inference.top_k,
+                                     with_image=True):
         if "error" in r:
             results.append(r)
             print(f"{r['path']}: error: {r['error']}", file=sys.stderr)
@@ -228,9 +230,9 @@ def explain(args: argparse.Namespace) -> None:
             raise TlearnError(f"cannot create --out {out}: {e.strerror or e}; choose a writable folder") from e
         png = explained_figure(r, heatmap_path(out, Path(r["path"]), taken, args.class_name), report.printable)
         results.append({**r, "heatmap_png": str(png)})
-        if not args.json:
+        if not inference.json:
             print(f"{r['path']}: {r['class']} ({r['probability']:.1%}): heatmap {png}")
-    if args.json:
+    if inference.json:
         print(json.dumps(results, indent=2))
     if results and all("error" in r for r in results):
         raise TlearnError("no image could be read")
@@ -255,15 +257,18 @@ def serve(args: argparse.Namespace) -> None:
     curl -F files=@photo.jpg http://127.0.0.1:8000/predict)"""
     from tlearn.serve import serve as run_server
 
-    run_server(args.run, host=args.host, port=args.port, runtime=args.runtime, device=args.device,
-               weights=args.weights, cache_dir=args.cache_dir, max_upload_mb=args.max_upload_mb, top_k=args.top_k)
+    inference = config(InferenceConfig, args)
+    validate(inference)
+    run_server(args.run, host=args.host, port=args.port, runtime=args.runtime, device=inference.device,
+               weights=inference.weights, cache_dir=args.cache_dir, max_upload_mb=args.max_upload_mb,
+               top_k=inference.top_k)
 
 
 def split(args: argparse.Namespace) -> None:
     """Copy (hard-link) a folder of class sub-folders into DEST/train, DEST/validation and DEST/test."""
     from tlearn.data import materialise_split
 
-    data = _config(DataConfig, args)
+    data = config(DataConfig, args)
     validate(data)
     folder = materialise_split(data, Path(args.dest))
     print(report.format_counts(folder.counts()))
@@ -283,220 +288,34 @@ def backbones(args: argparse.Namespace) -> None:
     print("\nAny other timm model name also works, with hub weights (online) or --weights FILE.")
 
 
-def _train_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The data options and the ImageClassifier options from the flags, validated together."""
-    data, bb, tr, aug, rt = (_config(cls, args) for cls in (DataConfig, BackboneConfig, TrainConfig, AugmentConfig,
-                                                            RuntimeConfig))
-    tr.seed = data.seed  # one --seed for the split, the initialisation and the shuffling
-    validate(data, bb, tr, aug, rt)
-    options = {**dataclasses.asdict(bb), **dataclasses.asdict(tr), **dataclasses.asdict(aug), **dataclasses.asdict(rt)}
-    return dataclasses.asdict(data), options
+def _training(args: argparse.Namespace) -> tuple[DataConfig, tuple[Any, ...]]:
+    """The data config and the ImageClassifier's configs from the flags, validated together."""
+    data, *configs = (config(cls, args) for cls in (DataConfig, BackboneConfig, TrainConfig, AugmentConfig,
+                                                     RuntimeConfig, OutputConfig))
+    configs[1].seed = data.seed  # one --seed for the split, the initialisation and the shuffling
+    validate(data, *configs)
+    return data, tuple(configs)
 
 
-def _default_out(data: dict[str, Any], kind: str = "") -> str:
-    name = Path(data["path"]).resolve().name
+def _inference(args: argparse.Namespace) -> tuple[InferenceConfig, RuntimeConfig]:
+    """How a loaded model runs (where, in which precision, with which weights) and shows its results."""
+    inference, runtime = config(InferenceConfig, args), config(RuntimeConfig, args)
+    validate(inference, runtime)
+    return inference, runtime
+
+
+def _default_out(data: DataConfig, kind: str = "") -> str:
+    name = Path(data.path).resolve().name
     return f"runs/{name}{'-' + kind if kind else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-# --- flags from dataclass fields ------------------------------------------------------------------------
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    group = parser.add_argument_group(cls.__doc__.split("\n")[0].rstrip("."))
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        help_text = f.metadata.get("help", "")
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, metavar=f.name.upper() if f.name != "path" else "DATA", help=help_text)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        if kind.startswith("bool"):  # bool, or bool | None where None means "the preset decides"
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=help_text)
-        else:
-            caster = _whole() if kind.startswith("int") else _number if kind.startswith("float") else str
-            group.add_argument(flag, dest=f.name, type=caster, default=f.default,
-                               help=f"{help_text} (default: {f.default})")
-
-
-def _whole(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
-    """An argparse type: a whole number written in ASCII digits (``int()`` also takes "²" and "١"), from ``lo`` to
-    ``hi`` where given."""
-    def whole(text: str) -> int:
-        if not re.fullmatch(r"[+-]?[0-9]{1,19}", text.strip()):
-            raise argparse.ArgumentTypeError(f"must be a whole number in digits 0-9, not {text!r}")
-        value = int(text)
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}, not {value}" if hi is not None
-                                             else f"must be {lo} or more, not {value}")
-        return value
-
-    return whole
-
-
-def _number(text: str) -> float:
-    """An argparse type: a finite number written in ASCII (``float()`` also takes "nan", "inf" and "١.٥")."""
-    if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text.strip()):
-        raise argparse.ArgumentTypeError(f"must be a finite number such as 0.001 or 1e-3, not {text!r}")
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
-    return value
-
-
-def _config(cls: type, args: argparse.Namespace) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-
-
-def _runtime(args: argparse.Namespace) -> dict[str, Any]:
-    return dataclasses.asdict(_config(RuntimeConfig, args))
-
-
-def _where(args: argparse.Namespace) -> dict[str, Any]:
-    """The runtime settings of a loaded model, with where it runs: the caller's choice, never the run's."""
-    return {**_runtime(args), "device": args.device, "precision": args.precision}
-
-
-def _add_placement(p: argparse.ArgumentParser) -> None:
-    """--device and --precision of a loaded model, as TrainConfig describes them."""
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("device", "precision"):
-            p.add_argument(f"--{f.name}", default=f.default, help=f"{f.metadata['help']}; whatever the run was "
-                           f"trained on (default: {f.default})")
+VERBS = (train, compare, check, augment_preview, evaluate, report_, predict, explain, export, serve, split, backbones)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tlearn import __version__
+    from tlearn.flags import build
 
-    parser = argparse.ArgumentParser(prog="tlearn", description="Transfer learning for image classification: a "
-                                     "folder of images → a trained, evaluated, deployable classifier.")
-    parser.add_argument("--version", action="version", version=f"tlearn {__version__}")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
-
-    def verb(fn: Callable) -> argparse.ArgumentParser:
-        doc = fn.__doc__.strip()
-        sub = verbs.add_parser(fn.__name__.strip("_").replace("_", "-"), help=doc.split("\n")[0], description=doc)
-        sub.set_defaults(func=fn)
-        return sub
-
-    for fn in (train, compare):
-        p = verb(fn)
-        _add_fields(p, DataConfig)
-        if fn is compare:
-            p.add_argument("--models", required=True, help="comma-separated models: small-cnn, alexnet, "
-                           "logreg-pixels, or BACKBONE:MODE with MODE auto, features, frozen or finetune")
-        _add_fields(p, BackboneConfig)
-        _add_fields(p, TrainConfig, skip=("seed",))
-        _add_fields(p, AugmentConfig)
-        _add_fields(p, RuntimeConfig)
-        p.add_argument("--out", help="folder to write (default: runs/<data folder>-<date>-<time>)")
-        if fn is train:
-            p.add_argument("--devices", type=_whole(1, 1024), default=1, help="train data-parallel in this many "
-                           "processes (one per GPU with CUDA, else CPU processes); --batch-size stays the effective "
-                           "batch (default: 1)")
-
-    p = verb(check)
-    _add_fields(p, DataConfig)
-    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
-    p.add_argument("--strict", action="store_true", help="exit with status 2 when there are blocking findings")
-    p.add_argument("--fix-report", metavar="CSV", help="write the files worth setting aside to this CSV, with "
-                   "--labels' suspects among them (nothing is moved)")
-    p.add_argument("--backbone", help="flag images smaller than this backbone's input (default: "
-                   f"{DEFAULT_INPUT_SIZE} px, {BackboneConfig.backbone}'s)")
-    p.add_argument("--labels", action="store_true", help="also list suspected mislabels: images whose folder "
-                   "disagrees with a model trained without them (confident learning on the backbone's features; "
-                   "nothing is moved)")
-    p.add_argument("--near-threshold", type=_whole(0, 64), default=4, help="largest difference-hash distance (of "
-                   "64 bits) between near duplicates (default: 4)")
-
-    p = verb(augment_preview)
-    p.add_argument("image", metavar="IMAGE", help="an image file")
-    p.add_argument("--n", type=_whole(1, 64), default=8, help="how many augmented versions, 1 to 64 (default: 8)")
-    p.add_argument("--out", default="augment_preview.png", help="PNG file to write (default: augment_preview.png)")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="preprocess for this backbone's input")
-    p.add_argument("--model", choices=("small-cnn", "alexnet"), help="preprocess for this scratch model instead")
-    p.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0, help="seed of the random augmentations (default: 0)")
-    _add_fields(p, AugmentConfig)
-
-    p = verb(evaluate)
-    p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`")
-    p.add_argument("data", metavar="DATA", nargs="?", help="folder to evaluate on (default: the run's test split)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
-    p.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation (centre, mirrored, "
-                   "four corners; mean logits) and show both")
-    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard", "overwrite"))  # nothing is trained here
-    _add_placement(p)
-
-    p = verb(report_)
-    p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`")
-
-    p = verb(predict)
-    p.add_argument("paths", metavar="PATH", nargs="+", help="RUN followed by image files or folders")
-    p.add_argument("--top-k", type=_whole(1), default=3, help="how many classes to show per image (default: 3)")
-    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
-    p.add_argument("--imagenet", action="store_true", help="use the backbone's own ImageNet head, not a run")
-    p.add_argument("--plot", metavar="PNG", help="also draw each image beside a bar chart of its top-k classes")
-    p.add_argument("--no-calibration", action="store_true", help="raw softmax probabilities, without the run's "
-                   "temperature scaling")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: mean logits of the centre crop, its "
-                   "mirror image and four corner crops")
-    _add_fields(p, BackboneConfig, skip=("pretrained",))
-    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard", "overwrite"))
-    _add_placement(p)
-
-    p = verb(explain)
-    p.add_argument("paths", metavar="PATH", nargs="+", help="RUN followed by image files or folders")
-    p.add_argument("--class", dest="class_name", metavar="NAME", help="show the evidence for this class (default: "
-                   "each image's predicted class)")
-    p.add_argument("--out", default="heatmaps", help="folder to write IMAGE.heatmap.png files into (default: "
-                   "heatmaps); only earlier heatmaps are ever replaced")
-    p.add_argument("--top-k", type=_whole(1), default=3, help="classes in each figure's title (default: 3)")
-    p.add_argument("--json", action="store_true", help="print the results (without the arrays) as JSON")
-    p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
-    _add_fields(p, RuntimeConfig, skip=("resume", "tensorboard", "overwrite"))
-    _add_placement(p)
-
-    p = verb(export)
-    p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="the file format (default: onnx)")
-    p.add_argument("--out", help="the .onnx file to write, with a .json sidecar beside it (default: RUN.onnx, or "
-                   "RUN-int8.onnx with --int8, next to the run folder)")
-    p.add_argument("--int8", action="store_true", help="quantize to int8 (ONNX Runtime static quantization); its "
-                   "accuracy is measured and printed next to fp32's")
-    p.add_argument("--data", metavar="FOLDER", help="labelled images (class sub-folders) to check and measure the "
-                   "export on (default: the run's test split, or validation where it has none)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier export")
-    p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
-    p.add_argument("--cache-dir", help="the feature and ONNX cache folder (default: $TLEARN_CACHE_DIR or "
-                   "~/.cache/tlearn)")
-
-    p = verb(serve)
-    p.add_argument("run", metavar="RUN", help="a run folder written by `tlearn train`, or an exported .onnx file")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
-                   "only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=_whole(1, 65535), default=8000, help="port to listen on (default: 8000)")
-    p.add_argument("--runtime", choices=("auto", "onnx", "torch"), default="auto", help="auto: the predictor's "
-                   "choice; onnx: the whole classifier as one ONNX graph (exported once, lowest latency on a CPU); "
-                   "torch: PyTorch (default: auto)")
-    p.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, cuda:N, mps "
-                   "(default: auto)")
-    p.add_argument("--max-upload-mb", type=_number, default=20, help="largest request body in MiB; larger ones get "
-                   "HTTP 413 (default: 20)")
-    p.add_argument("--top-k", type=_whole(1), default=5, help="classes per image unless a request asks (default: 5)")
-    p.add_argument("--weights", help="the backbone weights file the run was trained with, if it has moved")
-    p.add_argument("--cache-dir", help="the feature and ONNX cache folder (default: $TLEARN_CACHE_DIR or "
-                   "~/.cache/tlearn)")
-
-    p = verb(split)
-    _add_fields(p, DataConfig, skip=("split_manifest",))
-    p.add_argument("dest", metavar="DEST", help="new folder to write train/, validation/ and test/ into")
-
-    p = verb(backbones)
-    p.add_argument("--json", action="store_true", help="print the list as JSON")
-    return parser
+    return build(list(VERBS))
 
 
 def main(argv: list[str] | None = None) -> int:

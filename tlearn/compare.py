@@ -7,13 +7,15 @@ the first one made, and the backbone modes share the feature cache.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tlearn import plots
-from tlearn.config import TlearnError
+from tlearn.config import DataConfig, OutputConfig, TlearnError
 from tlearn.fileio import atomic_write_csv, atomic_write_text, read_csv_rows, safe_name
 from tlearn.htmlreport import CSS, html_table, png_tag
 from tlearn.models import SCRATCH
@@ -40,26 +42,27 @@ def parse_models(text: str) -> list[dict[str, str]]:
     return models
 
 
-def compare(data: str, models: str, out: Path, options: dict[str, Any],
-            data_options: dict[str, Any]) -> list[dict[str, Any]]:
+def compare(data: DataConfig, models: str, out: Path, configs: Sequence[Any]) -> list[dict[str, Any]]:
     """Train each model into ``out/<name>`` on one split and write ``compare.csv``, ``compare.md``,
-    ``compare.png`` and ``compare.html``. Returns one row per model."""
+    ``compare.png`` and ``compare.html``. ``configs`` are the settings every model shares (``ImageClassifier``'s);
+    each model sets its own backbone, mode and scratch model. Returns one row per model."""
     from tlearn.api import ImageClassifier
     from tlearn.run import claim_out
 
-    claim_out(out, data, overwrite=options.get("overwrite", False), kind="compare")
+    output = next((c for c in configs if isinstance(c, OutputConfig)), OutputConfig())
+    claim_out(out, data.path, overwrite=output.overwrite, kind="compare")
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
-    manifest = data_options.get("split_manifest")
+    manifest = data.split_manifest
     for spec in parse_models(models):
         name = spec.get("model") or f"{spec['backbone']}:{spec['mode']}"
         log.info(f"--- {name} ---")
-        clf = ImageClassifier(**{**options, **spec})
+        clf = ImageClassifier(configs=configs, **spec)
         folder = safe_name(name.replace(":", "-"))  # a name never becomes a path of its own
         folder = folder if folder not in used else f"{folder}-{len(rows) + 1}"
         used.add(folder)
         run_dir = out / folder
-        clf.fit(data, out=run_dir, **{**data_options, "split_manifest": manifest})
+        clf.fit(dataclasses.replace(data, split_manifest=manifest), out=run_dir)
         manifest = manifest or str(run_dir / "split.csv")  # the next models reuse this split
         split = "test" if "test" in clf.metrics else "validation"
         m = clf.metrics[split]

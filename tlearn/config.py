@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,10 +257,6 @@ class RuntimeConfig:
     runtime: str = _f("auto", "what runs the frozen base: torch, onnx (ONNX Runtime, CPU, fp32), or auto "
                       "(onnx on a CPU when onnxruntime is installed, torch on CUDA)")
     extract_batch_size: int = _f(0, "images per forward pass of the frozen base (0: 8 on a CPU, 64 on CUDA)")
-    resume: str | None = _f(None, "continue the interrupted run in this folder from its last completed epoch")
-    overwrite: bool = _f(False, "write the run into an --out folder that holds files tlearn did not write (tlearn's "
-                         "own files there are replaced, the others kept); without it such a folder is refused")
-    tensorboard: bool = _f(False, "also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)")
     workers: int | None = _f(None, "parallel image decoding: threads (lanes) for feature extraction and "
                              "prediction, processes for training (default: one per CPU core; 0: none)")
 
@@ -271,6 +268,42 @@ class RuntimeConfig:
             out.append(f"--extract-batch-size must be 0 (automatic) to 4096. Received: {self.extract_batch_size}")
         if self.workers is not None and not 0 <= self.workers <= 256:
             out.append(f"--workers must be 0 to 256. Received: workers={self.workers}")
+        return out
+
+
+@dataclass
+class OutputConfig:
+    """Where and how the run is written."""
+
+    resume: str | None = _f(None, "continue the interrupted run in this folder from its last completed epoch")
+    overwrite: bool = _f(False, "write the run into an --out folder that holds files tlearn did not write (tlearn's "
+                         "own files there are replaced, the others kept); without it such a folder is refused")
+    tensorboard: bool = _f(False, "also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)")
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class InferenceConfig:
+    """How a trained model is loaded, where it runs, and what is shown."""
+
+    weights: str | None = _f(None, "the backbone weights file the run was trained with, if it has moved")
+    device: str = _f("auto", "where the model runs: cpu, cuda, cuda:N, or auto (CUDA when present); whatever the run "
+                     "was trained on")
+    precision: str = _f("auto", "fp32, bf16, fp16 (CUDA), or auto (mixed precision on CUDA, the fastest exact path "
+                        "on a CPU); whatever the run was trained on")
+    top_k: int = _f(3, "how many classes to show per image")
+    json: bool = _f(False, "print the results as JSON")
+
+    def problems(self) -> list[str]:
+        out = []
+        if not re.fullmatch("auto|cpu|cuda(:[0-9]{1,3})?", self.device):
+            out.append(f"--device must be auto, cpu, cuda or cuda:N. Received: device={self.device!r}")
+        if self.precision not in PRECISIONS:
+            out.append(f"--precision must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}")
+        if not 1 <= self.top_k <= 100_000:
+            out.append(f"--top-k must be 1 or more. Received: top_k={self.top_k}")
         return out
 
 
@@ -288,14 +321,20 @@ class Decision:
     measured: dict[str, Any] = field(default_factory=dict)  # what the plan was estimated from
 
 
-def route_options(configs: tuple[type, ...], options: dict[str, Any]) -> list[Any]:
-    """Keyword options (the CLI flags' names) routed to the config dataclass that has a field of that name: one
-    instance of each of ``configs``."""
+def route_options(configs: tuple[type, ...], options: dict[str, Any], given: Sequence[Any] = ()) -> list[Any]:
+    """One instance of each of the ``configs`` classes: the one ``given`` (the CLI hands its configs over as they
+    are) or the defaults, with the keyword ``options`` (the flags' names, as the Python API takes them) routed to
+    the class that has a field of that name."""
     fields = {f.name: cls for cls in configs for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
         raise TlearnError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(fields))}")
-    return [cls(**{k: v for k, v in options.items() if fields[k] is cls}) for cls in configs]
+    strangers = [type(c).__name__ for c in given if type(c) not in configs]
+    if strangers:
+        raise TypeError(f"configs of type {', '.join(strangers)} do not belong here: {configs}")
+    base = {type(c): c for c in given}
+    return [dataclasses.replace(base.get(cls) or cls(), **{k: v for k, v in options.items() if fields[k] is cls})
+            for cls in configs]
 
 
 def check_names(backbone: BackboneConfig, train: TrainConfig) -> None:

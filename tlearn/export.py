@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tlearn import __version__, graph
-from tlearn.config import RuntimeConfig, TlearnError
+from tlearn.config import InferenceConfig, RuntimeConfig, TlearnError
 from tlearn.data import Sample, recorded_split, scan_labelled
 from tlearn.extractor import Loaded, load_run
 from tlearn.fileio import atomic_path, atomic_write_text
@@ -130,8 +130,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = F
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}{'-int8' if int8 else ''}.onnx"
     _claim(out, overwrite)
-    run = load_run(run_dir, RuntimeConfig(cache_dir=cache_dir), weights=weights, device="cpu", precision="fp32",
-                   verbose=False)
+    run = load_run(run_dir, InferenceConfig(weights=weights, device="cpu", precision="fp32"),
+                   RuntimeConfig(cache_dir=cache_dir), verbose=False)
     module, inputs = whole_classifier(run)
     names = ["image"] if len(inputs) == 1 else [f"image_{i}" for i in range(len(inputs))]
     evaluation, calibration, split = _real_images(run, data)

@@ -24,7 +24,7 @@ from torch import nn
 from tlearn import dist
 from tlearn.artifact import ModelSpec, load_model
 from tlearn.backbones import Backbone, load_backbone, load_recorded
-from tlearn.config import BackboneConfig, RuntimeConfig, TrainConfig, from_dict, validate
+from tlearn.config import BackboneConfig, InferenceConfig, RuntimeConfig, TrainConfig, from_dict, validate
 from tlearn.features import FeatureCache, Features
 from tlearn.fileio import file_sha256
 from tlearn.runtime import Engine, base_engine
@@ -160,19 +160,19 @@ class Loaded:
         return [b["name"] for b in self.spec.bases] or self.extractor.names()
 
 
-def load_run(run_dir: str | Path, runtime: RuntimeConfig, *, weights: str | None = None, device: str = "auto",
-             precision: str = "auto", verbose: bool = True) -> Loaded:
+def load_run(run_dir: str | Path, inference: InferenceConfig, runtime: RuntimeConfig, verbose: bool = True) -> Loaded:
     """A run folder's model, with an ``Extractor`` whose bases must have the weights it was trained with (by
-    SHA-256; ``weights`` points to the file if it has moved). It runs where ``device`` and ``precision`` say,
-    never where it was trained."""
+    SHA-256; ``inference.weights`` points to the file if it has moved). It runs where ``inference`` says, never
+    where it was trained."""
+    validate(inference, runtime)
     spec, model, config = load_model(Path(run_dir))
     saved = spec.backbone or BackboneConfig()
-    backbone = BackboneConfig(saved.backbone, weights or saved.weights, saved.pretrained)
-    train = TrainConfig(device=device, precision=precision)
-    validate(backbone, train, runtime)
+    backbone = BackboneConfig(saved.backbone, inference.weights or saved.weights, saved.pretrained)
+    train = TrainConfig(device=inference.device, precision=inference.precision)
+    validate(backbone)
     if "train" in config:  # how it was trained; where it runs stays the caller's choice
         train = dataclasses.replace(from_dict(TrainConfig, config["train"], str(Path(run_dir) / "config.json")),
-                                    device=device, precision=precision)
+                                    device=inference.device, precision=inference.precision)
     recorded = {} if spec.kind == "scratch" else dict(zip(backbone.names(), spec.weights_id.split("+"), strict=False))
     return Loaded(Path(run_dir), spec, model, config,
                   Extractor(backbone, train, runtime, recorded=recorded, verbose=verbose))

@@ -30,9 +30,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -53,6 +53,9 @@ from tlearn.data import expand_inputs
 from tlearn.evaluate import top_classes
 from tlearn.fileio import file_sha256, onnx_export_path, require_regular
 from tlearn.images import VIEWS, ImageDecodeError, crop_resize_fits, eval_transform, load_image, tta_views
+
+if TYPE_CHECKING:
+    from tlearn.config import InferenceConfig, RuntimeConfig
 
 log = logging.getLogger("tlearn")
 BATCH = 8
@@ -88,25 +91,26 @@ class Predictor:
         self._transforms: dict[str, list[Callable[[Image.Image], np.ndarray]]] = {}
 
     @classmethod
-    def load(cls, path: str | Path, *, weights: str | None = None, verbose: bool = True,
-             **runtime_options: Any) -> Predictor:
+    def load(cls, path: str | Path, *, verbose: bool = True, configs: Sequence[Any] = (), **options: Any
+             ) -> Predictor:
         """The run folder at ``path``, or the classifier that ``tlearn export`` wrote to ``path`` (a ``.onnx``
-        file). ``weights`` and ``runtime_options`` (cache_dir, runtime, device, ...) are as for
-        ``extractor.load_run``."""
+        file). ``configs`` are an ``InferenceConfig`` (weights, device, precision) and a ``RuntimeConfig``
+        (cache_dir, runtime, ...), and ``options`` their fields by name, as for ``ImageClassifier.load``."""
+        from tlearn.config import InferenceConfig, RuntimeConfig, route_options, validate
+
+        inference, runtime = route_options((InferenceConfig, RuntimeConfig), options, configs)
+        validate(inference, runtime)
         path = Path(path)
         if path.suffix.lower() == ".onnx" and not path.is_dir():
-            return cls.exported(path, **runtime_options)
-        fast = cls._fast(path, runtime_options)
-        if fast is not None:
-            return fast
-        return cls._torch(path, weights, verbose, runtime_options)
+            return cls.exported(path, inference, runtime)
+        return cls._fast(path, inference, runtime) or cls._torch(path, inference, runtime, verbose)
 
     @classmethod
-    def _fast(cls, run_dir: Path, runtime: dict[str, Any]) -> Predictor | None:
+    def _fast(cls, run_dir: Path, inference: InferenceConfig, runtime: RuntimeConfig) -> Predictor | None:
         """The ONNX predictor of a run, or None where it does not apply (see the module docstring)."""
-        device, precision = runtime.get("device", "auto"), runtime.get("precision", "auto")
+        device, precision = inference.device, inference.precision
         on_cpu = device == "cpu" or (device == "auto" and _no_gpu())
-        if runtime.get("runtime", "auto") == "torch" or not on_cpu or precision not in ("auto", "fp32") \
+        if runtime.runtime == "torch" or not on_cpu or precision not in ("auto", "fp32") \
                 or not importlib.util.find_spec("onnxruntime"):
             return None
         saved = read_run(run_dir)  # validated against the file's tensors: what follows can trust it
@@ -114,7 +118,7 @@ class Predictor:
         if spec.kind != "head" or not spec.bases or \
                 not all(crop_resize_fits(b["identity"]["preprocessing"]) for b in spec.bases):
             return None
-        files = [onnx_export_path(runtime.get("cache_dir"), b["name"], b["identity"]) for b in spec.bases]
+        files = [onnx_export_path(runtime.cache_dir, b["name"], b["identity"]) for b in spec.bases]
         if not all(f.is_file() for f in files):
             return None
         from safetensors.numpy import load_file
@@ -137,16 +141,12 @@ class Predictor:
                    temperature=spec.temperature, views=spec.views, backend="onnx", about=run_about(saved), spec=spec)
 
     @classmethod
-    def _torch(cls, run_dir: Path, weights: str | None, verbose: bool, runtime: dict[str, Any]) -> Predictor:
+    def _torch(cls, run_dir: Path, inference: InferenceConfig, runtime: RuntimeConfig, verbose: bool) -> Predictor:
         """The full stack: the run read back with its feature service (``extractor.load_run``), on the device and
         in the precision asked for."""
-        from tlearn.config import RuntimeConfig, route_options
         from tlearn.extractor import load_run
 
-        options = dict(runtime)
-        device, precision = options.pop("device", "auto"), options.pop("precision", "auto")
-        (settings,) = route_options((RuntimeConfig,), options)
-        loaded = load_run(run_dir, settings, weights=weights, device=device, precision=precision, verbose=verbose)
+        loaded = load_run(run_dir, inference, runtime, verbose)
         return cls.of(loaded.spec, loaded.model, loaded.extractor, about=run_about(read_run(run_dir)))
 
     @classmethod
@@ -176,11 +176,12 @@ class Predictor:
         return predictor
 
     @classmethod
-    def exported(cls, path: str | Path, **runtime: Any) -> Predictor:
+    def exported(cls, path: str | Path, inference: InferenceConfig | None = None,
+                 runtime: RuntimeConfig | None = None) -> Predictor:
         """A classifier written by ``tlearn export``: its ONNX graph and the sidecar that describes it, both
         checked before use."""
         path = Path(path)
-        if runtime.get("runtime", "auto") == "torch" or runtime.get("device", "auto") not in ("auto", "cpu"):
+        if (runtime and runtime.runtime == "torch") or (inference and inference.device not in ("auto", "cpu")):
             raise TlearnError(f"{path} is an ONNX graph, which runs in ONNX Runtime on the CPU; drop --runtime torch "
                               "and --device, or pass the run folder instead")
         if not path.is_file():
