@@ -32,7 +32,7 @@ def shards(data: Path) -> dict:
     clf = ImageClassifier(**TINY, verbose=False, workers=0, batch_size=8, mode="finetune")
     clf._join_processes()
     folder = scan(DataConfig(path=str(data)))
-    job = type("Job", (), {"runtime": clf.runtime, "train": clf.train_config, "run": clf.run})()
+    job = type("Job", (), {"runtime": clf.runtime, "train": clf.train_config, "run": clf.extractor.run})()
     generator = torch.Generator().manual_seed(0)
     train = _image_batches(job, folder.split("train"), lambda image: torch.zeros(3, 8, 8), {}, generator)
     epochs = []
@@ -61,7 +61,7 @@ def extract(data: Path) -> dict:
     clf = ImageClassifier(**TINY, verbose=False, workers=0, mode="features")
     clf._join_processes()
     paths = sorted(Path(data).rglob("*.png"))
-    feats = clf.features(paths)
+    feats = clf.extractor.features(paths)
     return {"extracted": extracted, "rows": len(feats.X), "cached_after": feats.cached,
             "checksum": float(feats.X.sum())}
 

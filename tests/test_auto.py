@@ -126,8 +126,8 @@ def test_a_step_that_improves_validation_is_kept_with_concatenated_bases(tmp_pat
     assert steps["larger"]["status"] == "kept" and steps["larger"]["features"] == both
     loaded = ImageClassifier.load(tmp_path / "run", verbose=False)
     assert loaded.backbone_config.backbone == "test_efficientnet+test_efficientnet_gn"
-    assert loaded.spec.num_features == clf.base("test_efficientnet").num_features + \
-        clf.base("test_efficientnet_gn").num_features
+    assert loaded.spec.num_features == clf.extractor.base("test_efficientnet").num_features + \
+        clf.extractor.base("test_efficientnet_gn").num_features
     images = [data / "red", data / "blue"]
     assert loaded.predict(images, top_k=2) == clf.predict(images, top_k=2)
 

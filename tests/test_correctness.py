@@ -122,7 +122,7 @@ def test_a_model_trained_on_cuda_predicts_on_this_machine_where_the_caller_says(
                                                                           device="cpu").predict([data / "red"])]
     for options in ({}, {"device": "cpu", "precision": "fp32"}):
         clf = ImageClassifier.load(tmp_path / "run", verbose=False, **options)
-        assert clf.run.device.type == "cpu" and clf.run.dtype is None
+        assert clf.extractor.run.device.type == "cpu" and clf.extractor.run.dtype is None
         assert [r["predictions"][0]["class"] for r in clf.predict([data / "red"])] == expected
         assert clf.train_config.epochs == 1  # how it was trained is still read from the run
     out = subprocess.run([sys.executable, "-m", "tlearn.cli", "predict", str(tmp_path / "run"), str(data / "red"),

@@ -71,7 +71,8 @@ def _mutate(config: dict, path: list, value: object) -> dict:
     """``config`` with the value at ``path`` (keys and indices, as far as they go) replaced by ``value``."""
     node = config
     for key in path[:-1]:
-        nxt = node.get(key) if isinstance(node, dict) else node[key % len(node)] if node else None
+        nxt = node.get(key) if isinstance(node, dict) else node[key % len(node)] if node and isinstance(key, int) \
+            else None  # a name does not index a list: the path ends there
         if not isinstance(nxt, dict | list):
             break
         node = nxt

@@ -121,8 +121,10 @@ def test_a_change_of_labels_or_settings_chooses_the_head_again(tmp_path: Path,
 
 
 def test_a_remembered_head_still_skips_the_files_that_failed(tmp_path: Path) -> None:
-    root = make_folder(tmp_path / "photos", per_class=12)
-    (root / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    root = tmp_path / "photos"
+    make_folder(root / "train", per_class=10)
+    make_folder(root / "validation", per_class=4, seed=1)
+    (root / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # a training image
     runs = [fit(root, tmp_path / name) for name in ("one", "two")]
     for clf in runs:
         assert [s.path.name for s in clf.data.skipped] == ["broken.png"]
@@ -145,3 +147,28 @@ def test_a_warm_train_imports_neither_timm_nor_the_solvers_nor_matplotlib(tmp_pa
         seen.append(proc.stdout.strip().splitlines()[-1])
     assert "timm" in seen[0] and "sklearn.linear_model" in seen[0]  # the first run does use them
     assert seen[1] == "[]"
+
+
+def test_a_rerun_remembers_the_files_that_could_not_be_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The head remembered by the first run carries its undecodable training files, so an unchanged re-run
+    takes the chosen and the refit head from the cache, and still leaves those files out and says so. (The list
+    was once written after the files had been dropped from the data, so it was always empty: every re-run of such a
+    folder missed the refit head's memo and computed it again.)"""
+    root = tmp_path / "photos"
+    make_folder(root / "train", per_class=10)
+    make_folder(root / "validation", per_class=4, seed=1)
+    broken = root / "train" / "red" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    ImageClassifier(**TINY, mode="features", verbose=False).fit(root, out=tmp_path / "one")
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("recomputed on an unchanged re-run")
+
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="tlearn"):
+        for name in ("choose_head", "refit", "probe_splits"):
+            m.setattr(f"tlearn.recipes.features.{name}", must_not_run)
+        again = ImageClassifier(**TINY, mode="features", verbose=False)
+        again.fit(root, out=tmp_path / "two")
+    assert f"skipped {broken}" in caplog.text and broken not in {s.path for s in again.data.samples}
+    assert (tmp_path / "one" / "skipped.csv").read_text() == (tmp_path / "two" / "skipped.csv").read_text()

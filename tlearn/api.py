@@ -42,7 +42,6 @@ from tlearn.config import (
 from tlearn.data import ImageFolder, expand_inputs, recorded_split, scan, scan_labelled, write_manifest
 from tlearn.evaluate import Scored, assess, metrics_of, score, top_classes
 from tlearn.extractor import Extractor, load_run
-from tlearn.features import Features
 from tlearn.labels import run_mislabels
 from tlearn.predictor import Predictor
 from tlearn.recipes import Job, Trained
@@ -50,8 +49,7 @@ from tlearn.recipes import train as run_recipe
 from tlearn.recipes.heads import FOLDS, describe
 from tlearn.recipes.job import model_spec
 from tlearn.recipes.plan import Clock, budget_seconds, choose, format_table
-from tlearn.run import RunResult, claim_out, write_run
-from tlearn.runtime import Engine
+from tlearn.run import RunResult, claim_out, sections, write_run
 from tlearn.train import History, Precision
 
 if TYPE_CHECKING:
@@ -103,31 +101,10 @@ class ImageClassifier:
         self.run_config: dict[str, Any] = {}  # a loaded run's config.json
         self.run_dir: Path | None = None  # where a loaded model came from
 
-    # --- the feature service's parts ----------------------------------------------------------------------
-
-    @property
-    def run(self) -> Precision:
-        return self.extractor.run
-
     @property
     def backbone(self) -> Backbone:
-        """The (first) frozen pretrained base, loaded on first use."""
+        """The (first) frozen pretrained base, loaded on first use (``self.extractor`` has them all)."""
         return self.extractor.base()
-
-    def base(self, name: str | None = None) -> Backbone:
-        return self.extractor.base(name)
-
-    @property
-    def engine(self) -> Engine:
-        """What runs the (first) frozen base for feature extraction (see ``tlearn.runtime``)."""
-        return self.extractor.engine()
-
-    def features(self, paths: list[Path], names: list[str] | None = None, view: str = "center",
-                 announce: bool = True, cache: bool = True) -> Features:
-        """Pooled features of the frozen bases (``Extractor.features``)."""
-        return self.extractor.features(paths, names, view, announce, cache)
-
-    # --- training ------------------------------------------------------------------------------------------
 
     def fit(self, data: str | Path | DataConfig, *, out: str | Path | None = None, started: float | None = None,
             **data_options: Any) -> History:
@@ -151,17 +128,14 @@ class ImageClassifier:
         if writes:  # before any work, and before any write
             claim_out(out, self.data_config.path, overwrite=self.output.overwrite)
         start = time.perf_counter()
-        budget, budget_why = budget_seconds(self.train_config, self.run.device.type)
-        folder = scan(self.data_config)
-        self.findings = quick_check(folder)
-        self.decision = dataclasses.replace(choose(len(folder.split("train")), len(folder.classes),
-                                                   self.train_config), budget=budget)
-        _announce(folder, self.findings, self.decision, self.train_config, budget_why)
+        folder, self.findings, self.decision = _prepare(self.data_config, self.train_config,
+                                                        self.extractor.run.device.type)
         check_names(self.backbone_config, self.train_config)
         if writes:
             write_manifest(folder, Path(out) / "split.csv")  # before training, so an interrupted run can resume
         job = Job(folder, self.decision, self.train_config, self.augment_config, self.runtime, self.extractor,
-                  Clock(budget, started), self.backbone_config.names(), resume=tuple(resume) if resume else None,
+                  Clock(self.decision.budget, started), self.backbone_config.names(),
+                  resume=tuple(resume) if resume else None,
                   progress=self.verbose, checkpoint=writer(Path(out) / CHECKPOINT_FILE, self._config_sections())
                   if writes else None)
         with _tidy_on_failure(Path(out) if writes and not resume else None, created):
@@ -180,19 +154,9 @@ class ImageClassifier:
         self.train_seconds = time.perf_counter() - start
         if not dist.is_main():  # the other processes' part ends with training: rank 0 evaluates and writes the run
             return self.history
-        p = trained.probe  # a head on features: scored on the held-out validation split as it was chosen
-        log.info(f"trained: head {describe(p.chosen)}{' (refit on train + validation)' if p.refit else ''}: "
-                 f"val_accuracy {p.val_accuracy:.4f}, val_loss {p.val_loss:.4f} ({self.train_seconds:.1f} s in all)"
-                 if p else f"trained: best {self.history.best()}: val_accuracy "
-                 f"{self.history.history['val_accuracy'][self.history.best_epoch - 1]:.4f}, val_loss "
-                 f"{self.history.history['val_loss'][self.history.best_epoch - 1]:.4f} "
-                 f"({self.train_seconds:.1f} s in all)")
-        validation = folder.split("validation")
-        held = Scored(p.val_logits, _labels(validation), [s.path for s in validation]) if p else \
-            score(self._logits, validation)
-        calibration = (*p.calibration, f"held-out logits of train ({FOLDS}-fold) and validation") \
-            if p and p.calibration is not None else None
-        assessed = assess(self._logits, held, calibration, folder.split("test"), self.classes, full=out is not None)
+        logits_of = self.predictor().paths_logits
+        held, calibration = _held_out(trained, folder, logits_of, self.train_seconds)
+        assessed = assess(logits_of, held, calibration, folder.split("test"), self.classes, full=out is not None)
         self.spec.temperature, self.metrics, self.predictions = assessed.temperature, assessed.metrics, \
             assessed.predictions
         if out is not None:
@@ -204,22 +168,19 @@ class ImageClassifier:
         return self.history
 
     def _join_processes(self) -> None:
-        """Under a launcher (torchrun, accelerate launch, ``--devices``), join the process group: this process
+        """Under a launcher (torchrun, accelerate launch, ``--devices``), join its process group: this process
         trains on its own device, and only rank 0 logs, shows progress and writes files."""
-        if not dist.active():
-            return
-        check_parallel(self.train_config.mode, dist.world_size())
-        self.extractor.run = Precision(dist.init(self.run.device), self.run.dtype)
-        if not dist.is_main():
-            self.verbose = self.extractor.verbose = False
-            log.setLevel(logging.WARNING)
+        if dist.active():
+            check_parallel(self.train_config.mode, dist.world_size())
+            run = self.extractor.run
+            self.extractor.run = Precision(dist.init(run.device), run.dtype)
+            if not dist.is_main():
+                self.verbose = self.extractor.verbose = False
+                log.setLevel(logging.WARNING)
 
-    def _config_sections(self) -> dict[str, Any]:
-        """The configs a run is saved with (config.json) and resumed from (checkpoints)."""
+    def _config_sections(self) -> dict[str, Any]:  # what a run is saved with (config.json) and resumed from
         return {"backbone": to_dict(self.backbone_config), "train": to_dict(self.train_config),
                 "augment": to_dict(self.augment_config)}
-
-    # --- using the model -----------------------------------------------------------------------------------
 
     def predictor(self) -> Predictor:
         """The ``Predictor`` of this model, in PyTorch on its feature service (``Predictor.of``)."""
@@ -227,81 +188,52 @@ class ImageClassifier:
             raise TlearnError("this classifier is not trained yet: call fit(DATA) or ImageClassifier.load(RUN)")
         return Predictor.of(self.spec, self.model, self.extractor)
 
-    def _logits(self, paths: list[Path], tta: bool = False, cache: bool = True):
-        return self.predictor().paths_logits(paths, tta, cache)
-
     def evaluate(self, data: str | Path | None = None, tta: bool = False) -> dict[str, Any]:
         """Metrics on ``data`` (a folder of class sub-folders, or a split folder's test/). With no argument: the
         test split of the fitted data, or of a loaded run's recorded split (validation when there is no test).
         ``tta`` averages the logits of six test-time views (centre, mirrored, four corners)."""
-        self.predictor()  # fitted?
+        logits_of = self.predictor().paths_logits  # fitted?
         if data is not None:
             samples, split = scan_labelled(data, self.classes).samples, str(data)
         else:
-            folder = self.data or self.recorded_split()
+            folder = self.data or recorded_split(self.run_dir, self.run_config)  # a loaded run's
             split = "test" if folder.split("test") else "validation"
             samples = folder.split(split)
-        return {"split": split, **metrics_of(score(self._logits, samples, tta), self.classes, self.spec.temperature,
-                                             tta)}
-
-    def recorded_split(self) -> ImageFolder:
-        """The data split this loaded run was trained on, from its split.csv (the folder must still be there)."""
-        if self.run_dir is None:
-            raise TlearnError("no data split is recorded with this model; pass the folder to evaluate on")
-        return recorded_split(self.run_dir, self.run_config)
+        return {"split": split, **metrics_of(score(logits_of, samples, tta), self.classes, self.spec.temperature, tta)}
 
     def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
                 tta: bool = False) -> list[dict[str, Any]]:
-        """Top-k classes with probabilities for image files and the images in folders, in order.
-
-        Each result is ``{"path", "predictions": [{"class", "probability"}, ...]}``, or ``{"path", "error"}``
-        for a file that could not be read. Probabilities are temperature-scaled (see ``tlearn.calibrate``)
-        unless ``calibration`` is False; ``tta`` averages six test-time views.
-        """
+        """Top-k classes with probabilities for image files and the images in folders, in order: ``{"path",
+        "predictions": [{"class", "probability"}, ...]}``, or ``{"path", "error"}`` for a file that could not be
+        read. Probabilities are temperature-scaled unless ``calibration`` is False; ``tta`` averages six views."""
         return self.predictor().predict(inputs, top_k, calibration=calibration, tta=tta)
 
     def explain(self, inputs: str | Path | Iterable[str | Path], class_name: str | None = None, top_k: int = 3, *,
                 calibration: bool = True) -> list[dict[str, Any]]:
         """Where the evidence for the predicted class (or ``class_name``) lies in each image: Grad-CAM on the
-        model's last convolutional feature map (see ``tlearn.explain``), in the model's own preprocessing.
-
-        Each result is ``{"path", "class", "probability", "heatmap", "predictions"}``: ``heatmap`` is a float
-        array of the image's height x width, in [0, 1] and zero outside the crop the model saw; ``predictions``
-        are the top-k classes as ``predict`` gives them. A file that cannot be read gets ``{"path", "error"}``.
-        """
+        model's last convolutional feature map (``tlearn.explain``). Each result is ``{"path", "class",
+        "probability", "heatmap", "predictions"}``: ``heatmap`` is a float array of the image's height x width, in
+        [0, 1] and zero outside the crop the model saw. A file that cannot be read gets ``{"path", "error"}``."""
         return list(self.explainer().explain(expand_inputs(inputs), class_name, top_k, calibration=calibration))
 
     def explainer(self) -> Explainer:
         """The ``tlearn.explain.Explainer`` of this model (its frozen bases loaded for a head)."""
-        from tlearn.explain import Explainer, head_explainer
+        from tlearn.explain import explainer_of
 
         self.predictor()  # fitted?
-        if self.spec.kind != "head":
-            return Explainer(self.spec, self.model)
-        bases = [self.base(name) for name in self.backbone_config.names()]
-        return head_explainer(self.spec, self.model, bases, self.runtime, self.run.device)
-
-    # --- files ---------------------------------------------------------------------------------------------
+        return explainer_of(self.spec, self.model, self.extractor)
 
     def save(self, run_dir: str | Path) -> Path:
         """Write the model (``model.safetensors`` + ``config.json``) and whatever the run produced: history.csv,
         curves.png, metrics.json, the split manifest and the skipped-files list."""
         self.predictor()  # fitted?
-        extra: dict[str, Any] = self._config_sections()
-        if self.decision:
-            extra["decision"] = dataclasses.asdict(self.decision)
-        if self.params:
-            extra |= {"params": self.params, "train_seconds": round(self.train_seconds, 2)}
-        if self.history:
-            extra["best_epoch"] = self.history.best_epoch
-        data = self.data if self.data_config else None
-        if data is not None:
-            extra["data"] = to_dict(self.data_config)
-            extra["data_summary"] = {"root": str(data.root), "layout": data.layout, "counts": data.counts()}
+        extra = sections(self._config_sections(), self.decision, self.params, self.train_seconds,
+                         self.history.best_epoch if self.history else None, self.data_config, self.data)
         base = self.backbone if self.metrics and self.spec.kind == "head" and "+" not in self.spec.arch else None
         title = self.describe() + (f" on {self.data.root.name}" if self.data else "")
         cache = Path(self.runtime.cache_dir) if self.runtime.cache_dir else None
-        return write_run(Path(run_dir), RunResult(self.spec, self.model, extra, title, self.history, data,
+        return write_run(Path(run_dir), RunResult(self.spec, self.model, extra, title, self.history,
+                                                  self.data if self.data_config else None,
                                                   self.findings, self.metrics, self.predictions, base,
                                                   self.output.tensorboard, cache), overwrite=self.output.overwrite)
 
@@ -315,16 +247,14 @@ class ImageClassifier:
     @classmethod
     def load(cls, run_dir: str | Path, *, verbose: bool = True, configs: Sequence[Any] = (),
              **options: Any) -> ImageClassifier:
-        """Load a saved model (``extractor.load_run``). ``configs`` are an :class:`InferenceConfig` and a
-        :class:`RuntimeConfig`, ``options`` their fields by name. A head on a pretrained base loads that base on
-        first use, which must have the weights it was trained with (by SHA-256); ``weights`` points to the file if
-        it has moved. The model runs where ``device`` and ``precision`` say (default: auto), never where it was
-        trained."""
+        """Load a saved model (``extractor.load_run``: its bases must have the weights it was trained with, by
+        SHA-256). ``configs`` are an :class:`InferenceConfig` and a :class:`RuntimeConfig`, ``options`` their
+        fields by name (``weights`` if the file has moved; ``device`` and ``precision``: where it runs)."""
         inference, runtime = route_options((InferenceConfig, RuntimeConfig), options, configs)
         loaded = load_run(run_dir, inference, runtime, verbose)
-        clf = cls(verbose=verbose)
-        ex = clf.extractor = loaded.extractor
-        clf.backbone_config, clf.train_config, clf.runtime = ex.backbone_config, ex.train_config, ex.runtime
+        ex = loaded.extractor
+        clf = cls(verbose=verbose, configs=(ex.backbone_config, ex.train_config, ex.runtime))
+        clf.extractor = ex
         if "decision" in loaded.config:
             clf.decision = from_dict(Decision, loaded.config["decision"], str(Path(run_dir) / CONFIG_FILE))
         clf.classes, clf.model, clf.spec = loaded.spec.classes, loaded.model, loaded.spec
@@ -343,13 +273,13 @@ def _train(job: Job) -> Trained:
                           "the launcher's message says which one stopped") from None
 
 
-def _labels(samples: list) -> np.ndarray:
-    return np.array([s.label for s in samples])
-
-
-def _announce(folder: ImageFolder, findings: list[Finding], decision: Decision, train: TrainConfig,
-              budget_why: str) -> None:
-    """What the run starts from: the blocking duplicates, the class counts per split, the mode and the budget."""
+def _prepare(data: DataConfig, train: TrainConfig, device: str) -> tuple[ImageFolder, list[Finding], Decision]:
+    """The split, the duplicates found in it, and the decision of what to train within which budget; said in the
+    log: the blocking duplicates, the class counts per split, the mode and the budget."""
+    budget, budget_why = budget_seconds(train, device)
+    folder = scan(data)
+    findings = quick_check(folder)
+    decision = dataclasses.replace(choose(len(folder.split("train")), len(folder.classes), train), budget=budget)
     for f in findings:
         if f.severity == "error":
             log.warning(f"{f.kind}: {f.path}: {f.detail}")
@@ -360,6 +290,25 @@ def _announce(folder: ImageFolder, findings: list[Finding], decision: Decision, 
                  f"{format_table(len(folder.split('train')), len(folder.classes), train)}")
     if decision.budget is not None:
         log.info(f"time budget: {decision.budget:.0f} s ({budget_why})")
+    return folder, findings, decision
+
+
+def _held_out(trained: Trained, folder: ImageFolder, logits_of: Any, seconds: float
+              ) -> tuple[Scored, tuple[np.ndarray, np.ndarray, str] | None]:
+    """The validation split's scores, and what the temperature is fitted on (None: those scores). A head on
+    features is scored as it was chosen, by the model fitted on the training split alone, and a refit logistic
+    regression is calibrated on held-out logits of train and validation; the log says how it went."""
+    p, h, validation = trained.probe, trained.history, folder.split("validation")
+    if p is None:
+        i = h.best_epoch - 1
+        log.info(f"trained: best {h.best()}: val_accuracy {h.history['val_accuracy'][i]:.4f}, val_loss "
+                 f"{h.history['val_loss'][i]:.4f} ({seconds:.1f} s in all)")
+        return score(logits_of, validation), None
+    log.info(f"trained: head {describe(p.chosen)}{' (refit on train + validation)' if p.refit else ''}: "
+             f"val_accuracy {p.val_accuracy:.4f}, val_loss {p.val_loss:.4f} ({seconds:.1f} s in all)")
+    held = Scored(p.val_logits, np.array([s.label for s in validation]), [s.path for s in validation])
+    return held, None if p.calibration is None else (*p.calibration, f"held-out logits of train ({FOLDS}-fold) "
+                                                                     "and validation")
 
 
 @contextlib.contextmanager

@@ -264,12 +264,13 @@ def scan_labelled(path: Path | str, classes: list[str]) -> ImageFolder:
     return ImageFolder(root, list(classes), samples, skipped, layout=f"evaluation folder {folder.name}/")
 
 
-def recorded_split(run_dir: Path, config: dict) -> ImageFolder:
+def recorded_split(run_dir: Path | None, config: dict) -> ImageFolder:
     """The data split a saved run was trained on, from its split.csv and the data folder its config records (the
     folder must still be there)."""
-    manifest = Path(run_dir) / "split.csv"
+    manifest = Path(run_dir) / "split.csv" if run_dir is not None else None
     summary = config.get("data_summary")
-    if not manifest.is_file() or not isinstance(summary, dict) or not isinstance(summary.get("root"), str):
+    if manifest is None or not manifest.is_file() or not isinstance(summary, dict) or \
+            not isinstance(summary.get("root"), str):
         raise TlearnError("no data split is recorded with this model; pass the folder to evaluate on")
     return scan(DataConfig(path=summary["root"], split_manifest=str(manifest)))
 

@@ -41,6 +41,7 @@ from tlearn.backbones import Backbone, load_recorded
 from tlearn.calibrate import calibrated
 from tlearn.config import RuntimeConfig, TlearnError
 from tlearn.evaluate import top_classes
+from tlearn.extractor import Extractor
 from tlearn.images import VIEWS, ImageDecodeError, crop_box, eval_transform, load_image
 
 CPU = torch.device("cpu")
@@ -224,6 +225,15 @@ def run_explainer(run_dir: Path, model: nn.Module | None = None, base: Backbone 
          for name, identity in zip(names, spec.weights_id.split("+"), strict=True)]
     return head_explainer(spec, model, bases, RuntimeConfig(cache_dir=str(cache_dir) if cache_dir else None),
                           bases[0].device or CPU)
+
+
+def explainer_of(spec: ModelSpec, model: nn.Module, extractor: Extractor) -> Explainer:
+    """The explainer of a model in memory: a whole network's own, or a head's on the frozen bases of its
+    feature service."""
+    if spec.kind != "head":
+        return Explainer(spec, model)
+    bases = [extractor.base(name) for name in extractor.names()]
+    return head_explainer(spec, model, bases, extractor.runtime, extractor.run.device)
 
 
 def head_explainer(spec: ModelSpec, head: nn.Module, bases: list[Backbone], runtime: RuntimeConfig,

@@ -31,7 +31,7 @@ from tlearn import plots, report
 from tlearn.artifact import CONFIG_FILE, FORMAT, MODEL_FILE, ModelSpec, save_model
 from tlearn.check import Finding
 from tlearn.checkpoint import CHECKPOINT_FILE
-from tlearn.config import TlearnError
+from tlearn.config import TlearnError, to_dict
 from tlearn.data import ImageFolder, write_manifest
 from tlearn.fileio import UMASK, atomic_write_text, default_cache_dir, is_partial
 from tlearn.htmlreport import build_report
@@ -65,6 +65,24 @@ RUN_FILES = frozenset({MODEL_FILE, CONFIG_FILE, CHECKPOINT_FILE, "split.csv", "s
                        "confusion.png", "top_losses.png", "correct.png", "mislabels.png", "reliability.png",
                        "tensorboard"})
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tlearn-(?P<kind>new|old)-(?P<pid>\d+)-[^/]*$")
+
+
+def sections(configs: dict[str, Any], decision: Any = None, params: dict[str, int] | None = None,
+             train_seconds: float = 0.0, best_epoch: int | None = None, data_config: Any = None,
+             data: ImageFolder | None = None) -> dict[str, Any]:
+    """config.json's sections besides the model spec: the configs (``to_dict``'s), the decision, the parameter
+    counts and training time, the kept epoch, and the data it was trained on."""
+    out = dict(configs)
+    if decision is not None:
+        out["decision"] = dataclasses.asdict(decision)
+    if params:
+        out |= {"params": params, "train_seconds": round(train_seconds, 2)}
+    if best_epoch is not None:
+        out["best_epoch"] = best_epoch
+    if data is not None and data_config is not None:
+        out |= {"data": to_dict(data_config),
+                "data_summary": {"root": str(data.root), "layout": data.layout, "counts": data.counts()}}
+    return out
 
 
 def claim_out(out: Path | str, data_root: Path | str | None = None, *, overwrite: bool = False,
