@@ -18,3 +18,16 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert tests in ci
     assert '-m "not slow"' in tests, "the README's test command is the fast set"
     assert any(line.endswith("pytest -m slow") for line in ci), "CI runs the slow set too"
+
+
+def test_every_sub_package_is_installed() -> None:
+    """A non-editable install holds every package folder of tlearn/, not only those a list once named."""
+    import pytest
+    from setuptools import find_packages
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = config.get("packages", {})
+    found = set(listed) if isinstance(listed, list) else set(find_packages(str(ROOT), **listed["find"]))
+    folders = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in (ROOT / "tlearn").rglob("__init__.py")}
+    assert folders and folders <= found, sorted(folders - found)
