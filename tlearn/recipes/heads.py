@@ -57,7 +57,8 @@ DEFAULT_C = 3.0  # where nothing can be held out to choose C: raw features peak 
 LARGE_TRAIN = 20_000  # training images above which --head auto trains the dense head alone: scikit-learn's
 # full-batch solver copies the training features to float64 (0.9 GB for 42,000 images and their mirror images)
 # and its cross-validation takes minutes, while the dense head reads mini-batches in place
-MEMO_VERSION = "3"  # bump when a change to this module changes the heads it chooses
+MEMO_VERSION = "4"  # bump when a change to this module changes the heads it chooses or what is remembered (4: the
+# failed rows written before the drop; History.closed_form)
 
 
 @dataclass
