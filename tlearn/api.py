@@ -40,7 +40,7 @@ from tlearn.config import (
     validate,
 )
 from tlearn.data import ImageFolder, expand_inputs, recorded_split, scan, scan_labelled, write_manifest
-from tlearn.evaluate import Scored, assess, metrics_of, score, top_classes
+from tlearn.evaluate import PathsLogits, Scored, assess, metrics_of, score, top_classes
 from tlearn.extractor import Extractor, load_run
 from tlearn.labels import run_mislabels
 from tlearn.predictor import Predictor
@@ -98,21 +98,19 @@ class ImageClassifier:
         self.findings: list[Finding] = []  # duplicates, leakage, conflicting labels and suspected mislabels
         self.params: dict[str, int] = {}
         self.train_seconds = 0.0
-        self.run_config: dict[str, Any] = {}  # a loaded run's config.json
         self.run_dir: Path | None = None  # where a loaded model came from
+        self.run_config: dict[str, Any] = {}  # ...and its config.json
 
     @property
-    def backbone(self) -> Backbone:
-        """The (first) frozen pretrained base, loaded on first use (``self.extractor`` has them all)."""
+    def backbone(self) -> Backbone:  # the (first) frozen pretrained base; ``self.extractor`` has them all
         return self.extractor.base()
 
     def fit(self, data: str | Path | DataConfig, *, out: str | Path | None = None, started: float | None = None,
             **data_options: Any) -> History:
-        """Split ``data`` (a folder, or a whole :class:`DataConfig`) and train in the configured mode; with ``out``,
-        evaluate on the validation and test splits and write the whole run there (checkpointing each epoch, so
-        ``resume=out`` can continue it). ``data_options`` are :class:`DataConfig` fields (val, test, seed,
-        split_manifest). The time budget counts from ``started`` (a ``time.perf_counter()`` value; default: now).
-        Returns the history."""
+        """Split ``data`` (a folder, or a :class:`DataConfig`; ``data_options`` are its fields) and train in the
+        configured mode; with ``out``, evaluate on the validation and test splits and write the run there
+        (checkpointing each epoch, so ``resume=out`` can continue it). The time budget counts from ``started`` (a
+        ``time.perf_counter()`` value; default: now). Returns the history."""
         resume = None
         if self.output.resume:
             out, data_options = self.output.resume, {**data_options, "split_manifest": str(
@@ -179,13 +177,16 @@ class ImageClassifier:
                 log.setLevel(logging.WARNING)
 
     def _config_sections(self) -> dict[str, Any]:  # what a run is saved with (config.json) and resumed from
-        return {"backbone": to_dict(self.backbone_config), "train": to_dict(self.train_config),
-                "augment": to_dict(self.augment_config)}
+        return {k: to_dict(c) for k, c in (("backbone", self.backbone_config), ("train", self.train_config),
+                                           ("augment", self.augment_config))}
+
+    def _require_fitted(self) -> None:  # cheap: saving or explaining needs no predictor
+        if self.model is None:
+            raise TlearnError("this classifier is not trained yet: call fit(DATA) or ImageClassifier.load(RUN)")
 
     def predictor(self) -> Predictor:
         """The ``Predictor`` of this model, in PyTorch on its feature service (``Predictor.of``)."""
-        if self.model is None:
-            raise TlearnError("this classifier is not trained yet: call fit(DATA) or ImageClassifier.load(RUN)")
+        self._require_fitted()
         return Predictor.of(self.spec, self.model, self.extractor)
 
     def evaluate(self, data: str | Path | None = None, tta: bool = False) -> dict[str, Any]:
@@ -195,8 +196,8 @@ class ImageClassifier:
         logits_of = self.predictor().paths_logits  # fitted?
         if data is not None:
             samples, split = scan_labelled(data, self.classes).samples, str(data)
-        else:
-            folder = self.data or recorded_split(self.run_dir, self.run_config)  # a loaded run's
+        else:  # the fitted data, or a loaded run's recorded split
+            folder = self.data or recorded_split(self.run_dir, self.run_config)
             split = "test" if folder.split("test") else "validation"
             samples = folder.split(split)
         return {"split": split, **metrics_of(score(logits_of, samples, tta), self.classes, self.spec.temperature, tta)}
@@ -218,15 +219,15 @@ class ImageClassifier:
 
     def explainer(self) -> Explainer:
         """The ``tlearn.explain.Explainer`` of this model (its frozen bases loaded for a head)."""
-        from tlearn.explain import explainer_of
+        from tlearn.explain import explainer_of  # torchcam: only where heatmaps are made
 
-        self.predictor()  # fitted?
+        self._require_fitted()
         return explainer_of(self.spec, self.model, self.extractor)
 
     def save(self, run_dir: str | Path) -> Path:
         """Write the model (``model.safetensors`` + ``config.json``) and whatever the run produced: history.csv,
         curves.png, metrics.json, the split manifest and the skipped-files list."""
-        self.predictor()  # fitted?
+        self._require_fitted()
         extra = sections(self._config_sections(), self.decision, self.params, self.train_seconds,
                          self.history.best_epoch if self.history else None, self.data_config, self.data)
         base = self.backbone if self.metrics and self.spec.kind == "head" and "+" not in self.spec.arch else None
@@ -293,7 +294,7 @@ def _prepare(data: DataConfig, train: TrainConfig, device: str) -> tuple[ImageFo
     return folder, findings, decision
 
 
-def _held_out(trained: Trained, folder: ImageFolder, logits_of: Any, seconds: float
+def _held_out(trained: Trained, folder: ImageFolder, logits_of: PathsLogits, seconds: float
               ) -> tuple[Scored, tuple[np.ndarray, np.ndarray, str] | None]:
     """The validation split's scores, and what the temperature is fitted on (None: those scores). A head on
     features is scored as it was chosen, by the model fitted on the training split alone, and a refit logistic

@@ -104,10 +104,8 @@ def resume_configs(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     checked, with which it resumes."""
     state, configs, rng = load_checkpoint(run_dir / CHECKPOINT_FILE)
     where = str(run_dir / CHECKPOINT_FILE)
-    saved = (from_dict(BackboneConfig, configs.get("backbone"), where), from_dict(TrainConfig, configs.get("train"),
-                                                                                   where),
-             from_dict(AugmentConfig, configs.get("augment"), where))
+    saved = tuple(from_dict(cls, configs.get(name), where) for cls, name in
+                  ((BackboneConfig, "backbone"), (TrainConfig, "train"), (AugmentConfig, "augment")))
     validate(*saved)
-    log.info(f"resuming {run_dir} after epoch {state['epoch']} of stage {state['stage']}, "
-                                     "with its saved settings")
+    log.info(f"resuming {run_dir} after epoch {state['epoch']} of stage {state['stage']}, with its saved settings")
     return state, rng, saved

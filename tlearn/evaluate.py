@@ -103,11 +103,10 @@ def top_classes(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, n
 
 @dataclass
 class Assessed:
-    """A trained model's evaluation: its calibration temperature and what it was fitted on, and per split its
-    metrics and per-image (paths, labels, logits)."""
+    """A trained model's evaluation: its calibration temperature, and per split its metrics (what the temperature
+    was fitted on among them) and per-image (paths, labels, logits)."""
 
     temperature: float
-    fitted_on: str
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]] = field(default_factory=dict)
     failed: dict[Path, str] = field(default_factory=dict)  # images that could not be decoded when scored
@@ -118,9 +117,9 @@ def assess(logits_of: PathsLogits, validation: Scored, calibration: tuple[np.nda
     """Calibrate on ``calibration`` (held-out logits, labels and what they are; default: the validation split's),
     then, with ``full``, score the validation and ``test`` splits with the calibrated probabilities."""
     logits, y, where = calibration or (validation.logits, validation.y, "validation")
-    out = Assessed(fit_temperature(logits, y), where)
-    log.info(f"calibration: temperature {out.temperature:.3f}, fitted on {where} (loss "
-                                     f"{nll(logits, y):.4f} -> {nll(logits, y, out.temperature):.4f})")
+    out = Assessed(fit_temperature(logits, y))
+    log.info(f"calibration: temperature {out.temperature:.3f}, fitted on {where} (loss {nll(logits, y):.4f} -> "
+             f"{nll(logits, y, out.temperature):.4f})")
     if not full:
         return out
     splits = {"validation": validation, **({"test": score(logits_of, test)} if test else {})}

@@ -87,7 +87,8 @@ class Predictor:
         self.backend = backend  # onnx | exported | torch
         self.about = about or {}  # what `GET /model` shows: model id, backbone, kind, metrics, when trained
         self.spec = spec
-        self.stack: tuple[Any, Any, list[Any]] | None = None  # the torch backend's (model, extractor, engines)
+        self.stack: tuple[Any, Any, list[Any], list[str]] | None = None  # the torch backend's (model, extractor,
+        # engines, a head's bases)
         self._transforms: dict[str, list[Callable[[Image.Image], np.ndarray]]] = {}
 
     @classmethod
@@ -157,8 +158,8 @@ class Predictor:
 
         from tlearn.runtime import net_engine
 
+        names = [b["name"] for b in spec.bases] or extractor.names()  # a head's bases, in order
         if spec.kind == "head":
-            names = [b["name"] for b in spec.bases] or extractor.names()
             engines, inputs = [extractor.engine(n) for n in names], [extractor.base(n).preprocessing for n in names]
         else:
             engines = [net_engine(model, spec.preprocessing, len(spec.classes), extractor.run, extractor.runtime)]
@@ -172,7 +173,7 @@ class Predictor:
 
         predictor = cls(spec.classes, inputs, forward, temperature=spec.temperature, views=spec.views,
                         backend="torch", about=about, spec=spec)
-        predictor.stack = (model, extractor, engines)
+        predictor.stack = (model, extractor, engines, names)
         return predictor
 
     @classmethod
@@ -298,12 +299,12 @@ class Predictor:
     def _stack_logits(self, paths: list[Path], tta: bool, cache: bool) -> tuple[np.ndarray, dict[Path, str]]:
         import torch
 
-        model, extractor, engines = self.stack
+        model, extractor, engines, names = self.stack
         views = self.tta_views() if tta else self.spec.views
         total, failed = 0.0, {}
         for view in views:
             if self.spec.kind == "head":
-                out = extractor.features(paths, view=view, announce=False, cache=cache and view in ("center", "flip"))
+                out = extractor.features(paths, names, view, announce=False, cache=cache and view in ("center", "flip"))
                 with torch.no_grad():
                     out.X = model.eval()(torch.from_numpy(out.X)).numpy()
             else:
