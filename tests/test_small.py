@@ -19,6 +19,20 @@ from tlearn import ImageClassifier, TlearnError
 from tlearn.config import TrainConfig
 from tlearn.recipes.heads import Split, cv_logits, held, stop_split
 
+
+@pytest.fixture
+def tlearn_log(caplog: pytest.LogCaptureFixture):
+    """tlearn's log records, wherever the CLI sends its lines: the "tlearn" logger stops propagation once the
+    CLI has set up its own output, so the capture handler is attached to it directly."""
+    logger = logging.getLogger("tlearn")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
 MODES = {"auto": ["--mode", "auto"], "features": ["--mode", "features"],
          "frozen": ["--mode", "frozen", "--epochs", "1"], "finetune": ["--mode", "finetune", "--epochs", "1"],
          "scratch": ["--mode", "scratch", "--model", "small-cnn", "--epochs", "1"]}
@@ -67,13 +81,12 @@ def test_every_mode_finishes_on_small_folders(folder: str, mode: str, tmp_path: 
 
 def test_a_spent_time_budget_still_trains_one_epoch(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                      monkeypatch: pytest.MonkeyPatch,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+                                                     tlearn_log: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr("tlearn.cli.START", time.perf_counter() - 30)  # 30 s spent before training starts
     data = make_folder(tmp_path / "photos", per_class=6)
-    with caplog.at_level(logging.INFO, logger="tlearn"):
-        code, _, _ = cli("train", data, *TINY_FLAGS, *MODES["scratch"], "--workers", "0", "--time-budget", "5",
-                         "--out", tmp_path / "run", capsys=capsys)
-    assert code == 0 and "training one epoch anyway" in caplog.text
+    code, _, _ = cli("train", data, *TINY_FLAGS, *MODES["scratch"], "--workers", "0", "--time-budget", "5",
+                     "--out", tmp_path / "run", capsys=capsys)
+    assert code == 0 and "training one epoch anyway" in tlearn_log.text
     assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 2  # the header and one epoch
 
 
@@ -214,17 +227,16 @@ def test_a_run_that_fails_after_the_split_leaves_nothing(tmp_path: Path, monkeyp
 
 
 def test_messages_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                    caplog: pytest.LogCaptureFixture) -> None:
+                                    tlearn_log: pytest.LogCaptureFixture) -> None:
     data = make_folder(tmp_path / "photos", per_class=6)
     code, _, err = cli("train", data, *TINY_FLAGS, "--resume", tmp_path / "nope", capsys=capsys)
     assert code == 2 and "no such folder" in err and "finished" not in err
     (tmp_path / "model.onnx").write_bytes(b"not really")
     with pytest.raises(TlearnError, match="exported ONNX graph.*Predictor.load"):
         ImageClassifier.load(tmp_path / "model.onnx")
-    with caplog.at_level(logging.INFO, logger="tlearn"):
-        code, _, _ = cli("train", data, *TINY_FLAGS, "--mode", "features", "--out", tmp_path / "run", capsys=capsys)
-    assert code == 0 and "  chosen: " in caplog.text
-    assert not [r for r in caplog.records if r.getMessage().startswith("auto:")]  # this mode is not auto
+    code, _, _ = cli("train", data, *TINY_FLAGS, "--mode", "features", "--out", tmp_path / "run", capsys=capsys)
+    assert code == 0 and "  chosen: " in tlearn_log.text
+    assert not [r for r in tlearn_log.records if r.getMessage().startswith("auto:")]  # this mode is not auto
 
 
 def test_predict_says_it_used_test_time_augmentation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -263,7 +275,7 @@ def test_serve_answers_good_files_beside_a_bad_one(tmp_path: Path) -> None:
 @needs(HYMENOPTERA)
 def test_ten_real_photos_train_with_the_default_command(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                         monkeypatch: pytest.MonkeyPatch,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+                                                        tlearn_log: pytest.LogCaptureFixture) -> None:
     """The reported crash: two class folders of 5 JPEGs each, the default backbone and mode."""
     import shutil
 
@@ -272,7 +284,6 @@ def test_ten_real_photos_train_with_the_default_command(tmp_path: Path, capsys: 
         (tmp_path / "ten" / name).mkdir(parents=True)
         for photo in sorted((HYMENOPTERA / "train" / name).glob("*.jpg"))[:5]:
             shutil.copy(photo, tmp_path / "ten" / name)
-    with caplog.at_level(logging.INFO, logger="tlearn"):
-        code, out, err = cli("train", tmp_path / "ten", "--out", tmp_path / "run", capsys=capsys)
+    code, out, err = cli("train", tmp_path / "ten", "--out", tmp_path / "run", capsys=capsys)
     assert code == 0, err
-    assert "the dense head stops early on 2 training image(s)" in caplog.text and "test: accuracy" in out
+    assert "the dense head stops early on 2 training image(s)" in tlearn_log.text and "test: accuracy" in out

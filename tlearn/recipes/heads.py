@@ -202,7 +202,7 @@ def _logreg_candidate(train: Split, val: Split, flips: tuple[bool, ...], config:
     hold out: C is then ``DEFAULT_C`` and the note says so."""
     oof = {(flip, C): z for flip in flips for C, z in zip(C_GRID, cv_logits(train, flip, C_GRID, FOLDS, config),
                                                           strict=True)}
-    scores = {key: nll(z[held(z)], train.y[held(z)]) for key, z in oof.items() if held(z).any()}
+    scores = {key: nll(z[rows], train.y[rows]) for key, z in oof.items() if (rows := held(z)).any()}
     if scores:
         flip, C = min(scores, key=scores.get)
         cv_loss = float(scores[flip, C])
@@ -226,14 +226,13 @@ def stop_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, str] |
     rows, always = heldable(y)
     if not len(rows):
         return None
-    if not len(always) and math.ceil(0.15 * len(y)) >= len(np.unique(y)):  # the usual case, as it always was
-        fit_rows, stop_rows = train_test_split(np.arange(len(y)), test_size=0.15, stratify=y, random_state=seed)
-        return fit_rows, stop_rows, ""
-    size = max(len(np.unique(y[rows])), math.ceil(0.15 * len(rows)))
+    usual = math.ceil(0.15 * len(rows))  # what test_size=0.15 holds out: on the usual split, the very same rows
+    size = max(len(np.unique(y[rows])), usual)
     fit_rows, stop_rows = train_test_split(rows, test_size=size, stratify=y[rows], random_state=seed)
-    note = (f"the dense head stops early on {size} training image(s), one or more of each class with two or more"
-            + (f"; {len(always)} image(s) of classes with a single training image are only fitted on" if len(always)
-               else ""))
+    note = "" if size == usual and not len(always) else (
+        f"the dense head stops early on {size} training image(s), one or more of each class with two or more"
+        + (f"; {len(always)} image(s) of classes with a single training image are only fitted on" if len(always)
+           else ""))
     return np.concatenate([fit_rows, always]), stop_rows, note
 
 
