@@ -7,6 +7,7 @@ long names are wrapped or shortened, and fonts and figure sizes follow the class
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import textwrap
@@ -194,6 +195,7 @@ def image_grid(tiles: list[tuple[np.ndarray, str]], path: Path, cols: int = 6, t
     return Path(path)
 
 
+@functools.lru_cache(maxsize=8)
 def font(size: int):
     """DejaVu Sans, the TrueType font matplotlib ships, at ``size`` pixels: it has the glyphs of accented, Greek,
     Cyrillic and many other class names, which Pillow's built-in bitmap font draws as boxes."""
