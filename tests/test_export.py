@@ -4,6 +4,7 @@ enough to use it without tlearn, and `tlearn predict` on the exported file givin
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -113,6 +114,7 @@ def test_int8_is_measured_against_fp32_and_never_the_default(runs: dict[str, Pat
     card = json.loads((tmp_path / "q.json").read_text())
     assert card["precision"] == "int8" and set(card["checks"]["accuracy"]) == {"fp32", "int8"}
     assert 0 <= card["checks"]["int8_top1_agreement"] <= 1
+    assert logging.getLogger("tlearn").isEnabledFor(logging.INFO)  # the quantizer's silence ends with it
     assert main(["export", str(run), "--out", str(tmp_path / "plain.onnx"),
                  "--cache-dir", str(run.parent / "cache")]) == 0
     assert json.loads((tmp_path / "plain.json").read_text())["precision"] == "fp32"  # the default

@@ -263,6 +263,8 @@ def _quantize(fp32: Path, out: Path, names: list[str], calibration: list[list[np
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     except Exception as e:
         raise TlearnError(f"int8 quantization failed: {type(e).__name__}: {str(e)[:300]}") from e
+    finally:
+        logging.disable(logging.NOTSET)  # the process's own logging comes back (tlearn's progress lines too)
 
 
 def _card(run: Loaded, inputs: list[dict[str, Any]], names: list[str], result: ExportResult) -> dict[str, Any]:
