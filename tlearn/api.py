@@ -40,9 +40,10 @@ from tlearn.config import (
     validate,
 )
 from tlearn.data import ImageFolder, expand_inputs, recorded_split, scan, scan_labelled, write_manifest
-from tlearn.evaluate import PathsLogits, Scored, assess, metrics_of, score, top_classes
+from tlearn.evaluate import PathsOutputs, Scored, against_others, assess, metrics_of, score, top_classes
 from tlearn.extractor import Extractor, load_run
 from tlearn.labels import run_mislabels
+from tlearn.novelty import Novelty, fit_run
 from tlearn.predictor import Predictor
 from tlearn.recipes import Job, Trained
 from tlearn.recipes import train as run_recipe
@@ -94,7 +95,9 @@ class ImageClassifier:
         self.data: ImageFolder | None = None
         self.data_config: DataConfig | None = None
         self.metrics: dict[str, dict[str, Any]] = {}
-        self.predictions: dict[str, tuple] = {}  # split: (paths, y, logits)
+        self.predictions: dict[str, tuple] = {}  # split: (paths, y, logits, novelty)
+        self.novelty: Novelty | None = None  # the novelty scorer (None: a model saved before tlearn had one)
+        self.outliers: list[tuple[Path, str, float]] = []  # training images least like the rest of their class
         self.findings: list[Finding] = []  # duplicates, leakage, conflicting labels and suspected mislabels
         self.params: dict[str, int] = {}
         self.train_seconds = 0.0
@@ -152,9 +155,13 @@ class ImageClassifier:
         self.train_seconds = time.perf_counter() - start
         if not dist.is_main():  # the other processes' part ends with training: rank 0 evaluates and writes the run
             return self.history
-        logits_of = self.predictor().paths_logits
-        held, calibration = _held_out(trained, folder, logits_of, self.train_seconds)
-        assessed = assess(logits_of, held, calibration, folder.split("test"), self.classes, full=out is not None)
+        held, calibration = _held_out(trained, folder, self.predictor().paths_outputs, self.train_seconds)
+        self.novelty, self.outliers = fit_run(self.predictor().paths_outputs, folder.split("train"), self.classes,
+                                              held, self.train_config.accept, self.train_config.seed)
+        self.spec.novelty = self.novelty and self.novelty.config()
+        held.novelty = self.novelty and self.novelty.score(held.features, held.logits)
+        assessed = assess(self.predictor().paths_outputs, held, calibration, folder.split("test"), self.classes,
+                          full=out is not None, threshold=self.novelty and self.novelty.threshold)
         self.spec.temperature, self.metrics, self.predictions = assessed.temperature, assessed.metrics, \
             assessed.predictions
         if out is not None:
@@ -187,27 +194,37 @@ class ImageClassifier:
     def predictor(self) -> Predictor:
         """The ``Predictor`` of this model, in PyTorch on its feature service (``Predictor.of``)."""
         self._require_fitted()
-        return Predictor.of(self.spec, self.model, self.extractor)
+        return Predictor.of(self.spec, self.model, self.extractor, novelty=self.novelty)
 
-    def evaluate(self, data: str | Path | None = None, tta: bool = False) -> dict[str, Any]:
+    def evaluate(self, data: str | Path | None = None, tta: bool = False, unknown: str | Path | None = None
+                 ) -> dict[str, Any]:
         """Metrics on ``data`` (a folder of class sub-folders, or a split folder's test/). With no argument: the
         test split of the fitted data, or of a loaded run's recorded split (validation when there is no test).
-        ``tta`` averages the logits of six test-time views (centre, mirrored, four corners)."""
-        logits_of = self.predictor().paths_logits  # fitted?
+        ``tta`` averages the logits of six test-time views (centre, mirrored, four corners). ``unknown``, a folder
+        of images of none of the classes, adds how well the novelty score tells them apart (AUROC) and the share
+        of each called unknown."""
+        outputs_of = self.predictor().paths_outputs  # fitted?
         if data is not None:
             samples, split = scan_labelled(data, self.classes).samples, str(data)
         else:  # the fitted data, or a loaded run's recorded split
             folder = self.data or recorded_split(self.run_dir, self.run_config)
             split = "test" if folder.split("test") else "validation"
             samples = folder.split(split)
-        return {"split": split, **metrics_of(score(logits_of, samples, tta), self.classes, self.spec.temperature, tta)}
+        threshold = self.novelty and self.novelty.threshold
+        scored = score(outputs_of, samples, tta)
+        out = {"split": split, **metrics_of(scored, self.classes, self.spec.temperature, tta, threshold)}
+        if unknown is not None:  # novelty is scored on the model's own views, with or without ``tta``
+            out["unknown"] = against_others(outputs_of, scored, unknown, threshold)
+        return out
 
     def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
-                tta: bool = False) -> list[dict[str, Any]]:
+                tta: bool = False, unknown: bool = True) -> list[dict[str, Any]]:
         """Top-k classes with probabilities for image files and the images in folders, in order: ``{"path",
-        "predictions": [{"class", "probability"}, ...]}``, or ``{"path", "error"}`` for a file that could not be
-        read. Probabilities are temperature-scaled unless ``calibration`` is False; ``tta`` averages six views."""
-        return self.predictor().predict(inputs, top_k, calibration=calibration, tta=tta)
+        "predictions": [{"class", "probability"}, ...], "novelty", "unknown"}``, or ``{"path", "error"}`` for a
+        file that could not be read. Probabilities are temperature-scaled unless ``calibration`` is False; ``tta``
+        averages six views. ``novelty`` is higher for images less like the training data, ``unknown`` says it is
+        above the model's threshold; ``unknown=False`` leaves both out."""
+        return self.predictor().predict(inputs, top_k, calibration=calibration, tta=tta, unknown=unknown)
 
     def explain(self, inputs: str | Path | Iterable[str | Path], class_name: str | None = None, top_k: int = 3, *,
                 calibration: bool = True) -> list[dict[str, Any]]:
@@ -236,7 +253,8 @@ class ImageClassifier:
         return write_run(Path(run_dir), RunResult(self.spec, self.model, extra, title, self.history,
                                                   self.data if self.data_config else None,
                                                   self.findings, self.metrics, self.predictions, base,
-                                                  self.output.tensorboard, cache), overwrite=self.output.overwrite)
+                                                  self.output.tensorboard, cache, self.novelty, self.outliers),
+                         overwrite=self.output.overwrite)
 
     def describe(self) -> str:
         """A short name: backbone and mode, or the scratch model."""
@@ -258,7 +276,7 @@ class ImageClassifier:
         clf.extractor = ex
         if "decision" in loaded.config:
             clf.decision = from_dict(Decision, loaded.config["decision"], str(Path(run_dir) / CONFIG_FILE))
-        clf.classes, clf.model, clf.spec = loaded.spec.classes, loaded.model, loaded.spec
+        clf.classes, clf.model, clf.spec, clf.novelty = loaded.spec.classes, loaded.model, loaded.spec, loaded.novelty
         clf.run_dir, clf.run_config = loaded.run_dir, loaded.config
         return clf
 
@@ -294,20 +312,21 @@ def _prepare(data: DataConfig, train: TrainConfig, device: str) -> tuple[ImageFo
     return folder, findings, decision
 
 
-def _held_out(trained: Trained, folder: ImageFolder, logits_of: PathsLogits, seconds: float
+def _held_out(trained: Trained, folder: ImageFolder, outputs_of: PathsOutputs, seconds: float
               ) -> tuple[Scored, tuple[np.ndarray, np.ndarray, str] | None]:
     """The validation split's scores, and what the temperature is fitted on (None: those scores). A head on
-    features is scored as it was chosen, by the model fitted on the training split alone, and a refit logistic
-    regression is calibrated on held-out logits of train and validation; the log says how it went."""
-    p, h, validation = trained.probe, trained.history, folder.split("validation")
+    features is scored as it was chosen, by the model fitted on the training split alone (its logits, beside the
+    features it took), and a refit logistic regression is calibrated on held-out logits of train and validation;
+    the log says how it went."""
+    p, h, held = trained.probe, trained.history, score(outputs_of, folder.split("validation"))
     if p is None:
         i = h.best_epoch - 1
         log.info(f"trained: best {h.best()}: val_accuracy {h.history['val_accuracy'][i]:.4f}, val_loss "
                  f"{h.history['val_loss'][i]:.4f} ({seconds:.1f} s in all)")
-        return score(logits_of, validation), None
+        return held, None
     log.info(f"trained: head {describe(p.chosen)}{' (refit on train + validation)' if p.refit else ''}: "
              f"val_accuracy {p.val_accuracy:.4f}, val_loss {p.val_loss:.4f} ({seconds:.1f} s in all)")
-    held = Scored(p.val_logits, np.array([s.label for s in validation]), [s.path for s in validation])
+    held.logits = p.val_logits  # the same images: the undecodable ones were left out of both
     return held, None if p.calibration is None else (*p.calibration, f"held-out logits of train ({FOLDS}-fold) "
                                                                      "and validation")
 

@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tlearn")
 FORMAT = "tlearn-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the model may carry a novelty scorer (``ModelSpec.novelty`` and its reference tensor)
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+NOVELTY_TENSOR = "novelty.reference"  # the novelty scorer's reference features (``tlearn.novelty``), float16
 
 
 KINDS = ("head", "finetuned", "scratch")
@@ -68,6 +69,8 @@ class ModelSpec:
     temperature: float = 1.0  # fitted on held-out logits; predictions divide the logits by it
     views: list[str] = dataclasses.field(default_factory=lambda: ["center"])  # logits averaged over these views
     bases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # each base's name and identity
+    novelty: dict[str, Any] | None = None  # the novelty scorer's settings and threshold (``tlearn.novelty``); its
+    # reference features are the tensor NOVELTY_TENSOR. None: saved before tlearn scored novelty
 
     def build(self) -> nn.Module:
         """The untrained module whose state_dict ``model.safetensors`` holds."""
@@ -87,13 +90,16 @@ class ModelSpec:
         return Classifier(timm.create_model(self.arch, pretrained=False), head)
 
 
-def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the tensors and the config atomically; ``extra`` adds sections (data, train, ...) to config.json.
-    Returns the config as written."""
+def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str, Any],
+               reference: Any = None) -> dict[str, Any]:
+    """Write the tensors and the config atomically; ``extra`` adds sections (data, train, ...) to config.json, and
+    ``reference`` (a float16 array) is the novelty scorer's. Returns the config as written."""
     import torch
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if reference is not None:
+        tensors[NOVELTY_TENSOR] = torch.from_numpy(reference).contiguous()
     config = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "versions": {"tlearn": __version__, "torch": torch.__version__,
                            "timm": importlib.metadata.version("timm")},
@@ -163,7 +169,9 @@ def read_run(run_dir: Path | str) -> SavedRun:
                         f"save, or an edit); using the one inside {MODEL_FILE}")
     spec = spec_of(config, path)
     if spec.kind == "head":  # the head's layout is known here; other kinds are checked when built, on no memory
-        compare_tensors(head_tensors(spec), header, spec, path)
+        compare_tensors(head_tensors(spec) | novelty_tensor(spec), header, spec, path)
+    elif spec.novelty is not None:  # the scorer's tensor here; the network's are checked when it is built
+        compare_tensors(novelty_tensor(spec), {k: v for k, v in header.items() if k == NOVELTY_TENSOR}, spec, path)
     _check_sections(config, spec, path)
     return SavedRun(run_dir, config, spec, header)
 
@@ -227,6 +235,8 @@ def spec_of(config: dict[str, Any], where: Path) -> ModelSpec:
     if not spec.views or not all(isinstance(v, str) for v in spec.views) or not set(spec.views) <= set(VIEWS):
         problems.append(f"\"views\" must be a non-empty list of {', '.join(VIEWS)}, not {spec.views!r}")
     problems += preprocessing_problems(spec.preprocessing, "preprocessing")
+    if spec.novelty is not None:
+        problems += novelty_problems(spec.novelty, spec.num_features if spec.kind != "scratch" else None)
     for i, base in enumerate(spec.bases):
         if not (isinstance(base, dict) and isinstance(base.get("name"), str) and isinstance(base.get("identity"), dict)
                 and isinstance(base["identity"].get("preprocessing"), dict)):
@@ -292,6 +302,42 @@ def _check_sections(config: dict[str, Any], spec: ModelSpec, where: Path) -> Non
         raise TlearnError(f"{where}: \"params\" must map names to whole numbers")
 
 
+def novelty_problems(config: Any, width: int | None) -> list[str]:
+    """What is wrong with a saved novelty config (``width``: the features the head takes, where the spec says)."""
+    if not isinstance(config, dict):
+        return ["\"novelty\" must be an object"]
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    problems = []
+    if not isinstance(config.get("kind"), str):
+        problems.append("\"novelty.kind\" must name the scorer")
+    for key in ("k", "rows", "features"):
+        if type(config.get(key)) is not int or not 1 <= config[key] <= MAX_WIDTH:
+            problems.append(f"\"novelty.{key}\" must be a whole number from 1 to {MAX_WIDTH:,}")
+    pairs = [config.get("center"), config.get("scale")]
+    if not all(isinstance(p, list) and len(p) == 2 and all(number(v) for v in p) for p in pairs) \
+            or min(pairs[1]) <= 0:
+        problems.append("\"novelty.center\" and \"scale\" must be two finite numbers each, the scales above 0")
+    if not number(config.get("threshold")):
+        problems.append("\"novelty.threshold\" must be a finite number")
+    if not (number(config.get("accept")) and 0 < config["accept"] <= 1):
+        problems.append("\"novelty.accept\" must be in (0, 1]")
+    if not isinstance(config.get("fitted_on", ""), str):
+        problems.append("\"novelty.fitted_on\" must be text")
+    if width is not None and config.get("features") != width:
+        problems.append(f"\"novelty.features\" must be the {width} features the head takes")
+    return problems
+
+
+def novelty_tensor(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The novelty scorer's tensor as the spec describes it (none for a model saved without one)."""
+    if spec.novelty is None:
+        return {}
+    return {NOVELTY_TENSOR: ("F16", (spec.novelty["rows"], spec.novelty["features"]))}
+
+
 def head_tensors(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The tensors of a head (``models.make_head``'s layout): Dropout, Linear[, ReLU, Dropout, Linear]."""
     n = len(spec.classes)
@@ -334,10 +380,25 @@ def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
         shapes = spec.build()
     expected = {k: (_DTYPES.get(str(v.dtype).removeprefix("torch."), str(v.dtype)), tuple(v.shape))
                 for k, v in shapes.state_dict().items()}
-    compare_tensors(expected, run.header, spec, path)
+    compare_tensors(expected | novelty_tensor(spec), run.header, spec, path)
     model = spec.build()
     try:
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict({k: v for k, v in load_file(str(path)).items() if k != NOVELTY_TENSOR})
     except (OSError, RuntimeError) as e:
         raise TlearnError(f"{path} is damaged ({e}); retrain or restore the run") from e
     return spec, model.eval(), run.config
+
+
+def load_reference(run_dir: Path, spec: ModelSpec) -> Any:
+    """The novelty scorer's reference features (a float16 array, shape and dtype checked by ``read_run``), or None
+    for a model saved without one."""
+    from safetensors import SafetensorError, safe_open
+
+    if spec.novelty is None:
+        return None
+    path = Path(run_dir) / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.get_tensor(NOVELTY_TENSOR)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TlearnError(f"{path} is damaged ({e}); retrain or restore the run") from e

@@ -151,9 +151,9 @@ def evaluate(args: argparse.Namespace) -> None:
 
     inference, runtime = _inference(args)
     clf = ImageClassifier.load(args.run, verbose=not inference.json, configs=(inference, runtime))
-    metrics = clf.evaluate(args.data)
+    metrics = clf.evaluate(args.data, unknown=args.unknown_folder)
     if args.tta:  # both, so the difference shows
-        plain, metrics = metrics, clf.evaluate(args.data, tta=True)
+        plain, metrics = metrics, clf.evaluate(args.data, tta=True, unknown=args.unknown_folder)
         metrics["without_tta"] = {"accuracy": plain["accuracy"], "loss": plain["loss"]}
     if inference.json:
         print(json.dumps(metrics, indent=2))
@@ -185,7 +185,7 @@ def predict(args: argparse.Namespace) -> None:
             raise TlearnError("usage: tlearn predict RUN IMAGE [IMAGE ...] (or tlearn predict --imagenet IMAGE ...)")
         model = Predictor.load(args.paths[0], verbose=not inference.json, configs=(inference, runtime))
         results = model.predict(args.paths[1:], top_k=inference.top_k, calibration=not args.no_calibration,
-                                tta=args.tta)
+                                tta=args.tta, unknown=inference.unknown)
         if args.tta and not inference.json:
             print(f"with test-time augmentation: each image's probabilities come from the mean logits of "
                   f"{len(model.tta_views())} views ({', '.join(model.tta_views())})", file=sys.stderr)
@@ -261,7 +261,7 @@ def serve(args: argparse.Namespace) -> None:
     validate(inference)
     run_server(args.run, host=args.host, port=args.port, runtime=args.runtime, device=inference.device,
                weights=inference.weights, cache_dir=args.cache_dir, max_upload_mb=args.max_upload_mb,
-               top_k=inference.top_k)
+               top_k=inference.top_k, unknown=inference.unknown)
 
 
 def split(args: argparse.Namespace) -> None:

@@ -123,6 +123,8 @@ class TrainConfig:
                          "train a head on features")
     auto_large: int = _f(10000, "the strategy table: from this many training images, fine-tune every stage")
     seed: int = _f(0, "seed of weight initialisation and shuffling")
+    accept: float = _f(0.98, "share of validation images that the novelty threshold accepts as like the training "
+                       "data; images less like it than that are called unknown")
 
     def problems(self) -> list[str]:
         out = []
@@ -162,6 +164,9 @@ class TrainConfig:
             out.append(f"--seed must be 0 to {2**32 - 1}. Received: seed={self.seed}")
         if not 0 <= self.dropout < 1:
             out.append(f"--dropout must be in [0, 1). Received: dropout={self.dropout}")
+        if not 0.5 <= self.accept <= 1:
+            out.append(f"--accept must be from 0.5 to 1 (the share of images like the training data to accept). "
+                       f"Received: accept={self.accept}")
         if self.lr <= 0:
             out.append(f"--lr must be positive. Received: lr={self.lr}")
         if self.weight_decay < 0:
@@ -295,6 +300,8 @@ class InferenceConfig:
                         "on a CPU); whatever the run was trained on")
     top_k: int = _f(3, "how many classes to show per image")
     json: bool = _f(False, "print the results as JSON")
+    unknown: bool = _f(True, "give each result's novelty (higher: less like the training data) and whether it is "
+                       "unknown (above the model's threshold); --no-unknown leaves both out")
 
     def problems(self) -> list[str]:
         out = []

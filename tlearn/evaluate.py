@@ -12,40 +12,70 @@ import numpy as np
 
 from tlearn.calibrate import calibrated, ece, fit_temperature, nll
 from tlearn.config import TlearnError
-from tlearn.data import Sample
+from tlearn.data import Sample, expand_inputs
 
 log = logging.getLogger("tlearn")
-PathsLogits = Callable[[list[Path], bool, bool], tuple[np.ndarray, dict[Path, str]]]  # (paths, tta, cache) ->
-# (logits, failed): ``Predictor.paths_logits``
+PathsOutputs = Callable[[list[Path], bool, bool], Any]  # (paths, tta, cache) -> ``predictor.Outputs``:
+# ``Predictor.paths_outputs``
 
 
 @dataclass
 class Scored:
-    """Uncalibrated logits and labels of the decodable images of a split, their paths, and the failures."""
+    """Uncalibrated logits and labels of the decodable images of a split, their paths, and the failures; with the
+    features the head takes and the novelty scores, where the model gives them."""
 
     logits: np.ndarray  # (N, C)
     y: np.ndarray  # (N,)
     paths: list[Path]
     failed: dict[Path, str] = field(default_factory=dict)
+    features: np.ndarray | None = None  # (N, F)
+    novelty: np.ndarray | None = None  # (N,)
 
 
-def score(logits_of: PathsLogits, samples: list[Sample], tta: bool = False) -> Scored:
-    """The model's logits of ``samples`` (through the feature cache: they are a run's own images), without the
+def score(outputs_of: PathsOutputs, samples: list[Sample], tta: bool = False) -> Scored:
+    """The model's outputs of ``samples`` (through the feature cache: they are a run's own images), without the
     images that could not be decoded."""
     paths = [s.path for s in samples]
-    logits, failed = logits_of(paths, tta, True)
-    keep = [i for i, p in enumerate(paths) if p not in failed]
+    out = outputs_of(paths, tta, True)
+    keep = [i for i, p in enumerate(paths) if p not in out.failed]
     if not keep:
         raise TlearnError("none of the images to evaluate on could be decoded")
-    return Scored(logits[keep], np.array([samples[i].label for i in keep]), [paths[i] for i in keep], failed)
+    return Scored(out.logits[keep], np.array([samples[i].label for i in keep]), [paths[i] for i in keep], out.failed,
+                  None if out.features is None else out.features[keep],
+                  None if out.novelty is None else out.novelty[keep])
 
 
-def metrics_of(scored: Scored, classes: list[str], temperature: float, tta: bool = False) -> dict[str, Any]:
-    """``calibrated_metrics`` of scored images, with the files that were skipped."""
+def metrics_of(scored: Scored, classes: list[str], temperature: float, tta: bool = False,
+               threshold: float | None = None) -> dict[str, Any]:
+    """``calibrated_metrics`` of scored images, with the files that were skipped, and the share of them called
+    unknown at ``threshold`` where the model scores novelty."""
     metrics = {**calibrated_metrics(scored.y, scored.logits, classes, temperature), "tta": tta}
+    if scored.novelty is not None and threshold is not None:
+        metrics["novelty"] = {"threshold": threshold, "unknown": float((scored.novelty > threshold).mean()),
+                              "median": float(np.median(scored.novelty))}
     if scored.failed:
         metrics["skipped"] = {str(p): r for p, r in scored.failed.items()}
     return metrics
+
+
+def against_others(outputs_of: PathsOutputs, inside: Scored, folder: str | Path, threshold: float | None
+                   ) -> dict[str, Any]:
+    """How well the novelty score tells the images in ``folder`` (of none of the model's classes) from the scored
+    images ``inside`` them: the AUROC, and the share of each called unknown at ``threshold``."""
+    from sklearn.metrics import roc_auc_score
+
+    others = [Sample(p, 0, "test") for p in expand_inputs([folder])]
+    if not others:
+        raise TlearnError(f"--unknown {folder}: no images there; give a folder of photos of none of the model's "
+                          "classes")
+    others_scored = score(outputs_of, others)
+    if threshold is None or inside.novelty is None:
+        raise TlearnError("this model has no novelty score to measure: it was saved before tlearn scored novelty; "
+                          "train it again")
+    a, b = inside.novelty, others_scored.novelty
+    return {"folder": str(folder), "images": len(b), "auroc": float(roc_auc_score(
+        np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b])), "unknown": float((b > threshold).mean()),
+        "unknown_in_distribution": float((a > threshold).mean()), "threshold": threshold}
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -87,9 +117,10 @@ def calibrated_metrics(y_true: np.ndarray, logits: np.ndarray, classes: list[str
     return metrics
 
 
-def top_classes(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, names: list[str],
-          k: int) -> list[dict[str, Any]]:
-    """One result per path, in order: its ``k`` most probable classes, or the reason it could not be read."""
+def top_classes(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, names: list[str], k: int,
+                novelty: np.ndarray | None = None, threshold: float | None = None) -> list[dict[str, Any]]:
+    """One result per path, in order: its ``k`` most probable classes, with its ``novelty`` and whether it is
+    ``unknown`` (above ``threshold``) where those are given; or the reason it could not be read."""
     results: list[dict[str, Any]] = []
     for i, path in enumerate(paths):
         if path in failed:
@@ -98,6 +129,8 @@ def top_classes(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, n
         order = np.argsort(-proba[i])[:k]
         results.append({"path": str(path),
                         "predictions": [{"class": names[j], "probability": float(proba[i, j])} for j in order]})
+        if novelty is not None and threshold is not None:
+            results[-1] |= {"novelty": round(float(novelty[i]), 4), "unknown": bool(novelty[i] > threshold)}
     return results
 
 
@@ -112,22 +145,23 @@ class Assessed:
     failed: dict[Path, str] = field(default_factory=dict)  # images that could not be decoded when scored
 
 
-def assess(logits_of: PathsLogits, validation: Scored, calibration: tuple[np.ndarray, np.ndarray, str] | None,
-           test: list[Sample], classes: list[str], full: bool = True) -> Assessed:
+def assess(outputs_of: PathsOutputs, validation: Scored, calibration: tuple[np.ndarray, np.ndarray, str] | None,
+           test: list[Sample], classes: list[str], full: bool = True, threshold: float | None = None) -> Assessed:
     """Calibrate on ``calibration`` (held-out logits, labels and what they are; default: the validation split's),
-    then, with ``full``, score the validation and ``test`` splits with the calibrated probabilities."""
+    then, with ``full``, score the validation and ``test`` splits with the calibrated probabilities (and the share
+    called unknown at the novelty ``threshold``)."""
     logits, y, where = calibration or (validation.logits, validation.y, "validation")
     out = Assessed(fit_temperature(logits, y))
     log.info(f"calibration: temperature {out.temperature:.3f}, fitted on {where} (loss {nll(logits, y):.4f} -> "
              f"{nll(logits, y, out.temperature):.4f})")
     if not full:
         return out
-    splits = {"validation": validation, **({"test": score(logits_of, test)} if test else {})}
+    splits = {"validation": validation, **({"test": score(outputs_of, test)} if test else {})}
     for split, scored in splits.items():
         for path, reason in scored.failed.items():
             log.warning(f"skipped {path}: {reason}")
         out.failed.update(scored.failed)
-        out.metrics[split] = metrics_of(scored, classes, out.temperature)
+        out.metrics[split] = metrics_of(scored, classes, out.temperature, threshold=threshold)
         out.metrics[split]["calibration"]["fitted_on"] = where
-        out.predictions[split] = (scored.paths, scored.y, scored.logits)
+        out.predictions[split] = (scored.paths, scored.y, scored.logits, scored.novelty)
     return out

@@ -6,8 +6,9 @@ The graph, which any ONNX runtime can run without tlearn:
   float32 NCHW batch with a dynamic batch axis, preprocessed as the sidecar's ``inputs[i].preprocessing`` says
   (timm's evaluation transform: resize, centre crop, ``(pixels / 255 - mean) / std``);
 - outputs: ``logits`` (B, C), averaged over the views the run predicts with (the centre crop and, where it was
-  trained so, its mirror image, which the graph makes itself), and ``probabilities``, softmax(logits / T) with
-  the run's calibrated temperature T.
+  trained so, its mirror image, which the graph makes itself), ``probabilities``, softmax(logits / T) with
+  the run's calibrated temperature T, and, for a run with a novelty scorer, ``novelty`` (B,): above the sidecar's
+  ``novelty.threshold`` an image is unlike the training data (``tlearn.novelty``).
 
 ``--int8`` quantizes the graph with ONNX Runtime's static quantization (QDQ, per-channel 7-bit weights,
 activations calibrated on training images) and is never the default: it changes some answers (see
@@ -46,10 +47,12 @@ from tlearn.predictor import (
     run_about,
     sidecar_path,
 )
+from tlearn.novelty import graph_module
 from tlearn.runtime import Pooled
 
 log = logging.getLogger("tlearn")
 PARITY_LIMIT = 1e-4  # max |probability difference| between PyTorch and ONNX Runtime (fp32)
+NOVELTY_LIMIT = 1e-3  # max |novelty difference| (a z-score) between them
 AGREEMENT_GOAL = 0.995  # int8: share of images whose top-1 class is the fp32 graph's
 PARITY_IMAGES = 64  # images run through both PyTorch and ONNX Runtime
 MAX_EVAL_IMAGES = 1000  # images the accuracies and speeds are measured on
@@ -62,22 +65,25 @@ class WholeClassifier(nn.Module):
     A head on frozen bases concatenates each base's pooled features (``slots[i]`` says which input base i reads);
     a fine-tuned or scratch network is the ``head`` itself, on input 0."""
 
-    def __init__(self, bases: list[nn.Module], slots: list[int], head: nn.Module, mirror: bool, temperature: float):
+    def __init__(self, bases: list[nn.Module], slots: list[int], head: nn.Module, mirror: bool, temperature: float,
+                 novelty: nn.Module | None = None):
         super().__init__()
         self.bases, self.slots, self.head = nn.ModuleList(bases), slots, head
-        self.mirror, self.temperature = mirror, temperature
+        self.mirror, self.temperature, self.novelty = mirror, temperature, novelty
 
-    def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.mirror:  # the centre crop and its mirror image in one pass: (B, 3, H, W) -> (2B, 3, H, W)
             images = tuple(torch.cat([x, x.flip(-1)]) for x in images)
-        if self.bases:
-            features = [base(images[s]) for base, s in zip(self.bases, self.slots, strict=True)]  # (B, F_i) each
-            z = self.head(torch.cat(features, 1))  # (B, C)
-        else:
-            z = self.head(images[0])
-        if self.mirror:
-            z = z.reshape(2, -1, z.shape[1]).mean(0)  # (2B, C) -> (B, C): the mean of the two views
-        return z, torch.softmax(z / self.temperature, 1)
+        if self.bases:  # (B, F_i) each, concatenated
+            f = torch.cat([base(images[s]) for base, s in zip(self.bases, self.slots, strict=True)], 1)
+            z = self.head(f)  # (B, C)
+        else:  # a whole network: the features its last layer takes, then its logits
+            f = self.head.embed(images[0])
+            z = self.head.classify(f)
+        if self.mirror:  # (2B, C) -> (B, C): the mean of the two views
+            z, f = z.reshape(2, -1, z.shape[1]).mean(0), f.reshape(2, -1, f.shape[1]).mean(0)
+        out = (z, torch.softmax(z / self.temperature, 1))
+        return out if self.novelty is None else (*out, self.novelty(f, z))
 
 
 @dataclass
@@ -106,6 +112,8 @@ def whole_classifier(run: Loaded) -> tuple[WholeClassifier, list[dict[str, Any]]
     def cpu_copy(module: nn.Module) -> nn.Module:
         return copy.deepcopy(module).float().cpu().to(memory_format=torch.contiguous_format).eval()
 
+    novelty = None if run.novelty is None else graph_module(run.novelty)
+
     if spec.kind == "head":
         bases = [run.extractor.base(name) for name in run.names]
         inputs: list[dict[str, Any]] = []
@@ -114,9 +122,9 @@ def whole_classifier(run: Loaded) -> tuple[WholeClassifier, list[dict[str, Any]]
                 inputs.append(bb.preprocessing)
         module = WholeClassifier([Pooled(cpu_copy(bb.model)) for bb in bases],
                                  [inputs.index(bb.preprocessing) for bb in bases], cpu_copy(run.model),
-                                 "flip" in spec.views, spec.temperature)
+                                 "flip" in spec.views, spec.temperature, novelty)
         return module.eval(), inputs
-    return WholeClassifier([], [], cpu_copy(run.model), "flip" in spec.views, spec.temperature).eval(), \
+    return WholeClassifier([], [], cpu_copy(run.model), "flip" in spec.views, spec.temperature, novelty).eval(), \
         [spec.preprocessing]
 
 
@@ -143,12 +151,14 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = F
         [[np.random.default_rng(0).normal(size=(4, *pp["input_size"])).astype(np.float32) for pp in inputs]]
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        graph.write(module, [torch.from_numpy(x) for x in arrays[0]], fp32, names, ["logits", "probabilities"])
+        outputs = ["logits", "probabilities"] + (["novelty"] if module.novelty is not None else [])
+        graph.write(module, [torch.from_numpy(x) for x in arrays[0]], fp32, names, outputs)
         session = graph.session(fp32)
-        parity, checked = _parity(module, session, names, arrays)
-        if not parity < PARITY_LIMIT:
-            raise TlearnError(f"the ONNX graph's probabilities differ from PyTorch's by up to {parity:.2g} on "
-                              f"{checked} images (limit {PARITY_LIMIT:g}); nothing was written")
+        (parity, novelty), checked = _parity(module, session, names, arrays)
+        if not (parity < PARITY_LIMIT and novelty < NOVELTY_LIMIT):
+            raise TlearnError(f"the ONNX graph's probabilities differ from PyTorch's by up to {parity:.2g} (limit "
+                              f"{PARITY_LIMIT:g}), and its novelty scores by up to {novelty:.2g} (limit "
+                              f"{NOVELTY_LIMIT:g}), on {checked} images; nothing was written")
         result = ExportResult(out, sidecar_path(out), "int8" if int8 else "fp32", parity, checked, bool(pictures))
         if pictures and measure:
             result.split, result.evaluated = split, len(labels)
@@ -214,18 +224,20 @@ def _batches(pictures: list[Any], inputs: list[dict[str, Any]], size: int = 8) -
 
 
 def _parity(module: WholeClassifier, session: Any, names: list[str], arrays: list[list[np.ndarray]]
-            ) -> tuple[float, int]:
-    """Max |Δ probability| between the module in PyTorch fp32 and the graph, on up to PARITY_IMAGES images."""
-    worst, n = 0.0, 0
+            ) -> tuple[tuple[float, float], int]:
+    """Max |Δ probability| and |Δ novelty| (0 without a scorer) between the module in PyTorch fp32 and the graph,
+    on up to PARITY_IMAGES images."""
+    worst, n = np.zeros(2), 0
     with torch.inference_mode():
         for batch in arrays:
             if n >= PARITY_IMAGES:
                 break
-            expected = module(*(torch.from_numpy(x) for x in batch))[1].numpy()
-            difference = graph.largest_difference(session, [expected], dict(zip(names, batch, strict=True)),
-                                                  ["probabilities"])  # probabilities: none is above 1
-            worst, n = max(worst, difference), n + len(expected)
-    return worst, n
+            expected = [t.numpy() for t in module(*(torch.from_numpy(x) for x in batch))[1:]]
+            got = session.run(["probabilities", "novelty"][:len(expected)], dict(zip(names, batch, strict=True)))
+            worst = np.maximum(worst, [float(np.abs(a - b).max()) for a, b in zip(expected, got, strict=True)]
+                               + [0.0] * (2 - len(expected)))
+            n += len(batch[0])
+    return (float(worst[0]), float(worst[1])), n
 
 
 def _measure(session: Any, names: list[str], arrays: list[list[np.ndarray]], labels: np.ndarray, precision: str,
@@ -290,8 +302,12 @@ def _card(run: Loaded, inputs: list[dict[str, Any]], names: list[str], result: E
             "inputs": [{"name": n, "shape": ["batch", *pp["input_size"]], "dtype": "float32", "layout": "NCHW",
                         "preprocessing": pp, "how": how(pp)} for n, pp in zip(names, inputs, strict=True)],
             "outputs": {"logits": "(batch, classes) float32, averaged over the views",
-                        "probabilities": "(batch, classes) float32, softmax(logits / temperature)"},
+                        "probabilities": "(batch, classes) float32, softmax(logits / temperature)",
+                        **({"novelty": "(batch,) float32, higher: less like the training images; above "
+                            "novelty.threshold: unknown"} if run.novelty is not None else {})},
             "temperature": run.spec.temperature, "views": run.spec.views,
+            **({"novelty": {"threshold": run.novelty.threshold, "accept": run.novelty.accept,
+                            "kind": run.novelty.kind}} if run.novelty is not None else {}),
             "source": {**run_about(read_run(run.run_dir)), "tlearn": __version__}, "checks": checks}
 
 

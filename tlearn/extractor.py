@@ -22,11 +22,12 @@ import numpy as np
 from torch import nn
 
 from tlearn import dist
-from tlearn.artifact import ModelSpec, load_model
+from tlearn.artifact import ModelSpec, load_model, load_reference
 from tlearn.backbones import Backbone, load_backbone, load_recorded
 from tlearn.config import BackboneConfig, InferenceConfig, RuntimeConfig, TrainConfig, from_dict, validate
 from tlearn.features import FeatureCache, Features
 from tlearn.fileio import file_sha256
+from tlearn.novelty import Novelty, of_run
 from tlearn.runtime import Engine, base_engine
 from tlearn.train import Precision, resolve_precision
 
@@ -153,6 +154,7 @@ class Loaded:
     model: nn.Module
     config: dict[str, Any]
     extractor: Extractor
+    novelty: Novelty | None = None  # None: saved before tlearn scored novelty
 
     @property
     def names(self) -> list[str]:
@@ -166,6 +168,7 @@ def load_run(run_dir: str | Path, inference: InferenceConfig, runtime: RuntimeCo
     where it was trained."""
     validate(inference, runtime)
     spec, model, config = load_model(Path(run_dir))
+    novelty = of_run(spec, load_reference(Path(run_dir), spec), str(run_dir))
     saved = spec.backbone or BackboneConfig()
     backbone = BackboneConfig(saved.backbone, inference.weights or saved.weights, saved.pretrained)
     train = TrainConfig(device=inference.device, precision=inference.precision)
@@ -175,4 +178,4 @@ def load_run(run_dir: str | Path, inference: InferenceConfig, runtime: RuntimeCo
                                     device=inference.device, precision=inference.precision)
     recorded = {} if spec.kind == "scratch" else dict(zip(backbone.names(), spec.weights_id.split("+"), strict=False))
     return Loaded(Path(run_dir), spec, model, config,
-                  Extractor(backbone, train, runtime, recorded=recorded, verbose=verbose))
+                  Extractor(backbone, train, runtime, recorded=recorded, verbose=verbose), novelty)

@@ -125,6 +125,9 @@ def _check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", action="store_true", help="also list suspected mislabels: images whose folder "
                    "disagrees with a model trained without them (confident learning on the backbone's features; "
                    "nothing is moved)")
+    p.add_argument("--outliers", action="store_true", help="also list the images least like the rest of their "
+                   "class (the mean cosine distance of the backbone's features to their nearest others of the class, "
+                   "each image left out of its own score), most unusual first; nothing is moved")
     p.add_argument("--near-threshold", type=whole(0, 64), default=4, help="largest difference-hash distance (of "
                    "64 bits) between near duplicates (default: 4)")
 
@@ -144,7 +147,10 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", nargs="?", help="folder to evaluate on (default: the run's test split)")
     p.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation (centre, mirrored, "
                    "four corners; mean logits) and show both")
-    add_fields(p, InferenceConfig, skip=("top_k",))
+    p.add_argument("--unknown", dest="unknown_folder", metavar="FOLDER", help="photos of things the model was not "
+                   "trained on: report how well the novelty score tells them from the test split (AUROC) and the "
+                   "share of each called unknown")
+    add_fields(p, InferenceConfig, skip=("top_k", "unknown"))
     add_fields(p, RuntimeConfig)
 
 
@@ -171,7 +177,7 @@ def _explain(p: argparse.ArgumentParser) -> None:
                    "each image's predicted class)")
     p.add_argument("--out", default="heatmaps", help="folder to write IMAGE.heatmap.png files into (default: "
                    "heatmaps); only earlier heatmaps are ever replaced")
-    add_fields(p, InferenceConfig)
+    add_fields(p, InferenceConfig, skip=("unknown",))
     add_fields(p, RuntimeConfig)
 
 
@@ -199,7 +205,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
                    "torch: PyTorch (default: auto)")
     p.add_argument("--max-upload-mb", type=number, default=20, help="largest request body in MiB; larger ones get "
                    "HTTP 413 (default: 20)")
-    add_fields(p, InferenceConfig, only=("weights", "device", "top_k"), defaults={"top_k": 5})
+    add_fields(p, InferenceConfig, only=("weights", "device", "top_k", "unknown"), defaults={"top_k": 5})
     add_fields(p, RuntimeConfig, only=("cache_dir",))
 
 

@@ -249,6 +249,46 @@ def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run
     return text + png_tag(path)
 
 
+def _novelty(config: dict[str, Any], metrics: dict[str, Any], predictions: list[dict[str, Any]], run_dir: Path,
+             cache: Path) -> str:
+    """The novelty score's threshold and distribution on validation and test, and the training images least like
+    the rest of their class."""
+    n = config["model"].get("novelty")
+    if not n:
+        return "<p class='muted'>This model was saved without a novelty score (before tlearn had one).</p>"
+    scores = {split: [r["novelty"] for r in predictions if r["split"] == split and r.get("novelty") is not None]
+              for split in ("validation", "test")}
+    scores = {k: v for k, v in scores.items() if v}
+    shares = ", ".join(f"{m['novelty']['unknown']:.1%} of {split}" for split, m in metrics.items() if "novelty" in m)
+    text = (f"<p>Each prediction carries a <b>novelty</b> score: how unlike the training images the image is (the "
+            f"larger of the standardised distance of its features to the {n['k']} nearest training images and the "
+            f"standardised energy of the head's logits). Above the threshold, <b>{n['threshold']:.3f}</b>, it is "
+            f"called <b>unknown</b>. The threshold accepts {n['accept']:.0%} of the validation images, scored by the "
+            f"model trained on the training split alone ({html.escape(n.get('fitted_on', ''))}). Called unknown "
+            f"here: {shares or 'none measured'}. <code>tlearn evaluate RUN --unknown FOLDER</code> measures it on "
+            f"photos of other things.</p>")
+    if scores:
+        text += png_tag(plots.reuse(run_dir / "novelty.png", ["novelty", scores, n["threshold"]],
+                                    lambda: plots.novelty_histogram(scores, n["threshold"], run_dir / "novelty.png"),
+                                    cache))
+    odd = read_csv_rows(run_dir / "outliers.csv")
+    if not odd:
+        return text
+    shown = [(Path(r["path"]), _caption(Path(r["path"]), f"{r['class']}: {float(r['score']):.3f}")) for r in odd]
+    key = ["outliers", 1, [[str(p), c] for p, c in shown]]
+
+    def draw() -> Path | None:
+        tiles = grids.thumbnails(shown)
+        return plots.image_grid(tiles, run_dir / "outliers.png", cols=4, tile=2.6) if tiles else None
+
+    grid = plots.reuse(run_dir / "outliers.png", key, draw, cache)
+    return (text + "<h3>Training images least like the rest of their class</h3><p>The mean cosine distance of each "
+            "training image's features to its nearest other images of the same class, most unusual first: junk "
+            "that slipped into a folder (a web placeholder, a screenshot) shows up here. Nothing was moved.</p>"
+            + (png_tag(grid) if grid else "") + html_table([[r["path"], r["class"], r["score"]] for r in odd],
+                                                           ["file", "class", "distance"]))
+
+
 def _summary(model: nn.Module | None, config: dict[str, Any], base: Any, run_dir: Path, cache: Path) -> str:
     """Keras's model summary. Its rows depend on the architecture, the weights and the head's shape only, so they
     are kept under the cache folder, and a re-run does not build the network to list its layers again."""
@@ -401,6 +441,7 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
         _section("Correct predictions and their evidence", _correct(predictions, config["model"]["classes"],
                                                                     run_dir, cache, explainer)),
         _section("Calibration", _calibration(metrics, predictions, run_dir, cache)),
+        _section("Unlike the training data", _novelty(config, metrics, predictions, run_dir, cache)),
         _section("Model summary", _summary(model, config, base, run_dir, cache)),
         _section("Suspected mislabels", _mislabels(run_dir, cache)),
         _section("Data quality", _findings(run_dir)),

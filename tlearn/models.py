@@ -31,12 +31,40 @@ class Classifier(nn.Module):
         self.base, self.head = base, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.base.forward_head(self.base.forward_features(x), pre_logits=True))
+        return self.classify(self.embed(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The base's pooled features, which the head takes: (B, 3, H, W) -> (B, F)."""
+        return self.base.forward_head(self.base.forward_features(x), pre_logits=True)
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z)
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         self.base.eval()  # pretrained BatchNorm statistics and stochastic depth stay as they are
         return self
+
+
+class Embedded(nn.Module):
+    """A whole network's logits and the features its last layer (a fine-tuned base's head) takes, side by side:
+    (B, 3, H, W) -> (B, C + F). The novelty score needs both, from one pass."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net.embed(x)
+        return torch.cat([self.net.classify(z).float(), z.float()], 1)
+
+
+def embed_width(net: nn.Module) -> int:
+    """How many features ``net.embed`` gives: the input width of the layer that takes them."""
+    last = net.head if isinstance(net, Classifier) else net.linear if isinstance(net, PixelLinear) else \
+        net.classifier[-1]
+    first = next(m for m in last.modules() if isinstance(m, nn.Linear))
+    return first.in_features
 
 
 def stages(model: nn.Module) -> list[list[str]]:
@@ -96,7 +124,14 @@ class SmallCNN(nn.Module):
                                         nn.Linear(512, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classify(self.embed(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """What the last layer takes (the penultimate layer's output): (B, 3, H, W) -> (B, F)."""
+        return self.classifier[:-1](self.features(x))
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier[-1](z)
 
 
 class AlexNet(nn.Module):
@@ -117,7 +152,14 @@ class AlexNet(nn.Module):
             nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4096, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classify(self.embed(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """What the last layer takes (the penultimate layer's output): (B, 3, H, W) -> (B, F)."""
+        return self.classifier[:-1](self.features(x))
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier[-1](z)
 
 
 class PixelLinear(nn.Module):
@@ -128,7 +170,14 @@ class PixelLinear(nn.Module):
         self.linear = nn.Linear(3 * size * size, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
+        return self.classify(self.embed(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pixels, which is what this model's only layer takes: (B, 3, 32, 32) -> (B, 3072)."""
+        return x.flatten(1)
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z)
 
 
 @dataclass(frozen=True)

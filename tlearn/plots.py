@@ -164,6 +164,23 @@ def reliability_diagram(before: Reliability, after: Reliability, temperature: fl
     return _save(fig, path)
 
 
+def novelty_histogram(scores: dict[str, list[float]], threshold: float, path: Path) -> Path:
+    """The novelty scores of each split as overlaid histograms, with the threshold above which images are called
+    unknown."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    values = [v for vs in scores.values() for v in vs] + [threshold]
+    bins = np.linspace(min(values), max(values), 31)
+    for split, vs in scores.items():
+        ax.hist(vs, bins=bins, alpha=0.55, label=f"{split} ({len(vs)})")
+    ax.axvline(threshold, color="tab:red", lw=1.5, ls="--", label=f"threshold {threshold:.2f}")
+    ax.set(xlabel="novelty (higher: less like the training data)", ylabel="images")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def image_grid(tiles: list[tuple[np.ndarray, str]], path: Path, cols: int = 6, tile: float = 2.2,
                aspect: float = 1.0) -> Path:
     """Images (H, W, 3 arrays, uint8 or floats in [0, 1]) with a caption (one or more lines) above each, ``cols``
@@ -330,8 +347,8 @@ def prediction_charts(results: list[dict[str, Any]], path: Path, most: int) -> P
     when none could)."""
     from tlearn.images import thumbnail
 
-    shown = [(thumbnail(Path(r["path"])), Path(r["path"]).name, r["predictions"]) for r in results
-             if "predictions" in r][:most]
+    shown = [(thumbnail(Path(r["path"])), Path(r["path"]).name + (": unknown" if r.get("unknown") else ""),
+              r["predictions"]) for r in results if "predictions" in r][:most]
     return prediction_chart(shown, path) if shown else None
 
 

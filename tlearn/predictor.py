@@ -15,7 +15,9 @@ A ``Predictor`` is a list of inputs (each a preprocessing: an image becomes a no
   loop.
 
 ``predict`` takes paths; ``predict_images`` takes decoded pictures (the server's uploads). All give the same
-answers.
+answers. Each result also says how unlike the training data the image is (``"novelty"``, higher: less like it) and
+whether that is above the model's threshold (``"unknown"``): the scorer of ``tlearn.novelty``, saved with the
+model, on the features the head takes (an exported graph computes it itself).
 
 >>> p = Predictor.load("runs/demo")                        # doctest: +SKIP
 >>> p.predict(["ant.jpg"], top_k=2)                         # doctest: +SKIP
@@ -31,6 +33,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +46,7 @@ from tlearn.artifact import (
     MAX_CLASSES,
     MAX_CONFIG_BYTES,
     MODEL_FILE,
+    NOVELTY_TENSOR,
     ModelSpec,
     preprocessing_problems,
     read_run,
@@ -53,6 +57,7 @@ from tlearn.data import expand_inputs
 from tlearn.evaluate import top_classes
 from tlearn.fileio import file_sha256, onnx_export_path, require_regular
 from tlearn.images import VIEWS, ImageDecodeError, crop_resize_fits, eval_transform, load_image, tta_views
+from tlearn.novelty import Novelty, of_run
 
 if TYPE_CHECKING:
     from tlearn.config import InferenceConfig, RuntimeConfig
@@ -62,7 +67,18 @@ BATCH = 8
 TTA_VIEWS = list(VIEWS)  # CropResize's preprocessings have all six
 EXPORT_FORMAT = "tlearn-onnx"  # the sidecar of a classifier written by `tlearn export`
 EXPORT_FORMAT_VERSION = 1
-Forward = Callable[[list[np.ndarray]], np.ndarray]  # one (B, 3, H, W) batch per input -> (B, C) logits
+Forward = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray | None]]  # one (B, 3, H, W) batch per input
+# -> ((B, C) logits, (B, F) the features the head takes; for an exported graph, its (B,) novelty; or None)
+
+
+@dataclass
+class Outputs:
+    """What the model makes of images: rows in order, zero for files that could not be read (listed with why)."""
+
+    logits: np.ndarray  # (N, C) uncalibrated, the mean over the views
+    features: np.ndarray | None  # (N, F) the head's input, the mean over the model's own views (None: exported)
+    novelty: np.ndarray | None  # (N,) None where the model has no novelty scorer
+    failed: dict[Path, str] = field(default_factory=dict)
 
 
 def _no_gpu() -> bool:
@@ -81,8 +97,10 @@ class Predictor:
 
     def __init__(self, classes: list[str], inputs: list[dict[str, Any]], forward: Forward, *, temperature: float = 1.0,
                  views: list[str] | None = None, backend: str = "onnx", about: dict[str, Any] | None = None,
-                 spec: ModelSpec | None = None):
+                 spec: ModelSpec | None = None, novelty: Novelty | None = None, threshold: float | None = None):
         self.classes, self.inputs, self.forward = classes, inputs, forward
+        self.novelty = novelty  # the scorer, where this process computes the score
+        self.threshold = novelty.threshold if novelty is not None else threshold  # None: no novelty
         self.temperature, self.views = temperature, views or ["center"]
         self.backend = backend  # onnx | exported | torch
         self.about = about or {}  # what `GET /model` shows: model id, backbone, kind, metrics, when trained
@@ -129,17 +147,18 @@ class Predictor:
             sessions = [graph.session(f) for f in files]
         except Exception:  # noqa: BLE001 - a damaged file: the full loader names it (or exports the base again)
             return None
+        novelty = of_run(spec, tensors.pop(NOVELTY_TENSOR, None), str(run_dir))
         layers = [(tensors[f"{i}.weight"], tensors[f"{i}.bias"])
-                  for i in sorted({int(k.split(".")[0]) for k in tensors})]
-        if layers[0][0].shape[1] != spec.num_features or layers[-1][0].shape[0] != len(spec.classes):
-            return None
+                  for i in sorted({int(k.split(".")[0]) for k in tensors})]  # the head's tensors (read_run checked)
 
-        def forward(arrays: list[np.ndarray]) -> np.ndarray:
+        def forward(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             parts = [session.run(None, {"image": x})[0] for session, x in zip(sessions, arrays, strict=True)]
-            return _dense(np.hstack(parts), layers)  # (B, F) -> (B, C)
+            features = np.hstack(parts)
+            return _dense(features, layers), features  # (B, F) -> (B, C)
 
         return cls(spec.classes, [b["identity"]["preprocessing"] for b in spec.bases], forward,
-                   temperature=spec.temperature, views=spec.views, backend="onnx", about=run_about(saved), spec=spec)
+                   temperature=spec.temperature, views=spec.views, backend="onnx", about=run_about(saved), spec=spec,
+                   novelty=novelty)
 
     @classmethod
     def _torch(cls, run_dir: Path, inference: InferenceConfig, runtime: RuntimeConfig, verbose: bool) -> Predictor:
@@ -148,31 +167,40 @@ class Predictor:
         from tlearn.extractor import load_run
 
         loaded = load_run(run_dir, inference, runtime, verbose)
-        return cls.of(loaded.spec, loaded.model, loaded.extractor, about=run_about(read_run(run_dir)))
+        return cls.of(loaded.spec, loaded.model, loaded.extractor, about=run_about(read_run(run_dir)),
+                      novelty=loaded.novelty)
 
     @classmethod
-    def of(cls, spec: ModelSpec, model: Any, extractor: Any, about: dict[str, Any] | None = None) -> Predictor:
-        """The PyTorch predictor of a model in memory: ``model`` with its ``spec``, and the ``Extractor`` of its
-        frozen bases (a head's) or of the device it runs on (a whole network's)."""
+    def of(cls, spec: ModelSpec, model: Any, extractor: Any, about: dict[str, Any] | None = None,
+           novelty: Novelty | None = None) -> Predictor:
+        """The PyTorch predictor of a model in memory: ``model`` with its ``spec`` and its novelty scorer (None:
+        none), and the ``Extractor`` of its frozen bases (a head's) or of the device it runs on (a whole
+        network's)."""
         import torch
 
+        from tlearn.models import Embedded, embed_width
         from tlearn.runtime import net_engine
 
         names = [b["name"] for b in spec.bases] or extractor.names()  # a head's bases, in order
+        classes = len(spec.classes)
         if spec.kind == "head":
             engines, inputs = [extractor.engine(n) for n in names], [extractor.base(n).preprocessing for n in names]
-        else:
-            engines = [net_engine(model, spec.preprocessing, len(spec.classes), extractor.run, extractor.runtime)]
+        else:  # the network's logits and the features its last layer takes, side by side
+            engines = [net_engine(Embedded(model), spec.preprocessing, classes + embed_width(model), extractor.run,
+                                  extractor.runtime)]
             inputs = [spec.preprocessing]
 
-        def forward(arrays: list[np.ndarray]) -> np.ndarray:
+        def forward(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             with torch.inference_mode():
                 out = [torch.as_tensor(e.forward(torch.from_numpy(x))).float().cpu()
                        for e, x in zip(engines, arrays, strict=True)]
-                return (model(torch.cat(out, 1)) if spec.kind == "head" else out[0]).numpy()
+                if spec.kind == "head":
+                    features = torch.cat(out, 1)
+                    return model(features).numpy(), features.numpy()
+                return out[0][:, :classes].numpy(), out[0][:, classes:].numpy()
 
         predictor = cls(spec.classes, inputs, forward, temperature=spec.temperature, views=spec.views,
-                        backend="torch", about=about, spec=spec)
+                        backend="torch", about=about, spec=spec, novelty=novelty)
         predictor.stack = (model, extractor, engines, names)
         return predictor
 
@@ -202,14 +230,21 @@ class Predictor:
             raise TlearnError(f"{path} does not match {sidecar_path(path)} (inputs {names}, outputs {outputs}); "
                               "export the two again together")
 
-        def forward(arrays: list[np.ndarray]) -> np.ndarray:
-            return session.run(["logits"], dict(zip(wanted, arrays, strict=True)))[0]
+        scored = "novelty" in outputs and "novelty" in card
+        if not scored:
+            log.warning(f"{path} was exported without a novelty score, so its predictions carry no \"novelty\" or "
+                        "\"unknown\"; export the run again (and train it again if it predates them)")
+
+        def forward(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+            out = session.run(["logits", "novelty"] if scored else ["logits"], dict(zip(wanted, arrays, strict=True)))
+            return out[0], out[1] if scored else None
 
         about = {**card.get("source", {}), "model_id": file_sha256(path)[:12], "precision": card["precision"],
                  "backend": "exported"}
         # the graph averages its own views (the centre crop and, where trained so, its mirror image)
         return cls(card["classes"], [i["preprocessing"] for i in card["inputs"]], forward,
-                   temperature=card["temperature"], views=["center"], backend="exported", about=about)
+                   temperature=card["temperature"], views=["center"], backend="exported", about=about,
+                   threshold=card["novelty"]["threshold"] if scored else None)
 
     # --- prediction ----------------------------------------------------------------------------------------
 
@@ -235,57 +270,74 @@ class Predictor:
             out[view] = [np.stack([t(image) for image in images]) for t in self._transforms[view]]
         return list(out.values())
 
-    def run(self, prepared: list[list[np.ndarray]]) -> np.ndarray:
+    def run(self, prepared: list[list[np.ndarray]]) -> Outputs:
         """``prepare``'s batches → (B, C) uncalibrated logits, the mean over the views, which go through the
-        model together as one batch of V x B."""
+        model together as one batch of V x B; with the features and novelty of the model's own views."""
         views = len(prepared)
         together = [np.concatenate(per_input) for per_input in zip(*prepared, strict=True)]  # (V*B, 3, H, W) each
-        logits = self.forward(together)
-        return logits.reshape(views, -1, logits.shape[1]).mean(0)
+        logits, extra = self.forward(together)
+        return self.outputs(logits.reshape(views, -1, logits.shape[1]),
+                            None if extra is None else extra.reshape(views, logits.shape[0] // views, -1))
+
+    def outputs(self, logits: np.ndarray, extra: np.ndarray | None) -> Outputs:
+        """Per-view (V, B, C) logits and (V, B, F) head features (an exported graph: (V, B, 1) novelty) → the mean
+        logits over every view; the features, and their novelty, of the model's own views, which come first (the
+        test-time views start with them), as the threshold was set on them."""
+        own = len(self.views)
+        if extra is None or self.backend == "exported":
+            return Outputs(logits.mean(0), None, None if extra is None else extra[:own].mean(0)[:, 0])
+        features = extra[:own].mean(0)
+        novelty = self.novelty.score(features, logits[:own].mean(0)) if self.novelty is not None else None
+        return Outputs(logits.mean(0), features, novelty)
 
     def logits(self, images: list[Image.Image], tta: bool = False) -> np.ndarray:
         """(B, C) uncalibrated logits of decoded pictures, averaged over the model's views (or the six test-time
         views with ``tta``)."""
-        return self.run(self.prepare(images, tta))
+        return self.run(self.prepare(images, tta)).logits
 
     def probabilities(self, logits: np.ndarray, calibration: bool = True) -> np.ndarray:
         return calibrated(logits, self.temperature if calibration else 1.0)
 
     def predict_images(self, images: list[Image.Image], top_k: int = 3, *, calibration: bool = True,
-                       tta: bool = False) -> list[list[dict[str, Any]]]:
-        """Each decoded picture's top-k ``{"class", "probability"}``, most probable first."""
+                       tta: bool = False, unknown: bool = True) -> list[dict[str, Any]]:
+        """Each decoded picture's ``{"predictions": [{"class", "probability"}, ...], "novelty", "unknown"}``, most
+        probable first (the last two where the model scores novelty, unless ``unknown`` is False)."""
         if not images:
             return []
-        proba = self.probabilities(self.logits(images, tta), calibration)
-        order = np.argsort(-proba, 1)[:, :top_k]
-        return [[{"class": self.classes[j], "probability": float(p[j])} for j in row]
-                for p, row in zip(proba, order, strict=True)]
+        out = self.run(self.prepare(images, tta))
+        names = [str(i) for i in range(len(images))]
+        return [{k: v for k, v in r.items() if k != "path"} for r in top_classes(
+            names, {}, self.probabilities(out.logits, calibration), self.classes, top_k,
+            *((out.novelty, self.threshold) if unknown else ()))]
 
     def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
-                tta: bool = False) -> list[dict[str, Any]]:
+                tta: bool = False, unknown: bool = True) -> list[dict[str, Any]]:
         """Top-k classes with probabilities for image files and the images in folders, in order: ``{"path",
-        "predictions": [{"class", "probability"}, ...]}``, or ``{"path", "error"}`` for a file that could not be
-        read."""
+        "predictions": [{"class", "probability"}, ...], "novelty", "unknown"}``, or ``{"path", "error"}`` for a
+        file that could not be read. ``novelty`` (higher: less like the training data) and ``unknown`` (above the
+        model's threshold) are there where the model scores novelty, unless ``unknown`` is False."""
         paths = expand_inputs(inputs)
         if not paths:
             return []
-        logits, failed = self.paths_logits(paths, tta)
-        return top_classes(paths, failed, self.probabilities(logits, calibration), self.classes, top_k)
+        out = self.paths_outputs(paths, tta)
+        return top_classes(paths, out.failed, self.probabilities(out.logits, calibration), self.classes, top_k,
+                           *((out.novelty, self.threshold) if unknown else ()))
 
-    def paths_logits(self, paths: list[Path], tta: bool = False, cache: bool = False
-                     ) -> tuple[np.ndarray, dict[Path, str]]:
-        """(N, C) uncalibrated logits of the images at ``paths``, the mean over the model's views (or the
-        test-time views with ``tta``); rows of files that cannot be read are zero and listed with the reason.
+    def paths_outputs(self, paths: list[Path], tta: bool = False, cache: bool = False) -> Outputs:
+        """The ``Outputs`` of the images at ``paths``: (N, C) uncalibrated logits, the mean over the model's views
+        (or the test-time views with ``tta``), with the features and novelty of the model's own views; rows of
+        files that cannot be read are zero and listed with the reason.
 
         The PyTorch backend extracts on several threads through its engines, and a head's features of the centre
         and mirror views go through the feature cache where ``cache`` is set (a run's own splits), so that its
         metrics use the very features it was trained and chosen on."""
         if self.stack is not None:
-            return self._stack_logits(paths, tta, cache)
-        logits = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
+            return self._stack_outputs(paths, tta, cache)
+        parts: list[Outputs] = []
+        rows: list[int] = []
         failed: dict[Path, str] = {}
         for start in range(0, len(paths), BATCH):
-            rows, images = [], []
+            images = []
             for i in range(start, min(start + BATCH, len(paths))):
                 try:
                     images.append(load_image(paths[i]))
@@ -293,25 +345,43 @@ class Predictor:
                 except ImageDecodeError as e:
                     failed[paths[i]] = str(e)
             if images:
-                logits[rows] = self.logits(images, tta)
-        return logits, failed
+                parts.append(self.run(self.prepare(images, tta)))
+        return _placed(parts, rows, len(paths), len(self.classes), failed)
 
-    def _stack_logits(self, paths: list[Path], tta: bool, cache: bool) -> tuple[np.ndarray, dict[Path, str]]:
+    def _stack_outputs(self, paths: list[Path], tta: bool, cache: bool) -> Outputs:
+        """The PyTorch backend: each view's features extracted on several threads (a head's through the feature
+        cache where ``cache`` is set), then the head, or the whole network's logits and features."""
         import torch
 
         model, extractor, engines, names = self.stack
-        views = self.tta_views() if tta else self.spec.views
-        total, failed = 0.0, {}
-        for view in views:
+        logits, extra, failed = [], [], {}
+        for view in self.tta_views() if tta else self.spec.views:
             if self.spec.kind == "head":
                 out = extractor.features(paths, names, view, announce=False, cache=cache and view in ("center", "flip"))
                 with torch.no_grad():
-                    out.X = model.eval()(torch.from_numpy(out.X)).numpy()
+                    logits.append(model.eval()(torch.from_numpy(out.X)).numpy())
+                extra.append(out.X)
             else:
                 out = engines[0].extract(paths, progress=extractor.verbose, view=view)
+                logits.append(out.X[:, :len(self.classes)])
+                extra.append(out.X[:, len(self.classes):])
             failed = out.failed
-            total = total + out.X
-        return total / len(views), failed
+        result = self.outputs(np.stack(logits), np.stack(extra))
+        result.failed = failed
+        return result
+
+
+def _placed(parts: list[Outputs], rows: list[int], n: int, classes: int, failed: dict[Path, str]) -> Outputs:
+    """Batches' outputs placed at their ``rows`` of ``n``, zero rows for the ``failed`` files."""
+    def joined(name: str, width: tuple[int, ...]) -> np.ndarray | None:
+        if not parts or getattr(parts[0], name) is None:
+            return None if parts else np.zeros((n, *width), dtype=np.float32) if name == "logits" else None
+        values = np.concatenate([getattr(p, name) for p in parts])
+        out = np.zeros((n, *values.shape[1:]), dtype=values.dtype)
+        out[rows] = values
+        return out
+
+    return Outputs(joined("logits", (classes,)), joined("features", ()), joined("novelty", ()), failed)
 
 
 def _dense(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -379,6 +449,10 @@ def read_sidecar(path: Path) -> dict[str, Any]:
         problems.append(f"\"temperature\" must be a positive number, not {temperature!r}")
     if card.get("precision") not in ("fp32", "int8"):
         problems.append(f"\"precision\" must be fp32 or int8, not {card.get('precision')!r}")
+    novelty = card.get("novelty", {"threshold": 0.0})
+    if not isinstance(novelty, dict) or type(novelty.get("threshold")) not in (int, float) \
+            or not math.isfinite(novelty["threshold"]):
+        problems.append("\"novelty.threshold\" must be a finite number")
     if not isinstance(card.get("source", {}), dict):
         problems.append("\"source\" must be an object")
     if problems:

@@ -53,39 +53,45 @@ def write_history_csv(history: History, path: Path) -> None:
 
 
 PREDICTION_COLUMNS = ["split", "path", "true", "predicted", "probability", "probability_uncalibrated", "p_true",
-                      "loss"]
+                      "loss", "novelty"]  # novelty: empty where the model has no scorer (and absent in older runs)
 
 
-def prediction_rows(predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]], classes: list[str],
-                    temperature: float) -> list[dict[str, Any]]:
-    """One row per evaluated image: true and predicted class, the predicted class's probability with and without
-    temperature scaling, the true class's probability and the image's loss (-log of it)."""
+def prediction_rows(predictions: dict[str, tuple], classes: list[str], temperature: float) -> list[dict[str, Any]]:
+    """One row per evaluated image (``predictions``: split → (paths, labels, logits, novelty or None)): true and
+    predicted class, the predicted class's probability with and without temperature scaling, the true class's
+    probability, the image's loss (-log of it) and its novelty (None where the model has no scorer)."""
     from tlearn.calibrate import calibrated
 
     rows = []
-    for split, (paths, y, logits) in predictions.items():
+    for split, (paths, y, logits, novelty) in predictions.items():
         proba, raw = calibrated(logits, temperature), calibrated(logits, 1.0)
         k = proba.argmax(1)
         p_true = proba[np.arange(len(y)), y]
         for i, p in enumerate(paths):
             rows.append({"split": split, "path": str(p), "true": classes[y[i]], "predicted": classes[k[i]],
                          "probability": float(proba[i, k[i]]), "probability_uncalibrated": float(raw[i, k[i]]),
-                         "p_true": float(p_true[i]), "loss": float(-np.log(max(p_true[i], 1e-12)))})
+                         "p_true": float(p_true[i]), "loss": float(-np.log(max(p_true[i], 1e-12))),
+                         "novelty": None if novelty is None else float(novelty[i])})
     return rows
 
 
 def write_predictions_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """``prediction_rows`` as predictions.csv."""
-    atomic_write_csv(path, PREDICTION_COLUMNS, ([r[c] if i < 4 else f"{r[c]:.6f}" for i, c in
-                                                 enumerate(PREDICTION_COLUMNS)] for r in rows))
+    atomic_write_csv(path, PREDICTION_COLUMNS, ([r[c] if i < 4 else "" if r[c] is None else f"{r[c]:.6f}"
+                                                 for i, c in enumerate(PREDICTION_COLUMNS)] for r in rows))
 
 
 def read_predictions_csv(path: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = read_csv_rows(path)
     for r in rows:
         for key in PREDICTION_COLUMNS[4:]:
-            r[key] = float(r[key])
+            r[key] = float(r[key]) if r.get(key) not in (None, "") else None
     return rows
+
+
+def write_outliers_csv(rows: list[tuple[Path, str, float]], path: Path) -> None:
+    """The training images least like the rest of their class, most unusual first: (path, class, score)."""
+    atomic_write_csv(path, ["path", "class", "score"], ([str(p), c, f"{score:.6f}"] for p, c, score in rows))
 
 
 def write_tensorboard(history: History, metrics: dict[str, Any], folder: Path) -> None:
@@ -134,6 +140,14 @@ def format_metrics(metrics: dict[str, Any], split: str) -> str:
                  f"{c['ece_uncalibrated']:.4f}, loss {c['loss_uncalibrated']:.4f})")
     if metrics.get("tta"):
         head += "\ntest-time augmentation: mean logits of 6 views (centre, mirrored, 4 corners)"
+    if "novelty" in metrics:
+        head += (f"\nnovelty: {metrics['novelty']['unknown']:.1%} called unknown (threshold "
+                 f"{metrics['novelty']['threshold']:.3f})")
+    if "unknown" in metrics:
+        u = metrics["unknown"]
+        head += (f"\nimages of other things ({printable(u['folder'])}, {u['images']}): AUROC {u['auroc']:.4f} against "
+                 f"this split; {u['unknown']:.1%} of them called unknown, and {u['unknown_in_distribution']:.1%} of "
+                 f"this split")
     cm = metrics["confusion_matrix"]
     names = metrics["classes"]
     cm_rows = [[f"true {names[i]}", *cm[i]] for i in range(len(names))]
@@ -157,7 +171,8 @@ def format_predictions(results: list[dict[str, Any]]) -> str:
             lines.append(f"{printable(r['path'])}: skipped: {printable(r['error'])}")
             continue
         top = ", ".join(f"{printable(p['class'])} {p['probability']:.3f}" for p in r["predictions"])
-        lines.append(f"{printable(r['path'])}: {top}")
+        unknown = f"unknown (novelty {r['novelty']:.2f}, unlike the training images); " if r.get("unknown") else ""
+        lines.append(f"{printable(r['path'])}: {unknown}{top}")
     return "\n".join(lines)
 
 

@@ -57,13 +57,15 @@ class RunResult:
     base: Any = None  # the loaded backbone, for the report's model summary (None: the report loads it if needed)
     tensorboard: bool = False
     cache_dir: Path | None = None  # where the report's figures are reused from (None: the default cache folder)
+    novelty: Any = None  # the novelty scorer (``tlearn.novelty.Novelty``), saved with the model; None: none
+    outliers: list[tuple[Path, str, float]] = field(default_factory=list)  # training images least like their class
 
 
 # Every name tlearn writes in a run folder; anything else there is the user's and is never replaced or removed.
 RUN_FILES = frozenset({MODEL_FILE, CONFIG_FILE, CHECKPOINT_FILE, "split.csv", "skipped.csv", "check.json",
                        "history.csv", "curves.png", "metrics.json", "predictions.csv", "report.html", "samples.png",
                        "confusion.png", "top_losses.png", "correct.png", "mislabels.png", "reliability.png",
-                       "tensorboard"})
+                       "tensorboard", "outliers.csv", "novelty.png", "outliers.png"})
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tlearn-(?P<kind>new|old)-(?P<pid>\d+)-[^/]*$")
 
 
@@ -224,7 +226,10 @@ def _write_files(run_dir: Path, result: RunResult, shown_as: Path) -> None:
     rows = report.prediction_rows(result.predictions, result.spec.classes, result.spec.temperature)
     if result.predictions:
         report.write_predictions_csv(rows, run_dir / "predictions.csv")
-    config = save_model(run_dir, result.spec, result.model, result.config)
+    if result.outliers:
+        report.write_outliers_csv(result.outliers, run_dir / "outliers.csv")
+    config = save_model(run_dir, result.spec, result.model, result.config,
+                        None if result.novelty is None else result.novelty.reference)
     if result.history and result.tensorboard:
         report.write_tensorboard(result.history, result.metrics, run_dir / "tensorboard")
     if result.metrics:

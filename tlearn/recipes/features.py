@@ -89,7 +89,7 @@ def memo_path(job: Job, names: list[str], what: str = "chosen") -> Path | None:
                 for split in ("train", "validation")}
     except OSError:
         return None
-    settings = {k: v for k, v in to_dict(job.train).items() if k not in ("mode", "time_budget")}
+    settings = {k: v for k, v in to_dict(job.train).items() if k not in ("mode", "time_budget", "accept")}
     key = {"version": MEMO_VERSION, "what": what, "features": [job.extractor.namespace(n, v) for n in names
                                                                for v in head_views(job)],
            "rows": rows, "classes": len(job.data.classes), "train": settings,

@@ -69,7 +69,7 @@ def check_address(host: str, port: int) -> None:
 
 def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, runtime: str = "auto",
           device: str = "auto", weights: str | None = None, cache_dir: str | None = None,
-          max_upload_mb: float = 20, top_k: int = 5) -> None:
+          max_upload_mb: float = 20, top_k: int = 5, unknown: bool = True) -> None:
     """Load the model once, then serve it until interrupted."""
     import uvicorn
 
@@ -79,7 +79,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, runtim
         raise TlearnError(f"--max-upload-mb must be above 0 and at most 4096, not {max_upload_mb:g}")
     check_address(host, port)
     predictor = load_predictor(path, runtime, device=device, weights=weights, cache_dir=cache_dir)
-    app = create_app(predictor, max_upload_bytes=int(max_upload_mb * (1 << 20)), default_top_k=top_k)
+    app = create_app(predictor, max_upload_bytes=int(max_upload_mb * (1 << 20)), default_top_k=top_k,
+                     unknown=unknown)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {path} ({predictor.backend}, model {predictor.about.get('model_id')}) at http://{shown}:{port}/ "
           f"(API docs at http://{shown}:{port}/docs); Ctrl+C stops", flush=True)

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tlearn import __version__
 from tlearn.images import ImageDecodeError, load_image
-from tlearn.predictor import Predictor
+from tlearn.predictor import Outputs, Predictor
 
 log = logging.getLogger("tlearn")
 MAX_UPLOAD_BYTES = 20 << 20  # one request: all its files and the multipart framing
@@ -55,8 +55,8 @@ class Batcher:
         self.running = threading.Lock()  # held by the thread that runs the model
         self.waiting: list[tuple[Prepared, int, Future]] = []
 
-    def submit(self, prepared: Prepared) -> np.ndarray:
-        """(B, C) logits of ``prepared`` (``Predictor.prepare``'s output for B pictures)."""
+    def submit(self, prepared: Prepared) -> Outputs:
+        """The ``Outputs`` (logits, novelty) of ``prepared`` (``Predictor.prepare``'s output for B pictures)."""
         done: Future = Future()
         with self.lock:
             self.waiting.append((prepared, len(prepared[0][0]), done))
@@ -79,14 +79,15 @@ class Batcher:
         try:  # per view, per input: the requests' arrays one after another
             joined = [[np.concatenate(arrays) for arrays in zip(*per_view, strict=True)]
                       for per_view in zip(*(prepared for prepared, _, _ in batch), strict=True)]
-            logits = self.predictor.run(joined)
+            out = self.predictor.run(joined)
         except Exception as e:  # noqa: BLE001 - handed to each waiting request, which answers 500 without a trace
             for _, _, done in batch:
                 done.set_exception(e)
             return
         start = 0
         for _, n, done in batch:
-            done.set_result(logits[start:start + n])
+            done.set_result(Outputs(out.logits[start:start + n], None,
+                                    None if out.novelty is None else out.novelty[start:start + n]))
             start += n
 
 
@@ -130,8 +131,9 @@ def _decode(name: str, data: bytes) -> Image.Image | HTTPException:
 
 
 def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_files: int = MAX_FILES,
-               default_top_k: int = 5) -> FastAPI:
-    """The app serving ``predictor``; ``max_upload_bytes`` bounds one request's body."""
+               default_top_k: int = 5, unknown: bool = True) -> FastAPI:
+    """The app serving ``predictor``; ``max_upload_bytes`` bounds one request's body. Each result carries its
+    ``novelty`` and whether it is ``unknown`` where the model scores novelty, unless ``unknown`` is False."""
     about = predictor.about
     app = FastAPI(title="tlearn", version=__version__, docs_url=None, redoc_url=None,
                   description=f"An image classifier trained with tlearn: {len(predictor.classes)} classes "
@@ -139,6 +141,7 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
     batcher = Batcher(predictor)
     page = resources.files("tlearn.serve").joinpath("page.html").read_text(encoding="utf-8")
     most = len(predictor.classes)
+    scored = unknown and predictor.threshold is not None
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -158,20 +161,24 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
     def model() -> dict[str, Any]:
         """The served model: its classes, backbone, kind, held-out metrics and when it was trained."""
         return {**about, "classes": predictor.classes, "runtime": predictor.backend,
-                "max_upload_bytes": max_upload_bytes, "max_files": max_files, "default_top_k": min(default_top_k, most)}
+                "max_upload_bytes": max_upload_bytes, "max_files": max_files, "default_top_k": min(default_top_k, most),
+                "novelty_threshold": predictor.threshold if scored else None}
 
     @app.post("/predict", max_body_size=max_upload_bytes, form_limits={"max_files": max_files})
     async def predict(files: Annotated[list[UploadFile], File(description="one or more image files")],
                       top_k: Annotated[int, Query(ge=1, description="classes per image (at most the model's "
                                                   "classes)")] = min(default_top_k, most)) -> dict[str, Any]:
-        """Each uploaded image's top-k classes and their probabilities, most probable first. A file that cannot be
-        read gets ``{"filename", "error", "status"}`` in its place, beside the others' results, as ``tlearn
+        """Each uploaded image's top-k classes and their probabilities, most probable first, with its ``novelty``
+        (higher: less like the training images) and whether it is ``unknown`` (above the model's threshold), where
+        the model scores novelty. A file that cannot be read gets ``{"filename", "error", "status"}`` in its place, beside the others' results, as ``tlearn
         predict`` skips it; a request whose every file fails gets that file's status (415 or 422)."""
         start = time.perf_counter()
         top_k = min(top_k, most)  # as the CLI and the API cap it
         uploads = [((f.filename or f"file {i + 1}")[:MAX_FILENAME], await f.read()) for i, f in enumerate(files)]
         pictures, prepared = await run_in_threadpool(_prepare, predictor, uploads)
-        proba = iter(predictor.probabilities(await run_in_threadpool(batcher.submit, prepared)))
+        out = await run_in_threadpool(batcher.submit, prepared)
+        proba = iter(predictor.probabilities(out.logits))
+        novelty = iter(out.novelty if scored else [])
         results = []
         for (name, _), picture in zip(uploads, pictures, strict=True):
             if isinstance(picture, HTTPException):
@@ -182,6 +189,9 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
             results.append({"filename": name, "width": picture.width, "height": picture.height,
                             "predictions": [{"class": predictor.classes[j], "probability": float(p[j])}
                                             for j in order]})
+            if scored:
+                score = float(next(novelty))
+                results[-1] |= {"novelty": round(score, 4), "unknown": score > predictor.threshold}
         return {"model_id": about.get("model_id"), "latency_ms": round(1000 * (time.perf_counter() - start), 2),
                 "results": results}
 

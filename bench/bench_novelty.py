@@ -1,0 +1,199 @@
+"""Which novelty score tells images unlike the training data apart: every candidate, side by side.
+
+Two settings on the shared datasets, each split by tlearn (70/15/15, seed 0) in a temporary folder of links:
+- **far**: ants vs bees (hymenoptera, all images), shown the Oxford-17 flowers (test/, 272 photos);
+- **near**: twelve Oxford-17 species (train/ + test/), shown the other five (400 photos).
+A head is chosen on the training split's cached features (tlearn's own search, before any refit). Each score is
+computed for the test split (in distribution) and the other photos; the threshold is the 98th percentile of the
+validation split's scores, as `tlearn train --accept 0.98` sets it. Columns: AUROC (test vs other), and the
+shares of other and of test images above the threshold.
+
+    python bench/bench_novelty.py [--datasets ../shared/datasets] [--accept 0.98]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tlearn.calibrate import calibrated
+from tlearn.config import BackboneConfig, DataConfig, RuntimeConfig, TrainConfig
+from tlearn.data import IMAGE_EXTENSIONS, scan
+from tlearn.extractor import Extractor
+from tlearn.novelty import energy, fit, knn_distance, normalised, sample_rows
+from tlearn.recipes.heads import Split, choose_head
+
+NEAR_OTHER = ("snowdrop", "sunflower", "tigerlily", "tulip", "windflower")
+
+
+def link_folder(dest: Path, classes: dict[str, list[Path]]) -> Path:
+    """A folder of class sub-folders holding links to the given images."""
+    for name, files in classes.items():
+        (dest / name).mkdir(parents=True)
+        for i, f in enumerate(files):
+            (dest / name / f"{i:04d}{f.suffix}").symlink_to(f)
+    return dest
+
+
+def images(*folders: Path) -> list[Path]:
+    return sorted(p for d in folders for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def made_up(dest: Path, n: int = 200, seed: int = 0) -> list[Path]:
+    """``n`` pictures that are not photographs, of the kinds people upload by mistake: text pages, charts, flat
+    colours with sensor-like noise, gradients and checkerboards (PNG, 400 x 300)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image, ImageDraw
+
+    from tlearn.plots import font
+
+    rng, out = np.random.default_rng(seed), []
+    dest.mkdir(parents=True)
+    words = "the of and to in is that for it as was with be by on not he this are or his from at which".split()
+    for i in range(n):
+        kind, path = i % 5, dest / f"{i:04d}.png"
+        if kind == 0:  # a page of text
+            img = Image.new("RGB", (400, 300), tuple(int(v) for v in rng.integers(225, 256, 3)))
+            draw = ImageDraw.Draw(img)
+            for line in range(12):
+                draw.text((12, 10 + 23 * line), " ".join(rng.choice(words, 9)), fill=(20, 20, 20), font=font(15))
+        elif kind == 1:  # a chart
+            fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+            (ax.plot if i % 2 else ax.bar)(range(12), rng.normal(size=12).cumsum())
+            ax.set_title(" ".join(rng.choice(words, 3)))
+            fig.savefig(path)
+            plt.close(fig)
+            out.append(path)
+            continue
+        elif kind == 2:  # a flat colour, with noise
+            colour = rng.integers(0, 256, 3)
+            img = Image.fromarray(np.clip(colour + rng.normal(0, 6, (300, 400, 3)), 0, 255).astype(np.uint8))
+        elif kind == 3:  # a gradient
+            t = np.linspace(0, 1, 400)[None, :, None]
+            a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            img = Image.fromarray(np.repeat(a + (b - a) * t, 300, 0).astype(np.uint8))
+        else:  # a checkerboard
+            cell = int(rng.integers(10, 60))
+            board = ((np.arange(300)[:, None] // cell + np.arange(400)[None] // cell) % 2).astype(np.uint8)
+            img = Image.fromarray(np.stack([board * int(v) for v in rng.integers(60, 256, 3)], 2))
+        img.save(path)
+        out.append(path)
+    return out
+
+
+def auroc(inside: np.ndarray, other: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(other))], np.r_[inside, other]))
+
+
+def setting(name: str, folder: Path, other: list[Path], ex: Extractor, accept: float) -> list[tuple]:
+    data = scan(DataConfig(path=str(folder), seed=0))
+    feats, ys = {}, {}
+    for split in ("train", "validation", "test"):
+        samples = data.split(split)
+        f = ex.features([s.path for s in samples], announce=False)
+        keep = [s.path not in f.failed for s in samples]
+        feats[split], ys[split] = f.X[keep], np.array([s.label for s in samples])[keep]
+    o = ex.features(other, announce=False)
+    feats["other"] = o.X[[p not in o.failed for p in other]]
+    train = Split(feats["train"], None, ys["train"])
+    probe = choose_head(train, Split(feats["validation"], None, ys["validation"]), len(data.classes),
+                        TrainConfig(head="logreg"))
+    import torch
+
+    with torch.no_grad():
+        logits = {k: probe.head.eval()(torch.from_numpy(v)).numpy() for k, v in feats.items()}
+    ref = normalised(feats["train"])
+    start = time.perf_counter()
+    scores: dict[str, dict[str, np.ndarray]] = {}
+
+    def add(label: str, fn) -> None:
+        scores[label] = {k: fn(feats[k], logits[k]) for k in ("validation", "test", "other")}
+
+    add("max softmax (baseline)", lambda X, z: -calibrated(z, 1.0).max(1))
+    add("energy, raw logits", lambda X, z: -np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) - z.max(1))
+    add("energy", lambda X, z: energy(z))
+    for k in (1, 5, 10, 20, 50):
+        add(f"k-NN distance, k={k}", lambda X, z, k=k: knn_distance(ref, X, k))
+    mean = feats["train"].mean(0)
+    cref = normalised(feats["train"] - mean)
+    add("k-NN distance, centred features, k=10", lambda X, z: knn_distance(cref, X - mean, 10))
+    from sklearn.covariance import LedoitWolf
+
+    means = np.stack([feats["train"][ys["train"] == c].mean(0) for c in np.unique(ys["train"])])
+    precision = LedoitWolf().fit(feats["train"] - means[ys["train"]]).precision_
+    add("Mahalanobis to the nearest class mean (shared covariance)", lambda X, z: np.stack(
+        [np.einsum("nf,fg,ng->n", X - c, precision, X - c) for c in means], 1).min(1))
+
+    def z(label: str) -> dict[str, np.ndarray]:
+        v = scores[label]["validation"]
+        return {k: (s - v.mean()) / v.std() for k, s in scores[label].items()}
+
+    en, msp = z("energy"), z("max softmax (baseline)")
+    for k in (1, 10):
+        knn = z(f"k-NN distance, k={k}")
+        for w in (0.5, 1.0, 2.0):
+            scores[f"z(k-NN, k={k}) + {w:g} z(energy)"] = {s: knn[s] + w * en[s] for s in knn}
+        scores[f"z(k-NN, k={k}) + z(max softmax)"] = {s: knn[s] + msp[s] for s in knn}
+        scores[f"max(z(k-NN, k={k}), z(energy))"] = {s: np.maximum(knn[s], en[s]) for s in knn}
+    for fraction in (0.5, 0.25, 0.1):  # what a smaller cap on the reference features costs
+        rows = sample_rows(ys["train"], max(1, int(len(ref) * fraction)), 0)
+        knn = {k: knn_distance(ref[rows], feats[k], 10) for k in ("validation", "test", "other")}
+        v = knn["validation"]
+        scores[f"z(k-NN, k=10) + z(energy), {fraction:.0%} of the training images"] = {
+            s: (knn[s] - v.mean()) / v.std() + en[s] for s in knn}
+    shipped = fit(feats["train"], ys["train"], feats["validation"], logits["validation"], accept)
+    scores["shipped: tlearn.novelty.fit"] = {k: shipped.score(feats[k], logits[k]) for k in ("validation", "test",
+                                                                                                "other")}
+    seconds = time.perf_counter() - start
+    rows = []
+    for label, s in scores.items():
+        threshold = np.quantile(s["validation"], accept)
+        rows.append((name, label, auroc(s["test"], s["other"]), float((s["other"] > threshold).mean()),
+                     float((s["test"] > threshold).mean())))
+    print(f"{name}: {len(ys['train'])} train, {len(ys['validation'])} validation, {len(ys['test'])} test, "
+          f"{len(feats['other'])} other; head {probe.chosen}; scores in {seconds:.1f} s", file=sys.stderr)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "datasets")
+    parser.add_argument("--accept", type=float, default=0.98)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    args = parser.parse_args()
+    hym, flowers = args.datasets / "hymenoptera", args.datasets / "oxford17_flowers"
+    species = sorted(p.name for p in (flowers / "train").iterdir() if p.is_dir())
+    ex = Extractor(BackboneConfig(backbone=args.backbone), TrainConfig(), RuntimeConfig(), verbose=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        far = link_folder(Path(tmp) / "far", {c: images(hym / "train" / c, hym / "val" / c) for c in ("ants", "bees")})
+        rows += setting("far: ants vs bees, shown 200 pictures that are not photos", far,
+                        made_up(Path(tmp) / "made_up"), ex, args.accept)
+        rows += setting("ants vs bees, shown Oxford-17 flowers", far, images(flowers / "test"), ex, args.accept)
+        near = link_folder(Path(tmp) / "near", {c: images(flowers / "train" / c, flowers / "test" / c)
+                                                for c in species if c not in NEAR_OTHER})
+        rows += setting("near: 12 Oxford-17 species, shown the other 5", near, images(*(flowers / s / c for s in ("train", "test") for c in NEAR_OTHER)), ex,
+                        args.accept)
+        flw = link_folder(Path(tmp) / "flowers", {c: images(flowers / "train" / c, flowers / "test" / c) for c in species})
+        rows += setting("17 Oxford-17 species, shown ants and bees", flw, images(hym / "train", hym / "val"), ex, args.accept)
+    print(f"\nnovelty scores on {args.backbone} features; threshold: the {args.accept:.0%} quantile of validation\n")
+    print("| setting | score | AUROC | other flagged | test flagged |")
+    print("|---|---|---|---|---|")
+    for name, label, a, other, test in rows:
+        print(f"| {name} | {label} | {a:.3f} | {other:.1%} | {test:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
