@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -60,3 +61,19 @@ def needs(path: Path) -> pytest.MarkDecorator:
     """Skip when a real dataset is absent, except in CI (TLEARN_REQUIRE_DATASETS=1), where absence fails."""
     required = os.environ.get("TLEARN_REQUIRE_DATASETS") == "1"
     return pytest.mark.skipif(not path.is_dir() and not required, reason=f"real dataset {path} is not available")
+
+
+@pytest.fixture
+def tlearn_log(caplog: pytest.LogCaptureFixture):
+    """tlearn's log records, each once, wherever the CLI sends its lines: the "tlearn" logger stops propagation
+    once the CLI has set up its own output, so the capture handler is attached to it directly (and propagation is
+    off meanwhile, so that no record reaches the capture twice)."""
+    logger = logging.getLogger("tlearn")
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+    logger.propagate = propagate

@@ -15,7 +15,7 @@ from tlearn.artifact import CONFIG_FILE, MODEL_FILE
 
 RUN_FILES = {"config.json", "model.safetensors", "metrics.json", "history.csv", "curves.png", "split.csv",
              "skipped.csv", "check.json", "predictions.csv", "report.html", "samples.png", "confusion.png",
-             "top_losses.png", "correct.png", "reliability.png"}
+             "top_losses.png", "correct.png", "reliability.png", "novelty.png", "outliers.csv", "outliers.png"}
 
 
 @pytest.fixture(scope="module")

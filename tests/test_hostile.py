@@ -27,7 +27,7 @@ from tests import hostile_corpus as corpus
 from tests.conftest import TINY, make_folder
 from tlearn import cli
 from tlearn.api import ImageClassifier
-from tlearn.artifact import MODEL_FILE, read_run
+from tlearn.artifact import MODEL_FILE, NOVELTY_TENSOR, read_run
 from tlearn.config import TlearnError
 from tlearn.fileio import UMASK, atomic_write_csv, read_csv_rows, safe_name
 from tlearn.predictor import Predictor
@@ -124,7 +124,7 @@ def test_the_run_reading_checks_every_tensor_before_anything_is_allocated(traine
     from safetensors.numpy import load_file, save_file
 
     run = read_run(trained_run)
-    assert run.spec.hidden == 8 and set(run.header) == {"1.weight", "1.bias", "4.weight", "4.bias"}
+    assert run.spec.hidden == 8 and set(run.header) == {"1.weight", "1.bias", "4.weight", "4.bias", NOVELTY_TENSOR}
     folder = tmp_path / "wide"
     shutil.copytree(trained_run, folder)
     config = json.loads((folder / "config.json").read_text())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import time
 import warnings
 from pathlib import Path
@@ -18,20 +17,6 @@ from tests.test_cli import TINY_FLAGS, cli
 from tlearn import ImageClassifier, TlearnError
 from tlearn.config import TrainConfig
 from tlearn.recipes.heads import Split, cv_logits, held, stop_split
-
-
-@pytest.fixture
-def tlearn_log(caplog: pytest.LogCaptureFixture):
-    """tlearn's log records, wherever the CLI sends its lines: the "tlearn" logger stops propagation once the
-    CLI has set up its own output, so the capture handler is attached to it directly."""
-    logger = logging.getLogger("tlearn")
-    level = logger.level
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.setLevel(level)
-
 
 MODES = {"auto": ["--mode", "auto"], "features": ["--mode", "features"],
          "frozen": ["--mode", "frozen", "--epochs", "1"], "finetune": ["--mode", "finetune", "--epochs", "1"],

@@ -291,8 +291,9 @@ def format_report(report: Report, details: int = 50) -> str:
     if report.notes:
         lines += ["", *(printable(n) for n in report.notes)]
     order = {ERROR: 0, WARNING: 1, INFO: 2}
-    # suspected mislabels keep their order, most suspicious first
-    ranked = sorted(report.findings, key=lambda f: (order[f.severity], f.kind, "" if f.kind == "mislabel" else f.path))
+    # suspected mislabels and outliers keep their order, most suspicious first
+    ranked = sorted(report.findings, key=lambda f: (order[f.severity], f.kind,
+                                                    "" if f.kind in ("mislabel", "outlier") else f.path))
     shown = [_detail(group, report.root) for _, group in itertools.groupby(ranked, key=lambda f: f.kind)]
     shown = [line for group in shown for line in group]
     if shown:
@@ -303,8 +304,8 @@ def format_report(report: Report, details: int = 50) -> str:
 
 
 def _detail(group: Iterable[Finding], root: Path) -> list[str]:
-    """The detail lines of one kind of finding: one a file, or, past ``GROUPED`` files (suspected mislabels
-    apart, which are each worth a look), one line with the count and the first few as examples."""
+    """The detail lines of one kind of finding: one a file, or, past ``GROUPED`` files (suspected mislabels and
+    outliers apart, which are each worth a look), one line with the count and the first few as examples."""
     from tlearn.report import printable
 
     group = list(group)
@@ -313,7 +314,7 @@ def _detail(group: Iterable[Finding], root: Path) -> list[str]:
     def one(f: Finding) -> str:
         return f"{printable(_short(f.path, root))}: {printable(f.detail.replace(prefix, ''))}"
 
-    if len(group) <= GROUPED or group[0].kind == "mislabel":
+    if len(group) <= GROUPED or group[0].kind in ("mislabel", "outlier"):
         return [f"  {f.severity:7} {f.kind}: {one(f)}" for f in group]
     more = ", ".join(printable(_short(f.path, root)) for f in group[1:3])
     return [f"  {group[0].severity:7} {group[0].kind}: {len(group)} files, e.g. {one(group[0])}; also {more}, ... "

@@ -138,6 +138,12 @@ def check(args: argparse.Namespace) -> None:
         found = suspects(data, backbone=args.backbone or BackboneConfig.backbone, progress=not args.json)
         report.findings += found
         report.notes.append(f"suspected mislabels (--labels): {len(found)} found among the labelled images")
+    if args.outliers:
+        from tlearn.labels import unusual
+
+        found = unusual(data, backbone=args.backbone or BackboneConfig.backbone, progress=not args.json)
+        report.findings += found
+        report.notes.append(f"outliers (--outliers): {len(found)} image(s) unlike the rest of their class")
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     if args.fix_report:
         atomic_write_csv(Path(args.fix_report), ["path", "reason"], quarantine_rows(report))

@@ -40,6 +40,7 @@ from tlearn.data import Sample, recorded_split, scan_labelled
 from tlearn.extractor import Loaded, load_run
 from tlearn.fileio import atomic_path, atomic_write_text
 from tlearn.images import ImageDecodeError, eval_transform, load_image
+from tlearn.novelty import graph_module
 from tlearn.predictor import (
     EXPORT_FORMAT,
     EXPORT_FORMAT_VERSION,
@@ -47,12 +48,11 @@ from tlearn.predictor import (
     run_about,
     sidecar_path,
 )
-from tlearn.novelty import graph_module
 from tlearn.runtime import Pooled
 
 log = logging.getLogger("tlearn")
 PARITY_LIMIT = 1e-4  # max |probability difference| between PyTorch and ONNX Runtime (fp32)
-NOVELTY_LIMIT = 1e-3  # max |novelty difference| (a z-score) between them
+NOVELTY_LIMIT = 0.01  # max |novelty difference| between them: a hundredth of a standard deviation
 AGREEMENT_GOAL = 0.995  # int8: share of images whose top-1 class is the fp32 graph's
 PARITY_IMAGES = 64  # images run through both PyTorch and ONNX Runtime
 MAX_EVAL_IMAGES = 1000  # images the accuracies and speeds are measured on

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tlearn")
 FOLDS = 5
+OUTLIER_Z = 3.5  # a robust (median and MAD) z-score above which an image is listed as unlike its class
 
 
 def out_of_fold(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
@@ -76,6 +77,38 @@ def label_issues(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
 def suspects(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir: str | None = None,
              progress: bool = True) -> list[Finding]:
     """The ``mislabel`` findings of a folder, most suspicious first, from ``backbone``'s cached features."""
+    data, feats = _folder_features(config, backbone, cache_dir, progress)
+    paths = [s.path for s in data.samples]
+    return mislabels(paths, [s.label for s in data.samples], data.classes, feats, seed=config.seed)
+
+
+def unusual(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir: str | None = None,
+            progress: bool = True) -> list[Finding]:
+    """The ``outlier`` findings of a folder: images whose ``backbone`` features are far from the rest of their
+    class (``novelty.outliers``: the mean cosine distance to their nearest other images of the class, each left
+    out of its own score), by a robust z-score above ``OUTLIER_Z`` within the class; the farthest first."""
+    from tlearn.novelty import K, outliers
+
+    data, feats = _folder_features(config, backbone, cache_dir, progress)
+    keep = [s for s in data.samples if s.path not in feats.failed]
+    rows = [i for i, s in enumerate(data.samples) if s.path not in feats.failed]
+    y = np.array([s.label for s in keep])
+    score = outliers(feats.X[rows], y)
+    z = np.full(len(y), -np.inf)
+    for c in np.unique(y):
+        mine = (y == c) & np.isfinite(score)
+        if mine.sum() >= 3:
+            centre = np.median(score[mine])
+            spread = 1.4826 * np.median(np.abs(score[mine] - centre))
+            z[mine] = (score[mine] - centre) / max(spread, 1e-6)
+    found = [i for i in np.argsort(-np.nan_to_num(score, nan=-1.0), kind="stable") if z[i] > OUTLIER_Z]
+    return [Finding("outlier", WARNING, str(keep[i].path), f"unlike the rest of {data.classes[y[i]]!r}: mean cosine "
+                    f"distance {score[i]:.3f} to its {K} nearest others there, {z[i]:.1f} robust standard deviations "
+                    "above the class's median") for i in found]
+
+
+def _folder_features(config: DataConfig, backbone: str, cache_dir: str | None, progress: bool
+                     ) -> tuple[ImageFolder, Features]:
     from tlearn.config import BackboneConfig, RuntimeConfig, TrainConfig, validate
     from tlearn.extractor import Extractor  # torch and timm: only when the search runs
 
@@ -83,9 +116,7 @@ def suspects(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir
     settings = BackboneConfig(backbone=backbone), TrainConfig(), RuntimeConfig(cache_dir=cache_dir)
     validate(*settings)
     extractor = Extractor(*settings, verbose=progress)
-    paths = [s.path for s in data.samples]
-    return mislabels(paths, [s.label for s in data.samples], data.classes,
-                     extractor.features(paths, announce=False), seed=config.seed)
+    return data, extractor.features([s.path for s in data.samples], announce=False)
 
 
 def run_mislabels(folder: ImageFolder, extractor: Extractor, seed: int, cache_dir: str | None) -> list[Finding]:

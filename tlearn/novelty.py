@@ -5,10 +5,10 @@ The score has two parts, each standardised by its mean and spread on the validat
   training images, which separates images far from the training data (a car shown to a cats-and-dogs model);
 - **energy**: ``-logsumexp`` of the head's logits, which is better near it (a flower species the model was not
   trained on, shown to a flower model).
-``score = max(z(distance), z(energy))``: an image is novel when either part says so. Higher is less like the training
-data. The combination and ``k`` were chosen by measurement (``bench/bench_novelty.py``, BENCHMARKS.md). The threshold is the ``accept`` quantile of
-the validation split's scores, computed with the head and the reference features of the training split alone, so
-that about that share of images like the training data is accepted.
+``score = max(z(distance), z(energy))``: an image is novel when either part says so. Higher is less like the
+training data. The combination and ``k`` were chosen by measurement (``bench/bench_novelty.py``, BENCHMARKS.md).
+The threshold is the ``accept`` quantile of the validation split's scores, computed with the head and the reference
+features of the training split alone, so that about that share of images like the training data is accepted.
 
 The reference features are a per-class sample of the training split's, L2-normalised, in float16, capped in bytes
 (``CAP_BYTES``) whatever the training set's size. NumPy only: the predictor's fast path needs no torch.

@@ -170,8 +170,9 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
                                                   "classes)")] = min(default_top_k, most)) -> dict[str, Any]:
         """Each uploaded image's top-k classes and their probabilities, most probable first, with its ``novelty``
         (higher: less like the training images) and whether it is ``unknown`` (above the model's threshold), where
-        the model scores novelty. A file that cannot be read gets ``{"filename", "error", "status"}`` in its place, beside the others' results, as ``tlearn
-        predict`` skips it; a request whose every file fails gets that file's status (415 or 422)."""
+        the model scores novelty. A file that cannot be read gets ``{"filename", "error", "status"}`` in its place,
+        beside the others' results, as ``tlearn predict`` skips it; a request whose every file fails gets that
+        file's status (415 or 422)."""
         start = time.perf_counter()
         top_k = min(top_k, most)  # as the CLI and the API cap it
         uploads = [((f.filename or f"file {i + 1}")[:MAX_FILENAME], await f.read()) for i, f in enumerate(files)]
