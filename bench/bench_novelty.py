@@ -27,7 +27,7 @@ from tlearn.calibrate import calibrated
 from tlearn.config import BackboneConfig, DataConfig, RuntimeConfig, TrainConfig
 from tlearn.data import IMAGE_EXTENSIONS, scan
 from tlearn.extractor import Extractor
-from tlearn.novelty import energy, fit, knn_distance, normalised, sample_rows
+from tlearn.novelty import cap_rows, energy, fit, knn_distance, normalised, sample_rows
 from tlearn.recipes.heads import Split, choose_head, describe
 
 NEAR_OTHER = ("snowdrop", "sunflower", "tigerlily", "tulip", "windflower")
@@ -194,6 +194,19 @@ def main() -> None:
                                                     for c in species})
         rows += setting("17 Oxford-17 species, shown ants and bees", every, images(hym / "train", hym / "val"), ex,
                         args.accept)
+    print("\n| reference rows (float16) | added to the model file | scoring cost per image (batch 8) |")
+    print("|---|---|---|")
+    rng = np.random.default_rng(0)
+    for rows_n in (278, 1000, cap_rows(1280)):
+        X = rng.random((rows_n, 1280), dtype=np.float32)
+        scorer = fit(X, np.zeros(rows_n, dtype=int), X[:50], rng.normal(size=(50, 2)), args.accept)
+        batch, z = rng.random((8, 1280), dtype=np.float32), rng.normal(size=(8, 2))
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < 1.0:
+            scorer.score(batch, z)
+            n += 8
+        cost = 1e6 * (time.perf_counter() - start) / n
+        print(f"| {rows_n} | {scorer.reference.nbytes / 2**20:.2f} MiB | {cost:.0f} µs |")
     print(f"\nnovelty scores on {args.backbone} features; threshold: the {args.accept:.0%} quantile of validation\n")
     print("| setting | score | AUROC | other flagged | test flagged |")
     print("|---|---|---|---|---|")

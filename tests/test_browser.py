@@ -8,6 +8,7 @@ browser download is not used). With TLEARN_DOCS_SCREENSHOTS=1 the screenshot is 
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import HYMENOPTERA, needs
 
@@ -87,7 +89,9 @@ def test_a_photo_dropped_on_the_page_shows_its_class_and_bars(server: str, tmp_p
             page.set_input_files("#picker", str(photo))
             card = page.wait_for_selector(".card[data-state='done']", timeout=30_000)
             assert card.get_attribute("data-predicted") == "bees"
-            assert "Predicted: bees" in card.query_selector(".verdict").text_content()
+            assert ": bees" in card.query_selector(".verdict").text_content()  # "Predicted", or "Closest" if unknown
+            shown_unknown = card.query_selector(".unknown") is not None
+            assert shown_unknown == (card.get_attribute("data-unknown") == "true")
             bars = card.query_selector_all(".bar")
             assert [b.get_attribute("data-class") for b in bars] == ["bees", "ants"]
             page.wait_for_timeout(600)  # the bars' width transition
@@ -97,6 +101,14 @@ def test_a_photo_dropped_on_the_page_shows_its_class_and_bars(server: str, tmp_p
                                                     "buffer": b"not a photo"}])
             failed = page.wait_for_selector(".card[data-state='error']", timeout=30_000)
             assert "notes.txt: not a readable image" in failed.query_selector(".error").text_content()
+            flat = io.BytesIO()
+            Image.new("RGB", (320, 240), (128, 128, 128)).save(flat, format="PNG")  # a blank picture, no photo
+            page.set_input_files("#picker", files=[{"name": "blank.png", "mimeType": "image/png",
+                                                    "buffer": flat.getvalue()}])
+            blank = page.wait_for_selector(".card[data-state='done'][data-unknown='true']", timeout=30_000)
+            assert "unknown: unlike the images this model was trained on" in blank.text_content()
+            assert blank.eval_on_selector(".unknown", "e => e.compareDocumentPosition(e.parentNode.querySelector("
+                                          "'.chart')) & Node.DOCUMENT_POSITION_FOLLOWING")  # above its bars
             page.set_input_files("#picker", str(photo))  # the good one last, so that it is on top
             page.wait_for_selector(".card[data-state='done']:first-child", timeout=30_000)
             page.wait_for_timeout(600)

@@ -20,8 +20,8 @@ from tlearn.images import CropResize, eval_transform, tta_views
 from tlearn.plots import label
 
 SECTIONS = ["Decision", "Training curves", "Sample images", "Test metrics", "Misclassified: top losses",
-            "Correct predictions and their evidence", "Calibration", "Model summary", "Suspected mislabels",
-            "Data quality"]
+            "Correct predictions and their evidence", "Calibration", "Unlike the training data", "Model summary",
+            "Suspected mislabels", "Data quality"]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,8 @@ def test_report_has_every_section_and_is_self_contained(run: Path) -> None:
     assert headings == SECTIONS
     assert not re.search(r"(src|href)=['\"]?(https?:|//|file:)", page)  # nothing outside the file
     images = re.findall(r"src=\"data:image/png;base64,([^\"]+)\"", page)
-    assert len(images) == 6  # curves, sample grid, confusion matrix, top losses, correct ones, reliability diagram
+    assert len(images) == 8  # curves, sample grid, confusion matrix, top losses, correct ones, reliability diagram,
+    # the novelty histogram and the training images least like their class
     assert "beside its Grad-CAM heatmap" in page and "No heatmaps" not in page
     assert "No training or validation image is suspected of being in the wrong folder" in page
     for data in images:
