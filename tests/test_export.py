@@ -17,7 +17,8 @@ from tests.conftest import HYMENOPTERA, TINY, make_folder, needs
 from tlearn import ImageClassifier, TlearnError
 from tlearn.cli import main
 from tlearn.export import AGREEMENT_GOAL, PARITY_LIMIT, export
-from tlearn.predictor import Predictor, sidecar_path
+from tlearn.graph import sidecar_path
+from tlearn.predictor import Predictor
 
 FAST = {"verbose": False, "workers": 0, "batch_size": 8}
 KINDS = {"head": {**TINY, "mode": "features", "head": "dense"},

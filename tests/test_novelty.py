@@ -13,7 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.numpy import load_file, save_file
 
-from tests.conftest import COLOURS, TINY, make_folder, make_image
+from tests.conftest import COLOURS, HYMENOPTERA, TINY, make_folder, make_image, needs
 from tlearn import ImageClassifier, TlearnError
 from tlearn.artifact import CONFIG_FILE, MODEL_FILE, NOVELTY_TENSOR
 from tlearn.config import DataConfig
@@ -202,3 +202,38 @@ def test_check_outliers_lists_the_image_unlike_its_class(tmp_path: Path) -> None
     make_image(data / "blue" / "odd.png", COLOURS["green"], 99)
     found = unusual(DataConfig(path=str(data)), progress=False)
     assert found and found[0].path.endswith("odd.png") and found[0].kind == "outlier"
+
+
+def _not_photos(folder: Path, n: int = 30) -> Path:
+    """Pictures people upload by mistake: flat colours with noise, gradients and pages of text."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        if i % 3 == 0:
+            pixels = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 6, (240, 320, 3)), 0, 255)
+        elif i % 3 == 1:
+            a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            pixels = np.repeat(a + (b - a) * np.linspace(0, 1, 320)[None, :, None], 240, 0)
+        else:
+            page = Image.new("RGB", (320, 240), (250, 250, 245))
+            for line in range(10):
+                ImageDraw.Draw(page).text((10, 8 + 22 * line), f"line {line} of page {i}: the quick brown fox",
+                                          fill=(20, 20, 20))
+            pixels = np.asarray(page)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.mark.slow
+@needs(HYMENOPTERA)
+def test_on_real_photos_pictures_that_are_not_photos_are_unknown_and_the_placeholder_stands_out(
+        tmp_path: Path) -> None:
+    clf = ImageClassifier(mode="features", verbose=False)
+    clf.fit(HYMENOPTERA, out=tmp_path / "run")
+    metrics = clf.evaluate(unknown=_not_photos(tmp_path / "not_photos"))
+    assert metrics["unknown"]["auroc"] >= 0.97 and metrics["unknown"]["unknown"] >= 0.9
+    assert metrics["novelty"]["unknown"] <= 0.06  # validation here: hymenoptera has no test split
+    first = (tmp_path / "run" / "outliers.csv").read_text().splitlines()[1]
+    assert first.split(",")[0].endswith("imageNotFound.gif")  # the web placeholder among the ants

@@ -39,15 +39,10 @@ from tlearn.config import InferenceConfig, RuntimeConfig, TlearnError
 from tlearn.data import Sample, recorded_split, scan_labelled
 from tlearn.extractor import Loaded, load_run
 from tlearn.fileio import atomic_path, atomic_write_text
+from tlearn.graph import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, read_sidecar, sidecar_path
 from tlearn.images import ImageDecodeError, eval_transform, load_image
 from tlearn.novelty import graph_module
-from tlearn.predictor import (
-    EXPORT_FORMAT,
-    EXPORT_FORMAT_VERSION,
-    read_sidecar,
-    run_about,
-    sidecar_path,
-)
+from tlearn.predictor import run_about
 from tlearn.runtime import Pooled
 
 log = logging.getLogger("tlearn")

@@ -1,12 +1,15 @@
 """ONNX graphs: a PyTorch module written as one, checked against PyTorch before it is kept, and ONNX Runtime
 sessions opened on them, quiet and with their threads set. Every ONNX graph tlearn writes or runs goes through
-here: the bases' exports (``runtime``), the whole classifier (``export``) and the predictor's sessions.
+here: the bases' exports (``runtime``), the whole classifier (``export``) and the predictor's sessions. The
+exported classifier's JSON sidecar is read and checked here too (``read_sidecar``).
 
 Nothing here imports torch or onnxruntime until it is used, so the predictor can open a session without torch.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +17,18 @@ from typing import Any
 
 import numpy as np
 
+from tlearn.artifact import MAX_CLASS_NAME, MAX_CLASSES, MAX_CONFIG_BYTES, preprocessing_problems
 from tlearn.config import TlearnError
-from tlearn.fileio import ONNX_OPSET, atomic_path
+from tlearn.fileio import ONNX_OPSET, atomic_path, require_regular
 
 CPU = ["CPUExecutionProvider"]
+EXPORT_FORMAT = "tlearn-onnx"  # the sidecar of a classifier written by `tlearn export`
+EXPORT_FORMAT_VERSION = 1
+
+
+def sidecar_path(onnx_file: str | Path) -> Path:
+    """The JSON file that describes an exported classifier: ``model.onnx`` → ``model.json``."""
+    return Path(onnx_file).with_suffix(".json")
 
 
 def session(path: str | Path, threads: int | None = None, *, inter_threads: int | None = None) -> Any:
@@ -79,3 +90,49 @@ def export_checked(module: Any, example: Sequence[Any], path: Path, inputs: list
         if not error < tolerance:
             raise TlearnError(f"the ONNX export of {what} differs from PyTorch by {error:.2g}")
     return path
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """An exported classifier's JSON sidecar, checked: the format, the classes, each input's name and
+    preprocessing, the temperature and the precision."""
+    try:
+        require_regular(path)
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise TlearnError(f"{path} is {path.stat().st_size:,} bytes, far more than a tlearn sidecar")
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise TlearnError(f"{path} is missing: an exported model needs the JSON file `tlearn export` wrote beside "
+                          "it") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise TlearnError(f"cannot read {path} ({e}); export the model again") from e
+    if not isinstance(card, dict) or card.get("format") != EXPORT_FORMAT:
+        raise TlearnError(f"{path} is not a tlearn export sidecar (no \"format\": \"{EXPORT_FORMAT}\")")
+    if type(card.get("format_version")) is not int or card["format_version"] > EXPORT_FORMAT_VERSION:
+        raise TlearnError(f"{path} was written by a newer tlearn (format {card.get('format_version')!r}); upgrade")
+    problems = []
+    classes, inputs, temperature = card.get("classes"), card.get("inputs"), card.get("temperature")
+    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES or len(set(map(str, classes))) != \
+            len(classes) or not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes):
+        problems.append(f"\"classes\" must list 2 to {MAX_CLASSES:,} distinct names")
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= 16:
+        problems.append("\"inputs\" must list 1 to 16 inputs")
+    else:
+        for i, item in enumerate(inputs):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or \
+                    not isinstance(item.get("preprocessing"), dict):
+                problems.append(f"\"inputs\"[{i}] must be {{\"name\": ..., \"preprocessing\": {{...}}}}")
+            else:
+                problems += preprocessing_problems(item["preprocessing"], f"inputs[{i}].preprocessing")
+    if type(temperature) not in (int, float) or not (math.isfinite(temperature) and temperature > 0):
+        problems.append(f"\"temperature\" must be a positive number, not {temperature!r}")
+    if card.get("precision") not in ("fp32", "int8"):
+        problems.append(f"\"precision\" must be fp32 or int8, not {card.get('precision')!r}")
+    novelty = card.get("novelty", {"threshold": 0.0})
+    if not isinstance(novelty, dict) or type(novelty.get("threshold")) not in (int, float) \
+            or not math.isfinite(novelty["threshold"]):
+        problems.append("\"novelty.threshold\" must be a finite number")
+    if not isinstance(card.get("source", {}), dict):
+        problems.append("\"source\" must be an object")
+    if problems:
+        raise TlearnError(f"{path}: " + "; ".join(problems[:5]) + "; export the model again")
+    return card

@@ -251,8 +251,7 @@ def _calibration(metrics: dict[str, Any], predictions: list[dict[str, Any]], run
 
 def _novelty(config: dict[str, Any], metrics: dict[str, Any], predictions: list[dict[str, Any]], run_dir: Path,
              cache: Path) -> str:
-    """The novelty score's threshold and distribution on validation and test, and the training images least like
-    the rest of their class."""
+    """The novelty threshold, the score on validation and test, and the training images least like their class."""
     n = config["model"].get("novelty")
     if not n:
         return "<p class='muted'>This model was saved without a novelty score (before tlearn had one).</p>"
@@ -275,13 +274,12 @@ def _novelty(config: dict[str, Any], metrics: dict[str, Any], predictions: list[
     if not odd:
         return text
     shown = [(Path(r["path"]), _caption(Path(r["path"]), f"{r['class']}: {float(r['score']):.3f}")) for r in odd]
-    key = ["outliers", 1, [[str(p), c] for p, c in shown]]
 
     def draw() -> Path | None:
         tiles = grids.thumbnails(shown)
         return plots.image_grid(tiles, run_dir / "outliers.png", cols=4, tile=2.6) if tiles else None
 
-    grid = plots.reuse(run_dir / "outliers.png", key, draw, cache)
+    grid = plots.reuse(run_dir / "outliers.png", ["outliers", 1, [[str(p), c] for p, c in shown]], draw, cache)
     return (text + "<h3>Training images least like the rest of their class</h3><p>The mean cosine distance of each "
             "training image's features to its nearest other images of the same class, most unusual first: junk "
             "that slipped into a folder (a web placeholder, a screenshot) shows up here. Nothing was moved.</p>"

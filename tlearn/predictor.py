@@ -41,21 +41,13 @@ import numpy as np
 from PIL import Image
 
 from tlearn import graph
-from tlearn.artifact import (
-    MAX_CLASS_NAME,
-    MAX_CLASSES,
-    MAX_CONFIG_BYTES,
-    MODEL_FILE,
-    NOVELTY_TENSOR,
-    ModelSpec,
-    preprocessing_problems,
-    read_run,
-)
+from tlearn.artifact import MODEL_FILE, NOVELTY_TENSOR, ModelSpec, read_run
 from tlearn.calibrate import calibrated
 from tlearn.config import TlearnError
 from tlearn.data import expand_inputs
 from tlearn.evaluate import top_classes
 from tlearn.fileio import file_sha256, onnx_export_path, require_regular
+from tlearn.graph import read_sidecar, sidecar_path
 from tlearn.images import VIEWS, ImageDecodeError, crop_resize_fits, eval_transform, load_image, tta_views
 from tlearn.novelty import Novelty, of_run
 
@@ -65,8 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tlearn")
 BATCH = 8
 TTA_VIEWS = list(VIEWS)  # CropResize's preprocessings have all six
-EXPORT_FORMAT = "tlearn-onnx"  # the sidecar of a classifier written by `tlearn export`
-EXPORT_FORMAT_VERSION = 1
 Forward = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray | None]]  # one (B, 3, H, W) batch per input
 # -> ((B, C) logits, (B, F) the features the head takes; for an exported graph, its (B,) novelty; or None)
 
@@ -85,11 +75,6 @@ def _no_gpu() -> bool:
     """True when this machine has no NVIDIA driver, so that mode auto would run on the CPU (checked without
     importing torch)."""
     return not Path("/proc/driver/nvidia/version").exists() and not os.environ.get("CUDA_VISIBLE_DEVICES")
-
-
-def sidecar_path(onnx_file: str | Path) -> Path:
-    """The JSON file that describes an exported classifier: ``model.onnx`` → ``model.json``."""
-    return Path(onnx_file).with_suffix(".json")
 
 
 class Predictor:
@@ -373,15 +358,17 @@ class Predictor:
 
 def _placed(parts: list[Outputs], rows: list[int], n: int, classes: int, failed: dict[Path, str]) -> Outputs:
     """Batches' outputs placed at their ``rows`` of ``n``, zero rows for the ``failed`` files."""
-    def joined(name: str, width: tuple[int, ...]) -> np.ndarray | None:
-        if not parts or getattr(parts[0], name) is None:
-            return None if parts else np.zeros((n, *width), dtype=np.float32) if name == "logits" else None
-        values = np.concatenate([getattr(p, name) for p in parts])
-        out = np.zeros((n, *values.shape[1:]), dtype=values.dtype)
-        out[rows] = values
+    def joined(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        if not arrays or any(a is None for a in arrays):
+            return None
+        out = np.zeros((n, *arrays[0].shape[1:]), dtype=np.float32)
+        out[rows] = np.concatenate(arrays)
         return out
 
-    return Outputs(joined("logits", (classes,)), joined("features", ()), joined("novelty", ()), failed)
+    logits = joined("logits")
+    return Outputs(np.zeros((n, classes), np.float32) if logits is None else logits, joined("features"),
+                   joined("novelty"), failed)
 
 
 def _dense(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -412,49 +399,3 @@ def run_about(saved: Any) -> dict[str, Any]:
     return {"model_id": file_sha256(model)[:12], "run": saved.run_dir.name,
             "backbone": spec.backbone.backbone if spec.backbone and spec.kind != "scratch" else spec.arch,
             "kind": spec.kind, "trained": saved_at, "metrics": metrics}
-
-
-def read_sidecar(path: Path) -> dict[str, Any]:
-    """An exported classifier's JSON sidecar, checked: the format, the classes, each input's name and
-    preprocessing, the temperature and the precision."""
-    try:
-        require_regular(path)
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise TlearnError(f"{path} is {path.stat().st_size:,} bytes, far more than a tlearn sidecar")
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise TlearnError(f"{path} is missing: an exported model needs the JSON file `tlearn export` wrote beside "
-                          "it") from e
-    except (OSError, ValueError, RecursionError) as e:
-        raise TlearnError(f"cannot read {path} ({e}); export the model again") from e
-    if not isinstance(card, dict) or card.get("format") != EXPORT_FORMAT:
-        raise TlearnError(f"{path} is not a tlearn export sidecar (no \"format\": \"{EXPORT_FORMAT}\")")
-    if type(card.get("format_version")) is not int or card["format_version"] > EXPORT_FORMAT_VERSION:
-        raise TlearnError(f"{path} was written by a newer tlearn (format {card.get('format_version')!r}); upgrade")
-    problems = []
-    classes, inputs, temperature = card.get("classes"), card.get("inputs"), card.get("temperature")
-    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES or len(set(map(str, classes))) != \
-            len(classes) or not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes):
-        problems.append(f"\"classes\" must list 2 to {MAX_CLASSES:,} distinct names")
-    if not isinstance(inputs, list) or not 1 <= len(inputs) <= 16:
-        problems.append("\"inputs\" must list 1 to 16 inputs")
-    else:
-        for i, item in enumerate(inputs):
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or \
-                    not isinstance(item.get("preprocessing"), dict):
-                problems.append(f"\"inputs\"[{i}] must be {{\"name\": ..., \"preprocessing\": {{...}}}}")
-            else:
-                problems += preprocessing_problems(item["preprocessing"], f"inputs[{i}].preprocessing")
-    if type(temperature) not in (int, float) or not (math.isfinite(temperature) and temperature > 0):
-        problems.append(f"\"temperature\" must be a positive number, not {temperature!r}")
-    if card.get("precision") not in ("fp32", "int8"):
-        problems.append(f"\"precision\" must be fp32 or int8, not {card.get('precision')!r}")
-    novelty = card.get("novelty", {"threshold": 0.0})
-    if not isinstance(novelty, dict) or type(novelty.get("threshold")) not in (int, float) \
-            or not math.isfinite(novelty["threshold"]):
-        problems.append("\"novelty.threshold\" must be a finite number")
-    if not isinstance(card.get("source", {}), dict):
-        problems.append("\"source\" must be an object")
-    if problems:
-        raise TlearnError(f"{path}: " + "; ".join(problems[:5]) + "; export the model again")
-    return card

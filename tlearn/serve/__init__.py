@@ -18,7 +18,8 @@ from tlearn import __version__
 from tlearn.artifact import MODEL_FILE, read_run
 from tlearn.config import TlearnError
 from tlearn.fileio import ONNX_OPSET, file_sha256, keyed_path
-from tlearn.predictor import Predictor, sidecar_path
+from tlearn.graph import sidecar_path
+from tlearn.predictor import Predictor
 
 log = logging.getLogger("tlearn")
 
