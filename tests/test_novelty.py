@@ -133,6 +133,8 @@ def test_evaluate_measures_other_photos_and_the_report_shows_the_score(run, tmp_
     (tmp_path / "empty").mkdir()
     with pytest.raises(TlearnError, match="no images there"):
         clf.evaluate(unknown=tmp_path / "empty")
+    with pytest.raises(TlearnError, match="no such folder"):
+        clf.evaluate(unknown=tmp_path / "missing")
     page = (run_dir / "report.html").read_text()
     assert "Unlike the training data" in page and "novelty.png" not in page  # drawn inline
     assert (run_dir / "novelty.png").is_file() and (run_dir / "outliers.csv").is_file()

@@ -43,7 +43,7 @@ from tlearn.data import ImageFolder, expand_inputs, recorded_split, scan, scan_l
 from tlearn.evaluate import PathsOutputs, Scored, against_others, assess, metrics_of, score, top_classes
 from tlearn.extractor import Extractor, load_run
 from tlearn.labels import run_mislabels
-from tlearn.novelty import Novelty, fit_run
+from tlearn.novelty import NETWORK_IMAGES, Novelty, fit_run
 from tlearn.predictor import Predictor
 from tlearn.recipes import Job, Trained
 from tlearn.recipes import train as run_recipe
@@ -157,7 +157,8 @@ class ImageClassifier:
             return self.history
         held, calibration = _held_out(trained, folder, self.predictor().paths_outputs, self.train_seconds)
         self.novelty, self.outliers = fit_run(self.predictor().paths_outputs, folder.split("train"), self.classes,
-                                              held, self.train_config.accept, self.train_config.seed)
+                                              held, self.train_config.accept, self.train_config.seed,
+                                              most=None if self.spec.kind == "head" else NETWORK_IMAGES)
         self.spec.novelty = self.novelty and self.novelty.config()
         held.novelty = self.novelty and self.novelty.score(held.features, held.logits)
         assessed = assess(self.predictor().paths_outputs, held, calibration, folder.split("test"), self.classes,

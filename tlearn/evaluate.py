@@ -64,6 +64,9 @@ def against_others(outputs_of: PathsOutputs, inside: Scored, folder: str | Path,
     images ``inside`` them: the AUROC, and the share of each called unknown at ``threshold``."""
     from sklearn.metrics import roc_auc_score
 
+    if not Path(folder).is_dir():
+        raise TlearnError(f"--unknown {folder}: no such folder; give a folder of photos of none of the model's "
+                          "classes")
     others = [Sample(p, 0, "test") for p in expand_inputs([folder])]
     if not others:
         raise TlearnError(f"--unknown {folder}: no images there; give a folder of photos of none of the model's "

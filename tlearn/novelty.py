@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,8 @@ KIND = "max(z(knn),z(energy))"
 K = 10  # nearest training images the distance is the mean over
 CAP_BYTES = 10 << 20  # what the reference features may add to a model file
 OUTLIERS = 16  # training images listed as least like the rest of their class
+NETWORK_IMAGES = 1000  # training images a whole network (fine-tuned, scratch) is run on again for its reference;
+# a head's features are in the cache already
 
 
 def normalised(X: np.ndarray) -> np.ndarray:
@@ -135,18 +138,20 @@ def fit(train_X: np.ndarray, train_y: np.ndarray, val_X: np.ndarray, val_logits:
 
 
 def fit_run(outputs_of: PathsOutputs, train: list[Sample], classes: list[str], validation: Scored, accept: float,
-            seed: int, cap_bytes: int = CAP_BYTES) -> tuple[Novelty | None, list[tuple[Path, str, float]]]:
+            seed: int, cap_bytes: int = CAP_BYTES, most: int | None = None
+            ) -> tuple[Novelty | None, list[tuple[Path, str, float]]]:
     """The novelty stage after training: the scorer of a trained model (``outputs_of``: its
-    ``Predictor.paths_outputs``), on (a per-class sample of) the ``train`` split's features, thresholded on the
-    ``validation`` split as scored by the model trained on the training split alone (its logits and features);
-    and the training images least like the rest of their class, most unusual first. The log says what it did."""
+    ``Predictor.paths_outputs``), on (a per-class sample of, at most ``most`` images and ``cap_bytes``) the
+    ``train`` split's features, thresholded on the ``validation`` split as scored by the model trained on the
+    training split alone (its logits and features); and the training images least like the rest of their class,
+    most unusual first. The log says what it did."""
     from tlearn.evaluate import score
 
     if validation.features is None or not len(validation.y):
         log.warning("novelty: no validation image to set the threshold on, so predictions carry no novelty")
         return None, []
-    y = np.array([s.label for s in train])
-    rows = sample_rows(y, cap_rows(validation.features.shape[1], cap_bytes), seed)
+    start, y = time.perf_counter(), np.array([s.label for s in train])
+    rows = sample_rows(y, min(cap_rows(validation.features.shape[1], cap_bytes), most or len(y)), seed)
     reference = score(outputs_of, [train[i] for i in rows])
     scorer = fit(reference.features, reference.y, validation.features, validation.logits, accept, seed, cap_bytes,
                  fitted_on=f"{len(validation.y)} validation images, by the model trained on the training split")
@@ -154,8 +159,9 @@ def fit_run(outputs_of: PathsOutputs, train: list[Sample], classes: list[str], v
     order = [i for i in np.argsort(-np.nan_to_num(odd, nan=-np.inf)) if np.isfinite(odd[i])][:OUTLIERS]
     size = scorer.reference.nbytes / (1 << 20)
     log.info(f"novelty: reference features of {len(scorer.reference)} of {len(train)} training images "
-             f"({size:.1f} MB); threshold {scorer.threshold:.3f}, which accepts {accept:.0%} of the validation "
-             f"images (--accept): images less like the training data are called unknown"
+             f"({size:.1f} MB, {time.perf_counter() - start:.1f} s); threshold {scorer.threshold:.3f}, which accepts "
+             f"{accept:.0%} of the validation images (--accept): images less like the training data are called "
+             "unknown"
              + (" (few validation images: the threshold is rough)" if len(validation.y) < 50 else ""))
     return scorer, [(reference.paths[i], classes[reference.y[i]], float(odd[i])) for i in order]
 
