@@ -161,6 +161,9 @@ def build_world(root: Path) -> World:
         "counts": lambda c: c["data_summary"].__setitem__("counts", {"train": {"cat": 1, "dog": 1}}),
         "classes-escape": rename_classes,
         "deep-json": lambda c: c.__setitem__("measured", _Raw("[" * 50_000 + "]" * 50_000)),
+        "novelty-rows": lambda c: c["model"]["novelty"].__setitem__("rows", 7),
+        "novelty-scale": lambda c: c["model"]["novelty"].__setitem__("scale", [0, -1]),
+        "novelty-kind": lambda c: c["model"]["novelty"].__setitem__("kind", "from the future"),
     }
     for name, edit in edits.items():
         world.cases[name] = edited_run(world, name, edit)
@@ -361,7 +364,8 @@ def cases() -> list[Case]:
         Case("traceback", "--val nan", bad_flag("--val", "nan"), 2),
         *[Case("traceback", f"predict: config edit {name}", predict(name), 2)
           for name in ("decision", "dropout", "format-version", "model-section", "hidden", "num-features-text",
-                       "scratch-arch", "huge-widths", "deep-json")],
+                       "scratch-arch", "huge-widths", "deep-json", "novelty-rows", "novelty-scale",
+                       "novelty-kind")],
         Case("traceback", "report: config edit decision", lambda w: ["report", str(w.cases["decision"])], 2),
         Case("traceback", "evaluate: config edit dropout", lambda w: ["evaluate", str(w.cases["dropout"])], 2),
         Case("traceback", "report: class names that do not match the counts",

@@ -44,6 +44,21 @@ def test_the_threshold_accepts_the_asked_share_and_far_images_are_above_it() -> 
     np.testing.assert_allclose(np.linalg.norm(scorer.reference.astype(np.float32), axis=1), 1, atol=1e-3)
 
 
+def test_with_a_handful_of_validation_images_the_distance_alone_is_thresholded_on_training_images_too() -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 3, (2, 16)) + 5
+    (X, y), (V, _), (new, _) = (_clusters(rng, n, centres) for n in (40, 3, 500))
+    scorer = fit(X, y, V, rng.normal(size=(3, 2)), accept=0.98)
+    assert not scorer.with_energy and "3 validation and 40 training images" in scorer.fitted_on
+    assert scorer.threshold >= 2.05  # at least the normal distribution's 98th percentile
+    assert (scorer.score(new, np.zeros((500, 2))) > scorer.threshold).mean() < 0.05  # images like the training data
+    far = -centres * 3
+    assert (scorer.score(far, np.zeros((2, 2))) > scorer.threshold).all()
+    with torch.no_grad():
+        twin = graph_module(scorer)(torch.from_numpy(far.astype(np.float32)), torch.zeros(2, 2)).numpy()
+    np.testing.assert_allclose(twin, scorer.score(far, np.zeros((2, 2))), rtol=1e-4)
+
+
 def test_the_reference_is_a_per_class_sample_within_the_cap() -> None:
     y = np.array([0] * 90 + [1] * 10)
     rows = sample_rows(y, 40, seed=0)

@@ -324,8 +324,8 @@ def novelty_problems(config: Any, width: int | None) -> list[str]:
         problems.append("\"novelty.threshold\" must be a finite number")
     if not (number(config.get("accept")) and 0 < config["accept"] <= 1):
         problems.append("\"novelty.accept\" must be in (0, 1]")
-    if not isinstance(config.get("fitted_on", ""), str):
-        problems.append("\"novelty.fitted_on\" must be text")
+    if not isinstance(config.get("fitted_on", ""), str) or not isinstance(config.get("with_energy", True), bool):
+        problems.append("\"novelty.fitted_on\" must be text and \"with_energy\" true or false")
     if width is not None and config.get("features") != width:
         problems.append(f"\"novelty.features\" must be the {width} features the head takes")
     return problems

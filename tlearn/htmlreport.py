@@ -255,17 +255,17 @@ def _novelty(config: dict[str, Any], metrics: dict[str, Any], predictions: list[
     n = config["model"].get("novelty")
     if not n:
         return "<p class='muted'>This model was saved without a novelty score (before tlearn had one).</p>"
-    scores = {split: [r["novelty"] for r in predictions if r["split"] == split and r.get("novelty") is not None]
-              for split in ("validation", "test")}
-    scores = {k: v for k, v in scores.items() if v}
+    scores = {split: vs for split in ("validation", "test") if (vs := [
+        r["novelty"] for r in predictions if r["split"] == split and r.get("novelty") is not None])}
     shares = ", ".join(f"{m['novelty']['unknown']:.1%} of {split}" for split, m in metrics.items() if "novelty" in m)
-    text = (f"<p>Each prediction carries a <b>novelty</b> score: how unlike the training images the image is (the "
-            f"larger of the standardised distance of its features to the {n['k']} nearest training images and the "
-            f"standardised energy of the head's logits). Above the threshold, <b>{n['threshold']:.3f}</b>, it is "
-            f"called <b>unknown</b>. The threshold accepts {n['accept']:.0%} of the validation images, scored by the "
-            f"model trained on the training split alone ({html.escape(n.get('fitted_on', ''))}). Called unknown "
-            f"here: {shares or 'none measured'}. <code>tlearn evaluate RUN --unknown FOLDER</code> measures it on "
-            f"photos of other things.</p>")
+    how = (f"the larger of the standardised distance of its features to the {n['k']} nearest training images and "
+           "the standardised energy of the head's logits") if n.get("with_energy", True) else \
+        f"the standardised distance of its features to the {n['k']} nearest training images"
+    text = (f"<p>Each prediction carries a <b>novelty</b> score: how unlike the training images the image is ({how})."
+            f" Above the threshold, <b>{n['threshold']:.3f}</b>, it is called <b>unknown</b>. The threshold accepts "
+            f"{n['accept']:.0%} of images like the training data, as measured on "
+            f"{html.escape(n.get('fitted_on', 'validation'))}. Called unknown here: {shares or 'none measured'}. "
+            "<code>tlearn evaluate RUN --unknown FOLDER</code> measures it on photos of other things.</p>")
     if scores:
         text += png_tag(plots.reuse(run_dir / "novelty.png", ["novelty", scores, n["threshold"]],
                                     lambda: plots.novelty_histogram(scores, n["threshold"], run_dir / "novelty.png"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ log = logging.getLogger("tlearn")
 KIND = "max(z(knn),z(energy))"
 K = 10  # nearest training images the distance is the mean over
 CAP_BYTES = 10 << 20  # what the reference features may add to a model file
+MIN_VALIDATION = 30  # validation images below which the score is the distance alone (see ``fit``)
 OUTLIERS = 16  # training images listed as least like the rest of their class
 NETWORK_IMAGES = 1000  # training images a whole network (fine-tuned, scratch) is run on again for its reference;
 # a head's features are in the cache already
@@ -82,6 +84,7 @@ class Novelty:
     accept: float = 0.98  # the share of validation images the threshold accepts
     kind: str = KIND
     fitted_on: str = ""  # what the threshold was set on, for people
+    with_energy: bool = True  # False: the distance alone (fewer than MIN_VALIDATION validation images)
 
     def parts(self, features: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(distance, energy) z-scores of a batch."""
@@ -91,7 +94,8 @@ class Novelty:
 
     def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """(B,) novelty scores of images with these head-input ``features`` and ``logits``."""
-        return np.maximum(*self.parts(features, logits)).astype(np.float32)
+        d, e = self.parts(features, logits)
+        return (np.maximum(d, e) if self.with_energy else d).astype(np.float32)
 
     def config(self) -> dict[str, Any]:
         """What config.json records (the reference goes into model.safetensors as ``REFERENCE``)."""
@@ -122,18 +126,34 @@ def sample_rows(y: np.ndarray, most: int, seed: int) -> np.ndarray:
 
 
 def fit(train_X: np.ndarray, train_y: np.ndarray, val_X: np.ndarray, val_logits: np.ndarray, accept: float,
-        seed: int = 0, cap_bytes: int = CAP_BYTES, fitted_on: str = "validation") -> Novelty:
+        seed: int = 0, cap_bytes: int = CAP_BYTES) -> Novelty:
     """A scorer whose reference is (a per-class sample of) the training features ``train_X``, standardised and
-    thresholded on the validation split's features and logits (a head fitted on the training split alone)."""
+    thresholded on the validation split's features and logits (a head fitted on the training split alone).
+
+    With fewer than ``MIN_VALIDATION`` validation images, their spread says too little: the score is then the
+    distance alone, standardised and thresholded on the validation images pooled with the training images, each
+    scored against the others (leave-one-out), and the threshold is at least the normal distribution's
+    ``accept`` quantile, so that a handful of images cannot set it low."""
     if len(train_X) == 0 or len(val_X) == 0:
         raise TlearnError("novelty needs training and validation images")
     rows = sample_rows(train_y, cap_rows(train_X.shape[1], cap_bytes), seed)
     reference = normalised(train_X[rows]).astype(np.float16)
-    scorer = Novelty(reference, fitted_on=fitted_on, accept=accept)
+    scorer = Novelty(reference, accept=accept)
     d, e = knn_distance(reference, val_X, scorer.k), energy(val_logits)
-    scorer.center = [float(d.mean()), float(e.mean())]
-    scorer.scale = [float(max(d.std(), 1e-6)), float(max(e.std(), 1e-6))]
-    scorer.threshold = float(np.quantile(scorer.score(val_X, val_logits), accept))
+    if len(val_X) >= MIN_VALIDATION:
+        scorer.center = [float(d.mean()), float(e.mean())]
+        scorer.scale = [float(max(d.std(), 1e-6)), float(max(e.std(), 1e-6))]
+        scorer.threshold = float(np.quantile(scorer.score(val_X, val_logits), accept))
+        scorer.fitted_on = f"{len(val_X)} validation images, scored by the model trained on the training split"
+        return scorer
+    pooled = np.r_[d, knn_distance(reference, reference, scorer.k, exclude_self=True)] if len(rows) > 1 else d
+    scorer.with_energy, scorer.center, scorer.scale = False, [float(pooled.mean()), 0.0], \
+        [float(max(pooled.std(), 1e-6)), 1.0]
+    z = (pooled - scorer.center[0]) / scorer.scale[0]
+    scorer.threshold = float(max(np.quantile(z, accept), statistics.NormalDist().inv_cdf(accept)))
+    scorer.fitted_on = (f"{len(val_X)} validation and {len(pooled) - len(val_X)} training images (each training "
+                        "image scored against the others), on the distance alone (too few validation images for "
+                        "the head's energy)")
     return scorer
 
 
@@ -153,16 +173,14 @@ def fit_run(outputs_of: PathsOutputs, train: list[Sample], classes: list[str], v
     start, y = time.perf_counter(), np.array([s.label for s in train])
     rows = sample_rows(y, min(cap_rows(validation.features.shape[1], cap_bytes), most or len(y)), seed)
     reference = score(outputs_of, [train[i] for i in rows])
-    scorer = fit(reference.features, reference.y, validation.features, validation.logits, accept, seed, cap_bytes,
-                 fitted_on=f"{len(validation.y)} validation images, by the model trained on the training split")
+    scorer = fit(reference.features, reference.y, validation.features, validation.logits, accept, seed, cap_bytes)
     odd = outliers(reference.features, reference.y)
     order = [i for i in np.argsort(-np.nan_to_num(odd, nan=-np.inf)) if np.isfinite(odd[i])][:OUTLIERS]
     size = scorer.reference.nbytes / (1 << 20)
     log.info(f"novelty: reference features of {len(scorer.reference)} of {len(train)} training images "
-             f"({size:.1f} MB, {time.perf_counter() - start:.1f} s); threshold {scorer.threshold:.3f}, which accepts "
-             f"{accept:.0%} of the validation images (--accept): images less like the training data are called "
-             "unknown"
-             + (" (few validation images: the threshold is rough)" if len(validation.y) < 50 else ""))
+             f"({size:.1f} MB, {time.perf_counter() - start:.1f} s); threshold {scorer.threshold:.3f}, set on "
+             f"{scorer.fitted_on}, to accept {accept:.0%} of images like them (--accept): images less like the "
+             "training data are called unknown")
     return scorer, [(reference.paths[i], classes[reference.y[i]], float(odd[i])) for i in order]
 
 
@@ -188,7 +206,8 @@ def restore(config: dict[str, Any], reference: np.ndarray, where: str) -> Novelt
     if not np.isfinite(norms).all() or ((np.abs(norms - 1) > 0.01) & (norms > 0)).any():
         raise TlearnError(f"{where}: tensor {REFERENCE} is damaged (its rows must be finite and of unit length); "
                           "retrain or restore the run")
-    fields = {k: config[k] for k in ("k", "center", "scale", "threshold", "accept", "kind", "fitted_on")
+    fields = {k: config[k] for k in ("k", "center", "scale", "threshold", "accept", "kind", "fitted_on",
+                                     "with_energy")
               if k in config}
     return Novelty(reference, **fields)
 
@@ -218,8 +237,10 @@ def graph_module(scorer: Novelty) -> Any:
         def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             x = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
             distance = 1 - (x @ self.reference.float().T).topk(self.k, dim=1).values.mean(1)
+            z = (distance - self.center[0]) / self.scale[0]
+            if not scorer.with_energy:
+                return z
             energy = -torch.logsumexp(logits - logits.mean(1, keepdim=True), 1)
-            return torch.maximum((distance - self.center[0]) / self.scale[0],
-                                 (energy - self.center[1]) / self.scale[1])
+            return torch.maximum(z, (energy - self.center[1]) / self.scale[1])
 
     return Score().eval()
