@@ -50,16 +50,20 @@ def normalised(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-def knn_distance(reference: np.ndarray, X: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:
+def knn_distance(reference: np.ndarray, X: np.ndarray, k: int, exclude_self: bool = False,
+                 chunk: int = 1024) -> np.ndarray:
     """(B,) mean cosine distance of each row of ``X`` to its ``k`` nearest rows of ``reference`` (both
     L2-normalised); with ``exclude_self``, ``X`` is ``reference`` and each row's own match is left out (a
-    leave-one-out score)."""
-    sim = normalised(X) @ reference.astype(np.float32).T  # (B, N)
-    if exclude_self:
-        np.fill_diagonal(sim, -np.inf)
-    k = max(1, min(k, sim.shape[1] - exclude_self))
-    nearest = -np.partition(-sim, k - 1, axis=1)[:, :k]
-    return 1.0 - nearest.mean(1)
+    leave-one-out score). Rows go ``chunk`` at a time, so memory stays bounded whatever ``X``'s length."""
+    ref = reference.astype(np.float32).T
+    k = max(1, min(k, ref.shape[1] - exclude_self))
+    out = np.empty(len(X), dtype=np.float32)
+    for start in range(0, len(X), chunk):
+        sim = normalised(X[start:start + chunk]) @ ref  # (b, N)
+        if exclude_self:
+            sim[np.arange(len(sim)), np.arange(start, start + len(sim))] = -np.inf
+        out[start:start + chunk] = 1.0 - (-np.partition(-sim, k - 1, axis=1)[:, :k]).mean(1)
+    return out
 
 
 def energy(logits: np.ndarray) -> np.ndarray:
