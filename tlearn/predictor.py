@@ -66,7 +66,8 @@ class Outputs:
     """What the model makes of images: rows in order, zero for files that could not be read (listed with why)."""
 
     logits: np.ndarray  # (N, C) uncalibrated, the mean over the views
-    features: np.ndarray | None  # (N, F) the head's input, the mean over the model's own views (None: exported)
+    features: np.ndarray | None  # (N, F) the head's input, the mean over the model's own views (None: an
+    # exported graph's, and for many files through ONNX Runtime, where they are not kept)
     novelty: np.ndarray | None  # (N,) None where the model has no novelty scorer
     failed: dict[Path, str] = field(default_factory=dict)
 
@@ -330,7 +331,8 @@ class Predictor:
                 except ImageDecodeError as e:
                     failed[paths[i]] = str(e)
             if images:
-                parts.append(self.run(self.prepare(images, tta)))
+                out = self.run(self.prepare(images, tta))
+                parts.append(Outputs(out.logits, None, out.novelty))  # (N, F) features of many files add up
         return _placed(parts, rows, len(paths), len(self.classes), failed)
 
     def _stack_outputs(self, paths: list[Path], tta: bool, cache: bool) -> Outputs:
