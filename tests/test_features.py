@@ -167,3 +167,25 @@ def test_kill_during_extraction_leaves_a_consistent_cache(tmp_path: Path, tiny) 
     resumed = run(images(root), tiny, cache)
     assert resumed.extracted == 30 - len(done) and resumed.cached == len(done)
     np.testing.assert_allclose(resumed.X, run(images(root), tiny, None).X, rtol=1e-5, atol=1e-6)
+
+
+def test_one_pass_of_both_views_gives_the_features_of_each_view_and_fills_both_caches(tmp_path: Path, tiny) -> None:
+    from tlearn.features import extract_mirrored
+    from tlearn.images import crop_resize_fits
+
+    assert crop_resize_fits(tiny.preprocessing)  # the mirror view is then the centre view's pixels flipped
+    paths = images(make_folder(tmp_path / "d", per_class=5))
+    (tmp_path / "d" / "red" / "broken.png").write_bytes(b"not an image")
+    paths.append(tmp_path / "d" / "red" / "broken.png")
+    caches = FeatureCache(tmp_path / "c", tiny), FeatureCache(tmp_path / "c", tiny, view="flip")
+    centre, mirror = extract_mirrored(paths, tiny.features, transform=eval_transform(tiny.preprocessing),
+                                      dim=tiny.num_features, caches=caches, progress=False)
+    for view, got in (("center", centre), ("flip", mirror)):
+        alone = extract(paths, tiny.features, transform=eval_transform(tiny.preprocessing, view),
+                        dim=tiny.num_features, progress=False)
+        np.testing.assert_allclose(got.X, alone.X, rtol=1e-5, atol=1e-6)  # one decode, the same features
+        assert set(got.failed) == {tmp_path / "d" / "red" / "broken.png"}
+    assert not np.allclose(centre.X, mirror.X)
+    again = [run(paths, tiny, cache) for cache in caches]  # both views are now in the cache
+    assert [a.extracted for a in again] == [0, 0]
+    np.testing.assert_array_equal(again[1].X, mirror.X)

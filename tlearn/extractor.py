@@ -125,6 +125,33 @@ class Extractor:
         return Features(np.hstack([f.X for f in parts]), {k: v for f in parts for k, v in f.failed.items()},
                         sum(f.extracted for f in parts), sum(f.cached for f in parts), sum(f.seconds for f in parts))
 
+    def features_views(self, paths: list[Path], names: list[str] | None = None,
+                       views: tuple[str, ...] = ("center",)) -> list[Features]:
+        """``features`` of each of ``views``. The centre and mirror views together are one pass over the images,
+        each decoded and resized once and its mirror made by flipping the preprocessed pixels, where every base's
+        preprocessing allows it (``Engine.mirrors``) and no process group shares the work; else one pass a view.
+        The cached features are the same either way."""
+        names = names or self.names()
+        together = views == ("center", "flip") and not dist.active() and all(self.engine(n).mirrors() for n in names)
+        if not together:
+            return [self.features(paths, names, view, announce=False) for view in views]
+        per_view: list[list[Features]] = [[], []]
+        for name in names:
+            pair = self.engine(name).extract_mirrored(paths, (self.store(name, "center"), self.store(name, "flip")),
+                                                      progress=self.verbose)
+            for i, feats in enumerate(pair):
+                per_view[i].append(feats)
+            feats = pair[0]
+            if feats.extracted or feats.failed:
+                rate = f" ({feats.extracted / feats.seconds:.1f} img/s, both views)" if feats.extracted else ""
+                log.info(f"features of {name} (centre and mirror views, one decode each): {len(paths)} images, "
+                         f"{feats.cached} from cache, {feats.extracted} extracted{rate}, {len(feats.failed)} "
+                         f"skipped, {feats.seconds:.1f} s")
+        return [parts[0] if len(parts) == 1 else Features(
+            np.hstack([f.X for f in parts]), {k: v for f in parts for k, v in f.failed.items()},
+            sum(f.extracted for f in parts), sum(f.cached for f in parts), sum(f.seconds for f in parts))
+            for parts in per_view]
+
     def _extract_shard(self, paths: list[Path], name: str, view: str, store: FeatureCache) -> None:
         """Sharded extraction: each image content (its SHA-256) belongs to one process (``dist.owns``), which
         extracts it into the content-addressed cache if it is not there yet (atomic writes, so concurrent writers

@@ -130,8 +130,30 @@ def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tenso
     many lanes as cores, no core waits for another; ``forward`` must therefore be safe to call from several
     threads at once.
     """
+    return _extract(paths, forward, transform, dim, [cache], [False], batch_size, lanes, progress)[0]
+
+
+def extract_mirrored(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tensor | np.ndarray], *,
+                     transform: Callable, dim: int, caches: tuple[FeatureCache | None, FeatureCache | None],
+                     batch_size: int = 8, lanes: int = 1, progress: bool = True) -> tuple[Features, Features]:
+    """``extract`` of the images and of their mirror images at once: each image is decoded and resized once, and
+    its mirror view is the preprocessed tensor flipped left to right, which is what ``transform`` would give for
+    the mirrored picture where the flip commutes with it (a crop resampled first and flipped after, as
+    ``images.CropResize`` does). ``caches`` are the two views' caches; both views go through ``forward`` as one
+    batch."""
+    centre, mirror = _extract(paths, forward, transform, dim, list(caches), [False, True], batch_size, lanes,
+                              progress)
+    return centre, mirror
+
+
+def _extract(paths: Sequence[Path], forward: Callable, transform: Callable, dim: int,
+             caches: list[FeatureCache | None], flips: list[bool], batch_size: int, lanes: int, progress: bool
+             ) -> list[Features]:
+    """One pass over ``paths`` for one or more views, each the transformed image, flipped where ``flips`` says;
+    an image is computed when any view's cache lacks it."""
     start = time.perf_counter()
-    X = np.zeros((len(paths), dim), dtype=np.float32)
+    views = range(len(flips))
+    X = [np.zeros((len(paths), dim), dtype=np.float32) for _ in views]
     failed: dict[Path, str] = {}
     todo: dict[str, list[int]] = {}  # content digest -> rows that need it (duplicates are extracted once)
     for row, path in enumerate(paths):
@@ -140,15 +162,16 @@ def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tenso
         except OSError as e:
             failed[Path(path)] = f"cannot read: {e.strerror or e}"
             continue
-        feat = cache.get(digest) if cache else None
-        if feat is None:
+        feats = [cache.get(digest) if cache else None for cache in caches]
+        if any(f is None for f in feats):
             todo.setdefault(digest, []).append(row)
         else:
-            X[row] = feat
+            for v in views:
+                X[v][row] = feats[v]
     cached = len(paths) - len(failed) - sum(len(r) for r in todo.values())
     digests = list(todo)
 
-    def run(batch: list[str]) -> tuple[list[str], np.ndarray | None, list[tuple[str, str]]]:
+    def run(batch: list[str]) -> tuple[list[str], list[np.ndarray] | None, list[tuple[str, str]]]:
         images, ok, bad = [], [], []
         for digest in batch:
             try:
@@ -158,9 +181,11 @@ def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tenso
                 bad.append((digest, str(e)))
         if not images:
             return ok, None, bad
+        x = torch.stack(images)
         with torch.inference_mode():
-            out = forward(torch.stack(images))
-        return ok, out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32), bad
+            out = forward(torch.cat([x.flip(-1) if flip else x for flip in flips]))
+        out = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
+        return ok, np.split(out, len(flips)), bad
 
     batches = [digests[i:i + batch_size] for i in range(0, len(digests), batch_size)]
     n_bad = 0
@@ -171,9 +196,11 @@ def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tenso
             for digest, reason in bad:
                 for row in todo[digest]:
                     failed[Path(paths[row])] = reason
-            for digest, feat in zip(ok, feats if feats is not None else [], strict=True):
-                X[todo[digest]] = feat
-                if cache:
-                    cache.put(digest, feat)
+            for v in views if feats is not None else ():
+                for digest, feat in zip(ok, feats[v], strict=True):
+                    X[v][todo[digest]] = feat
+                    if caches[v]:
+                        caches[v].put(digest, feat)
             bar.update(len(ok) + len(bad))
-    return Features(X, failed, extracted=len(digests) - n_bad, cached=cached, seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return [Features(X[v], failed, extracted=len(digests) - n_bad, cached=cached, seconds=seconds) for v in views]

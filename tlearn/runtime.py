@@ -32,9 +32,9 @@ from torch import nn
 from tlearn import graph
 from tlearn.backbones import Backbone
 from tlearn.config import RuntimeConfig, TlearnError, TrainConfig
-from tlearn.features import FeatureCache, Features, cpu_cores, extract
+from tlearn.features import FeatureCache, Features, cpu_cores, extract, extract_mirrored
 from tlearn.fileio import onnx_export_path
-from tlearn.images import eval_transform
+from tlearn.images import crop_resize_fits, eval_transform
 from tlearn.train import Precision, resolve_precision
 
 log = logging.getLogger("tlearn")
@@ -89,6 +89,21 @@ class Engine:
         with self._threads():
             return extract(paths, self.forward, transform=eval_transform(self.preprocessing, view), dim=self.dim,
                            cache=cache, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
+
+    def mirrors(self) -> bool:
+        """Whether the mirror view can be the centre view's tensor flipped (``extract_mirrored``): the preprocessing
+        resamples the crop first and flips after, so the two are the same pixels."""
+        return crop_resize_fits(self.preprocessing)
+
+    def extract_mirrored(self, paths: Sequence[Path], caches: tuple[FeatureCache | None, FeatureCache | None],
+                         progress: bool = True) -> tuple[Features, Features]:
+        """The centre and mirror views' outputs for ``paths`` in one pass (``features.extract_mirrored``); only
+        where ``mirrors()``."""
+        if not self.mirrors():
+            raise ValueError("this preprocessing's mirror view is not the centre view flipped")
+        with self._threads():
+            return extract_mirrored(paths, self.forward, transform=eval_transform(self.preprocessing), dim=self.dim,
+                                    caches=caches, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
 
     def rate(self, paths: Sequence[Path]) -> float:
         """Measured images per second of decoding and the forward pass on (a few of) ``paths``, without the

@@ -33,7 +33,7 @@ def train_features(job: Job) -> Trained:
 
 def probe_splits(job: Job, names: list[str]) -> tuple[Split, Split, dict[Path, str]]:
     """Cached features of ``names`` (the views of ``head_views``) of the train and validation splits."""
-    xy, failed = by_split(job, lambda paths, view: job.extractor.features(paths, names, view, announce=False),
+    xy, failed = by_split(job, lambda paths, views: job.extractor.features_views(paths, names, views),
                           head_views(job))
     train, val = (Split(X[0], X[1] if len(X) > 1 else None, y) for X, y in (xy["train"], xy["validation"]))
     return train, val, failed

@@ -185,10 +185,10 @@ def train_scratch(job: Job) -> Trained:
 
 def _logreg_pixels(job: Job, preprocessing: dict[str, Any]) -> Trained:
     """scikit-learn's logistic regression on 32x32 pixels, folded into ``PixelLinear``."""
-    def pixels(paths: list[Path], view: str) -> Features:
-        return extract(paths, lambda x: x.flatten(1), transform=eval_transform(preprocessing),
-                       dim=3 * preprocessing["input_size"][-1] ** 2, batch_size=64, lanes=cpu_cores(),
-                       progress=job.progress)
+    def pixels(paths: list[Path], views: tuple[str, ...]) -> list[Features]:
+        return [extract(paths, lambda x: x.flatten(1), transform=eval_transform(preprocessing, view),
+                        dim=3 * preprocessing["input_size"][-1] ** 2, batch_size=64, lanes=cpu_cores(),
+                        progress=job.progress) for view in views]
 
     xy, failed = by_split(job, pixels)
     ([X], y), ([Xv], yv) = xy["train"], xy["validation"]

@@ -103,14 +103,16 @@ def model_spec(trained: Trained, classes: list[str], extractor: Extractor, train
     return spec, {"trainable": int(trainable), "total": int(total), "classes": len(classes)}, backbone
 
 
-def by_split(job: Job, get: Callable[[list[Path], str], Features], views: tuple[str, ...] = ("center",)
-             ) -> tuple[dict[str, tuple[list[np.ndarray], np.ndarray]], dict[Path, str]]:
-    """([X of each view], y) of the train and validation splits, each split's features got on their own (no copy
-    of the whole folder's), without the files that any view could not decode, which are returned."""
+def by_split(job: Job, get: Callable[[list[Path], tuple[str, ...]], list[Features]],
+             views: tuple[str, ...] = ("center",)) -> tuple[dict[str, tuple[list[np.ndarray], np.ndarray]],
+                                                            dict[Path, str]]:
+    """([X of each view], y) of the train and validation splits (``get``: paths and views → their features, a
+    view each), each split's features got on their own (no copy of the whole folder's), without the files that
+    any view could not decode, which are returned."""
     out, failed = {}, {}
     for split in ("train", "validation"):
         samples = job.data.split(split)
-        feats = [get([s.path for s in samples], view) for view in views]
+        feats = get([s.path for s in samples], views)
         bad = {p: reason for f in feats for p, reason in f.failed.items()}
         keep = np.array([s.path not in bad for s in samples], dtype=bool)
         y = np.array([s.label for s in samples], dtype=np.int64)
@@ -121,7 +123,7 @@ def by_split(job: Job, get: Callable[[list[Path], str], Features], views: tuple[
 
 def cached_features(job: Job) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[Path, str]]:
     """(X, y) per split from the feature cache, and the files that could not be decoded."""
-    xy, failed = by_split(job, lambda paths, view: job.extractor.features(paths, None, view, announce=False))
+    xy, failed = by_split(job, lambda paths, views: job.extractor.features_views(paths, None, views))
     return {split: (X[0], y) for split, (X, y) in xy.items()}, failed
 
 
