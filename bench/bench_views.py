@@ -34,19 +34,19 @@ def main() -> None:
                 ex.engine()  # the base's ONNX export, made once per machine, is not timed
                 start = time.perf_counter()
                 if how == "a pass a view":
-                    centre = ex.features(paths, None, "center", announce=False)
+                    ex.features(paths, None, "center", announce=False)
                     middle = time.perf_counter()
                     ex.features(paths, None, "flip", announce=False)
                 else:
-                    centre, _ = ex.features_views(paths, None, ("center", "flip"))
+                    ex.features_views(paths, None, ("center", "flip"))
                     middle = None
                 seconds = time.perf_counter() - start
                 one = f"{middle - start:.1f}" if middle else "-"
-                rows.append((how, seconds, one, len(paths) / seconds, centre.extracted))
+                rows.append((how, seconds, one, len(paths) / seconds))
     print(f"\n{len(paths)} JPEGs from {args.data.name}, efficientnet_lite0, {ex.engine().describe()}\n")
     print("| extraction | both views, s | centre view alone, s | images/s (both views) |")
     print("|---|---|---|---|")
-    for how, seconds, one, rate, _ in rows:
+    for how, seconds, one, rate in rows:
         print(f"| {how} | {seconds:.1f} | {one} | {rate:.0f} |")
 
 

@@ -155,9 +155,10 @@ class ImageClassifier:
         self.train_seconds = time.perf_counter() - start
         if not dist.is_main():  # the other processes' part ends with training: rank 0 evaluates and writes the run
             return self.history
-        held, calibration = _held_out(trained, folder, self.predictor().paths_outputs, self.train_seconds)
-        self.novelty, self.outliers = fit_run(self.predictor().paths_outputs, folder.split("train"), self.classes,
-                                              held, self.train_config.accept, self.train_config.seed,
+        outputs_of = self.predictor().paths_outputs  # no novelty scorer yet: it is fitted on these outputs
+        held, calibration = _held_out(trained, folder, outputs_of, self.train_seconds)
+        self.novelty, self.outliers = fit_run(outputs_of, folder.split("train"), self.classes, held,
+                                              self.train_config.accept, self.train_config.seed,
                                               most=None if self.spec.kind == "head" else NETWORK_IMAGES)
         self.spec.novelty = self.novelty and self.novelty.config()
         held.novelty = self.novelty and self.novelty.score(held.features, held.logits)

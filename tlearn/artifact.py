@@ -372,7 +372,7 @@ def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
     """Read a saved model back: ``read_run``'s checks, then the module built on the meta device (no memory)
     and compared tensor by tensor with the file, and only then built for real and filled."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     run = read_run(run_dir)
     spec, path = run.spec, Path(run_dir) / MODEL_FILE
@@ -382,9 +382,10 @@ def load_model(run_dir: Path) -> tuple[ModelSpec, nn.Module, dict[str, Any]]:
                 for k, v in shapes.state_dict().items()}
     compare_tensors(expected | novelty_tensor(spec), run.header, spec, path)
     model = spec.build()
-    try:
-        model.load_state_dict({k: v for k, v in load_file(str(path)).items() if k != NOVELTY_TENSOR})
-    except (OSError, RuntimeError) as e:
+    try:  # the network's tensors only: the novelty reference is read where it is used (``load_reference``)
+        with safe_open(str(path), framework="pt") as f:
+            model.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k != NOVELTY_TENSOR})
+    except (OSError, RuntimeError, SafetensorError) as e:
         raise TlearnError(f"{path} is damaged ({e}); retrain or restore the run") from e
     return spec, model.eval(), run.config
 

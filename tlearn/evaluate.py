@@ -64,6 +64,9 @@ def against_others(outputs_of: PathsOutputs, inside: Scored, folder: str | Path,
     images ``inside`` them: the AUROC, and the share of each called unknown at ``threshold``."""
     from sklearn.metrics import roc_auc_score
 
+    if threshold is None or inside.novelty is None:
+        raise TlearnError("this model has no novelty score to measure: it was saved before tlearn scored novelty; "
+                          "train it again")
     if not Path(folder).is_dir():
         raise TlearnError(f"--unknown {folder}: no such folder; give a folder of photos of none of the model's "
                           "classes")
@@ -71,11 +74,7 @@ def against_others(outputs_of: PathsOutputs, inside: Scored, folder: str | Path,
     if not others:
         raise TlearnError(f"--unknown {folder}: no images there; give a folder of photos of none of the model's "
                           "classes")
-    others_scored = score(outputs_of, others)
-    if threshold is None or inside.novelty is None:
-        raise TlearnError("this model has no novelty score to measure: it was saved before tlearn scored novelty; "
-                          "train it again")
-    a, b = inside.novelty, others_scored.novelty
+    a, b = inside.novelty, score(outputs_of, others).novelty
     return {"folder": str(folder), "images": len(b), "auroc": float(roc_auc_score(
         np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b])), "unknown": float((b > threshold).mean()),
         "unknown_in_distribution": float((a > threshold).mean()), "threshold": threshold}
@@ -133,8 +132,13 @@ def top_classes(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, n
         results.append({"path": str(path),
                         "predictions": [{"class": names[j], "probability": float(proba[i, j])} for j in order]})
         if novelty is not None and threshold is not None:
-            results[-1] |= {"novelty": round(float(novelty[i]), 4), "unknown": bool(novelty[i] > threshold)}
+            results[-1] |= novelty_fields(float(novelty[i]), threshold)
     return results
+
+
+def novelty_fields(novelty: float, threshold: float) -> dict[str, Any]:
+    """A result's ``"novelty"`` and whether it is ``"unknown"``: above the model's threshold."""
+    return {"novelty": round(novelty, 4), "unknown": novelty > threshold}
 
 
 @dataclass

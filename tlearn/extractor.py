@@ -116,14 +116,8 @@ class Extractor:
             feats = self.engine(name).extract(paths, store, progress=self.verbose, view=view)
             parts.append(feats)
             if announce or (store is not None and (feats.extracted or feats.failed)):
-                rate = f" ({feats.extracted / feats.seconds:.1f} img/s)" if feats.extracted else ""
-                log.info(f"features of {name}{'' if view == 'center' else f' ({view} view)'}: {len(paths)} images, "
-                         f"{feats.cached} from cache, {feats.extracted} extracted{rate}, {len(feats.failed)} "
-                         f"skipped, {feats.seconds:.1f} s")
-        if len(parts) == 1:
-            return parts[0]
-        return Features(np.hstack([f.X for f in parts]), {k: v for f in parts for k, v in f.failed.items()},
-                        sum(f.extracted for f in parts), sum(f.cached for f in parts), sum(f.seconds for f in parts))
+                _said(name, "" if view == "center" else f" ({view} view)", len(paths), feats)
+        return _joined(parts)
 
     def features_views(self, paths: list[Path], names: list[str] | None = None,
                        views: tuple[str, ...] = ("center",)) -> list[Features]:
@@ -135,22 +129,13 @@ class Extractor:
         together = views == ("center", "flip") and not dist.active() and all(self.engine(n).mirrors() for n in names)
         if not together:
             return [self.features(paths, names, view, announce=False) for view in views]
-        per_view: list[list[Features]] = [[], []]
+        pairs = []
         for name in names:
-            pair = self.engine(name).extract_mirrored(paths, (self.store(name, "center"), self.store(name, "flip")),
-                                                      progress=self.verbose)
-            for i, feats in enumerate(pair):
-                per_view[i].append(feats)
-            feats = pair[0]
-            if feats.extracted or feats.failed:
-                rate = f" ({feats.extracted / feats.seconds:.1f} img/s, both views)" if feats.extracted else ""
-                log.info(f"features of {name} (centre and mirror views, one decode each): {len(paths)} images, "
-                         f"{feats.cached} from cache, {feats.extracted} extracted{rate}, {len(feats.failed)} "
-                         f"skipped, {feats.seconds:.1f} s")
-        return [parts[0] if len(parts) == 1 else Features(
-            np.hstack([f.X for f in parts]), {k: v for f in parts for k, v in f.failed.items()},
-            sum(f.extracted for f in parts), sum(f.cached for f in parts), sum(f.seconds for f in parts))
-            for parts in per_view]
+            pairs.append(self.engine(name).extract_mirrored(
+                paths, (self.store(name, "center"), self.store(name, "flip")), progress=self.verbose))
+            if pairs[-1][0].extracted or pairs[-1][0].failed:
+                _said(name, " (centre and mirror views, one decode each)", len(paths), pairs[-1][0])
+        return [_joined(list(parts)) for parts in zip(*pairs, strict=True)]
 
     def _extract_shard(self, paths: list[Path], name: str, view: str, store: FeatureCache) -> None:
         """Sharded extraction: each image content (its SHA-256) belongs to one process (``dist.owns``), which
@@ -169,6 +154,21 @@ class Extractor:
         if mine:
             self.engine(name).extract(list(mine.values()), store, progress=self.verbose, view=view)
         dist.barrier()
+
+
+def _said(name: str, what: str, n: int, feats: Features) -> None:
+    """The log line of an extraction: how many images came from the cache, were extracted (and how fast), failed."""
+    rate = f" ({feats.extracted / feats.seconds:.1f} img/s)" if feats.extracted else ""
+    log.info(f"features of {name}{what}: {n} images, {feats.cached} from cache, {feats.extracted} extracted{rate}, "
+             f"{len(feats.failed)} skipped, {feats.seconds:.1f} s")
+
+
+def _joined(parts: list[Features]) -> Features:
+    """Several bases' features of the same images, side by side."""
+    if len(parts) == 1:
+        return parts[0]
+    return Features(np.hstack([f.X for f in parts]), {k: v for f in parts for k, v in f.failed.items()},
+                    sum(f.extracted for f in parts), sum(f.cached for f in parts), sum(f.seconds for f in parts))
 
 
 @dataclass

@@ -90,8 +90,8 @@ def unusual(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir:
     from tlearn.novelty import K, outliers
 
     data, feats = _folder_features(config, backbone, cache_dir, progress)
-    keep = [s for s in data.samples if s.path not in feats.failed]
     rows = [i for i, s in enumerate(data.samples) if s.path not in feats.failed]
+    keep = [data.samples[i] for i in rows]
     y = np.array([s.label for s in keep])
     score = outliers(feats.X[rows], y)
     z = np.full(len(y), -np.inf)

@@ -319,11 +319,11 @@ class Predictor:
         metrics use the very features it was trained and chosen on."""
         if self.stack is not None:
             return self._stack_outputs(paths, tta, cache)
-        parts: list[Outputs] = []
-        rows: list[int] = []
+        logits = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
+        novelty = None if self.threshold is None else np.zeros(len(paths), dtype=np.float32)
         failed: dict[Path, str] = {}
         for start in range(0, len(paths), BATCH):
-            images = []
+            rows, images = [], []
             for i in range(start, min(start + BATCH, len(paths))):
                 try:
                     images.append(load_image(paths[i]))
@@ -332,8 +332,10 @@ class Predictor:
                     failed[paths[i]] = str(e)
             if images:
                 out = self.run(self.prepare(images, tta))
-                parts.append(Outputs(out.logits, None, out.novelty))  # (N, F) features of many files add up
-        return _placed(parts, rows, len(paths), len(self.classes), failed)
+                logits[rows] = out.logits
+                if novelty is not None:
+                    novelty[rows] = out.novelty
+        return Outputs(logits, None, novelty, failed)  # no (N, F) features: those of many files add up
 
     def _stack_outputs(self, paths: list[Path], tta: bool, cache: bool) -> Outputs:
         """The PyTorch backend: each view's features extracted on several threads (a head's through the feature
@@ -356,21 +358,6 @@ class Predictor:
         result = self.outputs(np.stack(logits), np.stack(extra))
         result.failed = failed
         return result
-
-
-def _placed(parts: list[Outputs], rows: list[int], n: int, classes: int, failed: dict[Path, str]) -> Outputs:
-    """Batches' outputs placed at their ``rows`` of ``n``, zero rows for the ``failed`` files."""
-    def joined(name: str) -> np.ndarray | None:
-        arrays = [getattr(p, name) for p in parts]
-        if not arrays or any(a is None for a in arrays):
-            return None
-        out = np.zeros((n, *arrays[0].shape[1:]), dtype=np.float32)
-        out[rows] = np.concatenate(arrays)
-        return out
-
-    logits = joined("logits")
-    return Outputs(np.zeros((n, classes), np.float32) if logits is None else logits, joined("features"),
-                   joined("novelty"), failed)
 
 
 def _dense(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

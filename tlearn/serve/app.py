@@ -31,6 +31,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from tlearn import __version__
+from tlearn.evaluate import novelty_fields
 from tlearn.images import ImageDecodeError, load_image
 from tlearn.predictor import Outputs, Predictor
 
@@ -191,8 +192,7 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
                             "predictions": [{"class": predictor.classes[j], "probability": float(p[j])}
                                             for j in order]})
             if scored:
-                score = float(next(novelty))
-                results[-1] |= {"novelty": round(score, 4), "unknown": score > predictor.threshold}
+                results[-1] |= novelty_fields(float(next(novelty)), predictor.threshold)
         return {"model_id": about.get("model_id"), "latency_ms": round(1000 * (time.perf_counter() - start), 2),
                 "results": results}
 
