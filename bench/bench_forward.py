@@ -1,9 +1,12 @@
 """The frozen base's forward pass alone, per runtime and batch size: why tlearn uses batch 8 on a CPU.
 
-Usage: python bench/bench_forward.py [--backbone efficientnet_lite0] [--images 192] [--compile]
+Usage: python bench/bench_forward.py [--backbone efficientnet_lite0] [--images 192] [--compile] [--openvino]
+                                     [--rows torch,channels-last,bf16,onnx]
 
 Random 224-px input, all cores in one call (no decoding, no lanes), best of 3 passes over ``--images`` images.
-``--compile`` adds torch.compile rows at batch 8 with their compile time. Prints a Markdown table of img/s.
+``--compile`` adds torch.compile rows at batch 8 with their compile time. ``--openvino`` adds OpenVINO's CPU
+runtime on the same ONNX export (where the ``openvino`` package is installed), and the largest difference of its
+features from PyTorch's fp32 ones. Prints a Markdown table of img/s.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from tlearn.backbones import load_backbone
 from tlearn.config import BackboneConfig, RuntimeConfig, TrainConfig
-from tlearn.runtime import base_engine
+from tlearn.runtime import base_engine, export_onnx
 
 BATCHES = (1, 4, 8, 16, 32, 64)
 
@@ -41,6 +44,9 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (needs a C++ compiler)")
+    parser.add_argument("--openvino", action="store_true", help="also time OpenVINO on the ONNX export")
+    parser.add_argument("--rows", default="torch,channels-last,bf16,onnx",
+                        help="which of the runtime rows to time (comma-separated)")
     args = parser.parse_args()
     bb = load_backbone(BackboneConfig(backbone=args.backbone))
     cores = os.cpu_count()
@@ -48,6 +54,8 @@ def main() -> None:
             "torch fp32, channels-last": ("torch", "fp32", torch.channels_last),
             "torch bf16 autocast, channels-last": ("torch", "bf16", torch.channels_last),
             "ONNX Runtime fp32": ("onnx", "fp32", torch.contiguous_format)}
+    keys = dict(zip(("torch", "channels-last", "bf16", "onnx"), rows, strict=True))
+    rows = {keys[k]: rows[keys[k]] for k in args.rows.split(",") if k}
     print(f"{args.backbone}, forward pass only, {cores} threads; {platform.machine()}, torch {torch.__version__}\n")
     print("| runtime | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")
     print("|---|" + "---|" * len(BATCHES))
@@ -65,6 +73,21 @@ def main() -> None:
                 x = torch.randn(b, *bb.preprocessing["input_size"])
                 rates.append(rate(forward, x, args.images))
         print(f"| {name} | " + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
+    if args.openvino:
+        import openvino
+
+        compiled = openvino.Core().compile_model(str(export_onnx(bb)), "CPU", {"INFERENCE_NUM_THREADS": cores})
+        request = compiled.create_infer_request()
+
+        def forward(x):
+            return request.infer({0: x.numpy()})[0]
+
+        rates = [rate(forward, torch.randn(b, *bb.preprocessing["input_size"]), args.images) for b in BATCHES]
+        print(f"| OpenVINO {openvino.__version__} fp32 | " + " | ".join(f"{r:.0f}" for r in rates) + " |")
+        x = torch.randn(8, *bb.preprocessing["input_size"])
+        with torch.inference_mode():
+            expected = bb.features(x.contiguous()).numpy()
+        print(f"\nOpenVINO against PyTorch fp32, batch 8: largest difference {abs(forward(x) - expected).max():.2e}")
     if args.compile:
         print("\n| torch.compile, channels-last, batch 8 | first call s | img/s |\n|---|---|---|")
         bb.model.to(memory_format=torch.channels_last)

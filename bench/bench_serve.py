@@ -87,8 +87,8 @@ def load(port: int, bodies: list[tuple[bytes, str]], clients: int, requests: int
             "p50": p50, "p95": p95, "p99": p99, "first_error": errors[0] if errors else ""}
 
 
-def start_server(run: str, runtime: str, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tlearn", "serve", run, "--port", str(port), "--runtime", runtime]
+def start_server(run: str, runtime: str, port: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tlearn", "serve", run, "--port", str(port), "--runtime", runtime, *extra]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     deadline = time.time() + 300

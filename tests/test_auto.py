@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -17,18 +18,28 @@ from tlearn.config import TlearnError, TrainConfig, parse_duration
 from tlearn.recipes import auto
 from tlearn.recipes.heads import C_GRID, Probe, Split, choose_head, logreg_logits, refit
 from tlearn.recipes.job import Job
-from tlearn.recipes.plan import Clock, Measured, plan
+from tlearn.recipes.plan import (
+    DERIVED,
+    Clock,
+    Measured,
+    budget_seconds,
+    derived_budget,
+    derives_budget,
+    features_run_estimate,
+    plan,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ants_bees"
 FAST = {"verbose": False, "workers": 0, "batch_size": 8}
 
 
-def measured(rate: float = 150.0, n_val: int = 170, n_train: int = 1918) -> Measured:
+def measured(rate: float = 150.0, n_val: int = 170, n_train: int = 1918,
+             top: tuple[float, float] | None = None) -> Measured:
     """Oxford-17-like counts (with more training images) and a larger base to add; ``rate`` is the fake
-    extraction throughput."""
+    extraction throughput, ``top`` the seconds per sample of the top stage."""
     views = 2 * (n_train + n_val + 272)  # nothing cached yet
     return Measured(n_train, n_val, 272, 1280, rate, misses=views, larger="big", larger_cost=1.7,
-                    larger_misses=views, larger_features=1280)
+                    larger_misses=views, larger_features=1280, top=top)
 
 
 def statuses(steps: list) -> dict[str, str]:
@@ -41,6 +52,36 @@ def test_plan_takes_every_step_without_a_budget() -> None:
     # estimates come from the measured rate: 2 views x 2360 images at 150 img/s, plus choosing the head
     assert steps[0].estimate == pytest.approx(4720 / 150 + 1 + 4e-6 * 2 * 1918 * 1280)
     assert steps[1].estimate > steps[0].estimate  # the larger base costs 1.7x per image
+
+
+def test_fine_tuning_on_cached_activations_is_planned_from_its_measured_cost() -> None:
+    steps = plan(measured(top=(0.002, 0.0005)), Clock(None), max_epochs=10, finetune=True)
+    assert [s.kind for s in steps] == ["features", "larger", "top", "finetune"]
+    top = steps[2]
+    # an epoch: 1918 training images x 2 views forward and backward, the validation images forward twice
+    assert top.detail["epoch_estimate_s"] == pytest.approx(1918 * 2 * 0.002 + 2 * 170 * 0.0005, abs=0.05)
+    assert top.estimate == pytest.approx(10 * (1918 * 2 * 0.002 + 2 * 170 * 0.0005))  # cached: no extra pass
+    extra = dataclasses.replace(measured(top=(0.002, 0.0005)), top_extra=300)  # features cached, activations not
+    assert plan(extra, Clock(None), 10, True)[2].estimate == pytest.approx(top.estimate + 300 / 150)
+    assert "top" not in statuses(plan(measured(top=None), Clock(None), 10, True))  # no known split
+    assert "top" not in statuses(plan(measured(top=(0.002, 0.0005)), Clock(None), 10, finetune=False))
+
+
+def test_the_default_budget_on_a_cpu_is_three_times_a_features_run() -> None:
+    assert budget_seconds(TrainConfig(), "cpu") == (None, DERIVED)
+    assert budget_seconds(TrainConfig(), "cuda") == (1800.0, "the default for mode auto on a GPU")
+    assert budget_seconds(TrainConfig(time_budget="90s"), "cpu")[0] == 90  # an explicit budget wins
+    assert derives_budget(TrainConfig(), "cpu") and not derives_budget(TrainConfig(time_budget="90s"), "cpu")
+    assert not derives_budget(TrainConfig(mode="features"), "cpu") and not derives_budget(TrainConfig(), "cuda")
+    small, large = measured(n_train=1000), measured(n_train=10000)
+    budget, why = derived_budget(small, elapsed=5.0)
+    assert budget == pytest.approx(3 * features_run_estimate(small, 5.0)) and why.startswith(DERIVED)
+    assert features_run_estimate(small, 5.0) == pytest.approx(5.0 + small.misses / 150 + 3 * (
+        1 + 4e-6 * 2 * 1000 * 1280) + 10)
+    assert derived_budget(large, 5.0)[0] > 4 * budget  # the budget grows with the work: no fixed ceiling
+    # with the work it grows, the larger base fits it wherever it costs less than twice the first base
+    steps = plan(large, Clock(derived_budget(large, 5.0)[0]), 10, finetune=False)
+    assert statuses(steps)["larger"] == "planned"
 
 
 def test_a_slow_machine_skips_fine_tuning() -> None:
@@ -81,10 +122,14 @@ def test_durations_parse_and_bad_ones_are_named() -> None:
         ImageClassifier(backbone="a+a")
 
 
-def _fake_probe(val_loss: float, real: Probe) -> Probe:
+def _fake_probe(worse: bool, real: Probe) -> Probe:
+    """``real`` as a worse head (its held-out logits turned against the labels), or as it is: steps are compared
+    on the validation loss after temperature scaling, which comes from those logits."""
     import dataclasses
 
-    return dataclasses.replace(real, chosen={**real.chosen, "val_loss": val_loss})
+    loss = 9.0 if worse else real.chosen["val_loss"]
+    return dataclasses.replace(real, chosen={**real.chosen, "val_loss": loss},
+                               val_logits=-3 * real.val_logits if worse else real.val_logits)
 
 
 def test_a_step_that_does_not_improve_validation_is_discarded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -96,7 +141,7 @@ def test_a_step_that_does_not_improve_validation_is_discarded(tmp_path: Path, mo
 
     def probe(job: Job, names: list[str]):  # the concatenation looks worse than the first base alone
         found = real(job, names)
-        return (_fake_probe(9.0 if len(names) > 1 else 0.5, found[0]), *found[1:])
+        return (_fake_probe(len(names) > 1, found[0]), *found[1:])
 
     monkeypatch.setattr(auto, "probe_features", probe)
     clf = ImageClassifier(**TINY, **FAST)
@@ -117,7 +162,7 @@ def test_a_step_that_improves_validation_is_kept_with_concatenated_bases(tmp_pat
 
     def probe(job: Job, names: list[str]):  # the concatenation looks better
         found = real(job, names)
-        return (_fake_probe(1.0 / len(names), found[0]), *found[1:])
+        return (_fake_probe(len(names) == 1, found[0]), *found[1:])
 
     monkeypatch.setattr(auto, "probe_features", probe)
     clf.fit(data, out=tmp_path / "run")
@@ -222,8 +267,10 @@ def test_a_short_budget_on_real_photos_keeps_the_plan_and_stops(tmp_path: Path) 
     clf.fit(EXAMPLE, out=tmp_path / "run")
     decision = json.loads((tmp_path / "run" / "config.json").read_text())["decision"]
     kinds = [s["kind"] for s in decision["plan"]]
-    assert kinds == ["features", "larger", "finetune"] and decision["budget"] == 30
+    assert kinds == ["features", "larger", "top", "finetune"] and decision["budget"] == 30
     assert decision["plan"][0]["status"] == "kept" and decision["plan"][2]["status"] == "skipped"
+    assert decision["plan"][3]["status"] == "skipped"
+    assert "12 validation images are too few" in decision["plan"][2]["why"]
     assert decision["mode"] == "features"
     for name in ("model.safetensors", "report.html", "metrics.json"):
         assert (tmp_path / "run" / name).is_file()

@@ -18,7 +18,7 @@ from tests.conftest import TINY, make_folder, make_image
 from tlearn.backbones import load_backbone
 from tlearn.config import BackboneConfig
 from tlearn.features import FeatureCache, extract
-from tlearn.fileio import default_cache_dir
+from tlearn.fileio import atomic_write_text, default_cache_dir
 from tlearn.images import eval_transform
 
 
@@ -102,6 +102,16 @@ def test_damaged_entries_are_extracted_again(tmp_path: Path, tiny) -> None:
     again = run(paths, tiny, cache)
     assert again.extracted == 2
     np.testing.assert_array_equal(clean.X, again.X)
+
+
+def test_entries_are_written_without_a_sync_each(tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torn entry is made again (above), so a cache entry is renamed into place unsynced: the sync cost more
+    than the write. Files that are not checked when read (a model, metrics) are still synced."""
+    paths, cache, synced = images(make_folder(tmp_path / "d", per_class=3)), FeatureCache(tmp_path / "c", tiny), []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    assert run(paths, tiny, cache).extracted == len(paths) and synced == []
+    atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert len(synced) == 1
 
 
 def test_undecodable_files_are_reported_not_fatal(tmp_path: Path, tiny) -> None:

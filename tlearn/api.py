@@ -49,7 +49,7 @@ from tlearn.recipes import Job, Trained
 from tlearn.recipes import train as run_recipe
 from tlearn.recipes.heads import FOLDS, describe
 from tlearn.recipes.job import model_spec
-from tlearn.recipes.plan import Clock, budget_seconds, choose, format_table
+from tlearn.recipes.plan import DERIVED, Clock, budget_seconds, choose, format_table
 from tlearn.run import RunResult, claim_out, sections, write_run
 from tlearn.train import History, Precision
 
@@ -309,8 +309,9 @@ def _prepare(data: DataConfig, train: TrainConfig, device: str) -> tuple[ImageFo
     if decision.mode == "auto":
         log.info(f"the classic strategy table (shown for reference; auto decides from measurements):\n"
                  f"{format_table(len(folder.split('train')), len(folder.classes), train)}")
-    if decision.budget is not None:
-        log.info(f"time budget: {decision.budget:.0f} s ({budget_why})")
+    if decision.budget is not None or budget_why == DERIVED:
+        log.info(f"time budget: {budget_why}" if decision.budget is None else
+                 f"time budget: {decision.budget:.0f} s ({budget_why})")
     return folder, findings, decision
 
 

@@ -91,8 +91,8 @@ class TrainConfig:
 
     mode: str = _f("auto", "'features' (head on cached features), 'frozen' (frozen base + augmentation), "
                    "'finetune' (then unfreeze the top stages), 'scratch' (--model from random weights), or 'auto' "
-                   "(features first, then a larger base and fine-tuning while --time-budget allows, each kept only "
-                   "if validation improves)")
+                   "(features first, then a larger base, fine-tuning on cached activations and fine-tuning while "
+                   "--time-budget allows, each kept only if the calibrated validation loss improves)")
     model: str = _f("small-cnn", "architecture for --mode scratch: small-cnn, alexnet or logreg-pixels")
     head: str = _f("auto", "head on features: 'logreg' (multinomial logistic regression, its C chosen by "
                    "cross-validation), 'dense' (Dropout + Linear, optional hidden layer), or 'auto' (whichever "
@@ -117,8 +117,8 @@ class TrainConfig:
                         "path (ONNX Runtime fp32, else bf16 where the CPU has it natively)")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
     time_budget: str = _f("auto", "wall time for the whole run, evaluation and report included, e.g. 90s, 10m, 2h; "
-                          "'auto': for --mode auto 3m on a CPU and 30m on a GPU, no limit for the other modes; "
-                          "'none': no limit")
+                          "'auto': for --mode auto on a CPU 3x the estimated time of --mode features on this data "
+                          "and machine, on a GPU 30m; no limit for the other modes; 'none': no limit")
     auto_small: int = _f(1000, "the strategy table (shown, not binding): below this many training images, "
                          "train a head on features")
     auto_large: int = _f(10000, "the strategy table: from this many training images, fine-tune every stage")
@@ -323,6 +323,7 @@ class Decision:
     lr_mult: str
     reason: str
     budget: float | None = None  # seconds
+    budget_why: str = ""  # where the budget came from, where auto derived it
     table: str = ""  # the strategy table's recommendation for this data
     plan: list[dict[str, Any]] = field(default_factory=list)  # Step.as_dict() of each step
     measured: dict[str, Any] = field(default_factory=dict)  # what the plan was estimated from

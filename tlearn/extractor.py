@@ -24,9 +24,10 @@ from torch import nn
 from tlearn import dist
 from tlearn.artifact import ModelSpec, load_model, load_reference
 from tlearn.backbones import Backbone, load_backbone, load_recorded
-from tlearn.config import BackboneConfig, InferenceConfig, RuntimeConfig, TrainConfig, from_dict, validate
+from tlearn.config import BackboneConfig, InferenceConfig, RuntimeConfig, TlearnError, TrainConfig, from_dict, validate
 from tlearn.features import FeatureCache, Features
 from tlearn.fileio import file_sha256
+from tlearn.models import split_top
 from tlearn.novelty import Novelty, of_run
 from tlearn.runtime import Engine, base_engine
 from tlearn.train import Precision, resolve_precision
@@ -85,6 +86,23 @@ class Extractor:
             log.info(f"frozen base {bb.name}: {self._engines[bb.name].describe()}")
         return self._engines[bb.name]
 
+    def top_engine(self, name: str | None = None) -> Engine:
+        """An engine of base ``name`` whose forward gives (features, what enters its top stage) from one pass. Not
+        kept: its graph is exported once (on disk) and its session opened only if an image is missing, so the
+        session's memory goes with the pass that needed it."""
+        return base_engine(self.base(name), self.train_config, self.runtime, top=True)
+
+    def top_name(self, name: str | None = None) -> str | None:
+        """Where base ``name`` splits for fine-tuning its top stage on cached activations, or None (no known split;
+        the base is built to find out)."""
+        split = split_top(self.base(name).model)
+        return split and split[0]
+
+    def top_store(self, name: str, view: str) -> FeatureCache:
+        """The on-disk cache of what enters base ``name``'s top stage, in ``view`` (float16 activations)."""
+        return FeatureCache(self.runtime.cache_dir, self.base(name), self.engine(name).precision, view,
+                            top=self.top_name(name))
+
     def store(self, name: str, view: str) -> FeatureCache:
         """The on-disk cache of base ``name``'s features in ``view``."""
         return FeatureCache(self.runtime.cache_dir, self.base(name), self.engine(name).precision, view)
@@ -93,9 +111,10 @@ class Extractor:
         """What keys base ``name``'s cached features in ``view`` (its weights, preprocessing and numerics)."""
         return self.store(name, view).dir.name
 
-    def missing(self, paths: list[Path], name: str, view: str) -> int:
-        """How many of ``paths`` base ``name`` has no cached features of in ``view``."""
-        store, n = self.store(name, view), 0
+    def missing(self, paths: list[Path], name: str, view: str, top: bool = False) -> int:
+        """How many of ``paths`` base ``name`` has no cached features of in ``view`` (``top``: no cached top-stage
+        input)."""
+        store, n = self.top_store(name, view) if top else self.store(name, view), 0
         for path in paths:
             try:
                 n += not store.has(file_sha256(path))
@@ -120,12 +139,22 @@ class Extractor:
         return _joined(parts)
 
     def features_views(self, paths: list[Path], names: list[str] | None = None,
-                       views: tuple[str, ...] = ("center",)) -> list[Features]:
+                       views: tuple[str, ...] = ("center",), top: bool = False) -> list[Features]:
         """``features`` of each of ``views``. The centre and mirror views together are one pass over the images,
         each decoded and resized once and its mirror made by flipping the preprocessed pixels, where every base's
         preprocessing allows it (``Engine.mirrors``) and no process group shares the work; else one pass a view.
-        The cached features are the same either way."""
+        The cached features are the same either way. With ``top`` (one base, no process group), the same pass also
+        caches what enters the base's top stage (``tops``)."""
         names = names or self.names()
+        if top:
+            (name,) = names
+            engine = self.top_engine(name)
+            feats = engine.extract_views(paths, views, [self.store(name, v) for v in views],
+                                         [self.top_store(name, v) for v in views], progress=self.verbose)
+            if feats[0].extracted or feats[0].failed:
+                _said(name, f" ({' and '.join(views)} view{'s' * (len(views) > 1)}, with the top stage's input)",
+                      len(paths), feats[0])
+            return feats
         together = views == ("center", "flip") and not dist.active() and all(self.engine(n).mirrors() for n in names)
         if not together:
             return [self.features(paths, names, view, announce=False) for view in views]
@@ -136,6 +165,25 @@ class Extractor:
             if pairs[-1][0].extracted or pairs[-1][0].failed:
                 _said(name, " (centre and mirror views, one decode each)", len(paths), pairs[-1][0])
         return [_joined(list(parts)) for parts in zip(*pairs, strict=True)]
+
+    def tops(self, paths: list[Path], name: str, views: tuple[str, ...]) -> tuple[list[np.ndarray], dict[Path, str]]:
+        """What enters base ``name``'s top stage for each of ``paths`` in each of ``views``, float16 (N, C, H, W),
+        from the cache, extracting (with the features) what is missing; and the files that could not be decoded
+        (their rows are zero)."""
+        failed = {p: r for f in self.features_views(paths, [name], views, top=True) for p, r in f.failed.items()}
+        out = []
+        for view in views:
+            store, rows = self.top_store(name, view), []
+            for path in paths:
+                a = None if path in failed else store.get(file_sha256(path))
+                if a is None and path not in failed:
+                    raise TlearnError(f"the cached top-stage input of {path} went missing from {store.dir} while it "
+                                      "was read (another process cleaning the cache folder?); run again")
+                rows.append(a)
+            shape = next((a.shape for a in rows if a is not None), (0, 0, 0))
+            out.append(np.stack([a if a is not None else np.zeros(shape, np.float16) for a in rows]) if rows
+                       else np.zeros((0, *shape), np.float16))
+        return out, failed
 
     def _extract_shard(self, paths: list[Path], name: str, view: str, store: FeatureCache) -> None:
         """Sharded extraction: each image content (its SHA-256) belongs to one process (``dist.owns``), which

@@ -41,16 +41,24 @@ def default_workers() -> int:
 
 
 class FeatureCache:
-    """Pooled features on disk, one float32 ``.npy`` per image content hash, namespaced by backbone identity."""
+    """Pooled features on disk, one float32 ``.npy`` per image content hash, namespaced by backbone identity.
 
-    def __init__(self, root: Path | str | None, backbone: Backbone, numerics: str = "fp32", view: str = "center"):
+    ``top``, the name of a split point of the base (``models.split_top``), makes it the cache of what enters the
+    base's top stage instead: one float16 (C, H, W) activation per image, beside the pooled features and under
+    the same rules."""
+
+    def __init__(self, root: Path | str | None, backbone: Backbone, numerics: str = "fp32", view: str = "center",
+                 top: str | None = None):
         # fp32 features agree across runtimes to about 1e-5, so they share entries; bf16/fp16 ones get their own
         identity = {**backbone.identity(), "pipeline": PIPELINE_VERSION, "numerics": numerics}
         if view != "center":  # each test-time view (the mirror image, a corner crop) has entries of its own
             identity["view"] = view
-        self.view = view
+        if top is not None:
+            identity["top"] = top
+        self.view, self.top = view, top
         self.dir = Path(root or default_cache_dir()) / "features" / identity_key(identity)
         self.dim = backbone.num_features
+        self.dtype = np.float32 if top is None else np.float16
         about = self.dir / "identity.json"
         if not about.exists():
             atomic_write_text(about, json.dumps({**identity, "name": backbone.name}, indent=2))
@@ -66,11 +74,14 @@ class FeatureCache:
             feat = np.load(self._path(digest), allow_pickle=False)
         except (OSError, ValueError, EOFError):  # missing or damaged: extract (again)
             return None
-        return feat if feat.shape == (self.dim,) and feat.dtype == np.float32 else None
+        if feat.dtype != self.dtype:
+            return None
+        return feat if (feat.shape == (self.dim,) if self.top is None else feat.ndim == 3) else None
 
     def put(self, digest: str, feat: np.ndarray) -> None:
-        with atomic_path(self._path(digest)) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(feat, dtype=np.float32), allow_pickle=False)
+        """Written atomically but not synced: an entry torn by a crash fails ``get``'s checks and is made again."""
+        with atomic_path(self._path(digest), sync=False) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(feat, dtype=self.dtype), allow_pickle=False)
 
 
 class ImageFiles(Dataset):
@@ -130,7 +141,17 @@ def extract(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tenso
     many lanes as cores, no core waits for another; ``forward`` must therefore be safe to call from several
     threads at once.
     """
-    return _extract(paths, forward, transform, dim, [cache], [False], batch_size, lanes, progress)[0]
+    return _extract(paths, forward, transform, dim, [cache], [False], batch_size, lanes, progress, [None])[0]
+
+
+def extract_views(paths: Sequence[Path], forward: Callable, *, transform: Callable, dim: int,
+                  caches: list[FeatureCache | None], flips: list[bool], tops: list[FeatureCache | None],
+                  batch_size: int = 8, lanes: int = 1, progress: bool = True) -> list[Features]:
+    """``extract`` of one or two views (the image, and with ``flips`` [False, True] its mirror image as in
+    ``extract_mirrored``) where ``forward`` also gives what enters the base's top stage: it returns (features,
+    activations), the features go to ``caches`` and the returned ``Features`` as usual, and the activations only
+    to the caches ``tops`` (one per view). An image is computed when any of its caches lacks it."""
+    return _extract(paths, forward, transform, dim, caches, flips, batch_size, lanes, progress, tops)
 
 
 def extract_mirrored(paths: Sequence[Path], forward: Callable[[torch.Tensor], torch.Tensor | np.ndarray], *,
@@ -142,15 +163,15 @@ def extract_mirrored(paths: Sequence[Path], forward: Callable[[torch.Tensor], to
     ``images.CropResize`` does). ``caches`` are the two views' caches; both views go through ``forward`` as one
     batch."""
     centre, mirror = _extract(paths, forward, transform, dim, list(caches), [False, True], batch_size, lanes,
-                              progress)
+                              progress, [None, None])
     return centre, mirror
 
 
 def _extract(paths: Sequence[Path], forward: Callable, transform: Callable, dim: int,
-             caches: list[FeatureCache | None], flips: list[bool], batch_size: int, lanes: int, progress: bool
-             ) -> list[Features]:
+             caches: list[FeatureCache | None], flips: list[bool], batch_size: int, lanes: int, progress: bool,
+             tops: list[FeatureCache | None]) -> list[Features]:
     """One pass over ``paths`` for one or more views, each the transformed image, flipped where ``flips`` says;
-    an image is computed when any view's cache lacks it."""
+    an image is computed when any view's cache (or top-stage cache, ``tops``) lacks it."""
     start = time.perf_counter()
     views = range(len(flips))
     X = [np.zeros((len(paths), dim), dtype=np.float32) for _ in views]
@@ -163,7 +184,7 @@ def _extract(paths: Sequence[Path], forward: Callable, transform: Callable, dim:
             failed[Path(path)] = f"cannot read: {e.strerror or e}"
             continue
         feats = [cache.get(digest) if cache else None for cache in caches]
-        if any(f is None for f in feats):
+        if any(f is None for f in feats) or not all(top.has(digest) for top in tops if top):
             todo.setdefault(digest, []).append(row)
         else:
             for v in views:
@@ -171,7 +192,7 @@ def _extract(paths: Sequence[Path], forward: Callable, transform: Callable, dim:
     cached = len(paths) - len(failed) - sum(len(r) for r in todo.values())
     digests = list(todo)
 
-    def run(batch: list[str]) -> tuple[list[str], list[np.ndarray] | None, list[tuple[str, str]]]:
+    def run(batch: list[str]) -> tuple[list[str], list[list[np.ndarray]] | None, list[tuple[str, str]]]:
         images, ok, bad = [], [], []
         for digest in batch:
             try:
@@ -184,8 +205,9 @@ def _extract(paths: Sequence[Path], forward: Callable, transform: Callable, dim:
         x = torch.stack(images)
         with torch.inference_mode():
             out = forward(torch.cat([x.flip(-1) if flip else x for flip in flips]))
-        out = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
-        return ok, np.split(out, len(flips)), bad
+        outs = [o.float().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o, np.float32)
+                for o in (out if isinstance(out, (tuple, list)) else [out])]
+        return ok, [np.split(o, len(flips)) for o in outs], bad  # [output][view]
 
     batches = [digests[i:i + batch_size] for i in range(0, len(digests), batch_size)]
     n_bad = 0
@@ -197,10 +219,12 @@ def _extract(paths: Sequence[Path], forward: Callable, transform: Callable, dim:
                 for row in todo[digest]:
                     failed[Path(paths[row])] = reason
             for v in views if feats is not None else ():
-                for digest, feat in zip(ok, feats[v], strict=True):
-                    X[v][todo[digest]] = feat
+                for j, digest in enumerate(ok):
+                    X[v][todo[digest]] = feats[0][v][j]
                     if caches[v]:
-                        caches[v].put(digest, feat)
+                        caches[v].put(digest, feats[0][v][j])
+                    if tops[v]:
+                        tops[v].put(digest, feats[1][v][j])
             bar.update(len(ok) + len(bad))
     seconds = time.perf_counter() - start
     return [Features(X[v], failed, extracted=len(digests) - n_bad, cached=cached, seconds=seconds) for v in views]

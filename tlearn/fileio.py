@@ -41,10 +41,11 @@ def is_partial(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path | str) -> Iterator[str]:
+def atomic_path(path: Path | str, sync: bool = True) -> Iterator[str]:
     """Yield a temporary file name beside ``path``; when the block succeeds the file is synced and renamed
     onto ``path``, otherwise it is removed. Works with writers that only take a file name (matplotlib,
-    safetensors)."""
+    safetensors). ``sync=False`` skips the sync, for files that are checked when read and made again if torn
+    (cache entries: the sync cost more than the entry's write)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,8 @@ def atomic_path(path: Path | str) -> Iterator[str]:
     try:
         yield tmp
         with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
             os.fchmod(f.fileno(), 0o666 & ~UMASK)  # again: some writers (safetensors) replace the file, as 0600
         os.replace(tmp, path)
     except BaseException as e:

@@ -3,8 +3,7 @@ files by ``tlearn report RUN``.
 
 Sections: header (data, model, mode and why, settings, time, versions), training curves, sample grid (plain and
 augmented), test metrics with the confusion matrix, the highest-loss images, calibration, the model summary and
-the data-quality findings. The figures are also written beside it as PNG files.
-"""
+the data-quality findings. The figures are also written beside it as PNG files."""
 
 from __future__ import annotations
 
@@ -113,7 +112,8 @@ def _decision(config: dict[str, Any]) -> str:
         parts.append(f"<p>The classic strategy table, by training-set size, says: <b>{html.escape(decision['table'])}"
                      "</b>. tlearn shows it for reference and decides from the measurements below.</p>")
     if decision.get("budget"):
-        parts.append(f"<p>Time budget: {decision['budget']:.0f} s for the whole run.</p>")
+        why = f" ({html.escape(decision['budget_why'])})" if decision.get("budget_why") else ""
+        parts.append(f"<p>Time budget: {decision['budget']:.0f} s for the whole run{why}.</p>")
     m = decision.get("measured")
     if m:
         parts.append(f"<p>Measured before planning: {m['rate']:.0f} images/s through the base on this machine "
@@ -124,11 +124,11 @@ def _decision(config: dict[str, Any]) -> str:
     if plan:
         rows = [[i, s["name"], f"~{s['estimate_s']:.0f} s" if s.get("estimate_s") else "-", s["status"],
                  f"{s['seconds']:.1f} s" if s.get("seconds") else "-",
-                 "-" if s.get("val_loss") is None else s["val_loss"],
+                 "-" if s.get("val_loss") is None else f"{s['val_loss']:.4f} ({s.get('val_loss_calibrated', '-')})",
                  "-" if s.get("val_accuracy") is None else s["val_accuracy"],
                  s.get("head") or s.get("why") or ""] for i, s in enumerate(plan, 1)]
-        parts.append(html_table(rows, ["step", "what", "estimate", "outcome", "took", "val loss", "val accuracy",
-                                   "head, or why"]))
+        parts.append(html_table(rows, ["step", "what", "estimate", "outcome", "took", "val loss (calibrated)",
+                                       "val accuracy", "head, or why"]))
         candidates = [[s["name"], c["head"], c["val_loss"], c["val_accuracy"]] for s in plan
                       for c in s.get("candidates", [])]
         if candidates:

@@ -107,6 +107,50 @@ def unfreeze_groups(model: nn.Module, unfreeze: str, lr: float, lr_mults: tuple[
     return out
 
 
+class TopStage(nn.Module):
+    """The top of a pretrained base: what enters its last stage -> pooled features, (B, C, H, W) -> (B, F). It
+    holds the base's own modules, so training it trains the base. Like ``Classifier``'s base it stays in inference
+    mode (BatchNorm statistics frozen) even while it learns."""
+
+    def __init__(self, modules: list[nn.Module], pool: nn.Module):
+        super().__init__()
+        self.stage, self.pool = nn.Sequential(*modules), pool
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stage(a))
+
+    def train(self, mode: bool = True) -> TopStage:
+        return super().train(False)
+
+
+class TopSplit(nn.Module):
+    """A base's pooled features and what enters its top stage, from one pass: (B, 3, H, W) -> ((B, F), (B, C, H,
+    W)). The features are the base's own (``lower`` then ``top`` is ``forward_features`` then the pooling)."""
+
+    def __init__(self, lower: nn.Module, top: TopStage):
+        super().__init__()
+        self.lower, self.top = lower, top
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.lower(x)
+        return self.top(a), a
+
+
+def split_top(model: nn.Module) -> tuple[str, nn.Module, TopStage] | None:
+    """A timm base split where its last stage begins: (the split's name, the lower part, the top stage), each
+    made of the model's own modules; None for an architecture without a known split. EfficientNets (Lite
+    included): the last block stage, conv_head and bn2; ResNets: layer4."""
+    if all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")):
+        lower = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:-1])
+        return f"blocks.{len(model.blocks) - 1}", lower, TopStage([model.blocks[-1], model.conv_head, model.bn2],
+                                                                   model.global_pool)
+    if all(hasattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer3", "layer4", "global_pool")):
+        lower = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool, model.layer1, model.layer2,
+                              model.layer3)
+        return "layer4", lower, TopStage([model.layer4], model.global_pool)
+    return None
+
+
 # --- from-scratch baselines -----------------------------------------------------------------------------
 
 

@@ -344,14 +344,27 @@ class Predictor:
 
         model, extractor, engines, names = self.stack
         logits, extra, failed = [], [], {}
-        for view in self.tta_views() if tta else self.spec.views:
-            if self.spec.kind == "head":
+        views = self.tta_views() if tta else self.spec.views
+        # the centre and mirror views from one decode of each image, where they come first and the engine allows
+        paired = views[:2] == ["center", "flip"] and (cache if self.spec.kind == "head" else engines[0].mirrors())
+        if not paired:
+            both = []
+        elif self.spec.kind == "head":
+            both = extractor.features_views(paths, names, ("center", "flip"))
+        else:
+            both = list(engines[0].extract_mirrored(paths, (None, None), progress=extractor.verbose))
+        for i, view in enumerate(views):
+            if i < len(both):
+                out = both[i]
+            elif self.spec.kind == "head":
                 out = extractor.features(paths, names, view, announce=False, cache=cache and view in ("center", "flip"))
+            else:
+                out = engines[0].extract(paths, progress=extractor.verbose, view=view)
+            if self.spec.kind == "head":
                 with torch.no_grad():
                     logits.append(model.eval()(torch.from_numpy(out.X)).numpy())
                 extra.append(out.X)
             else:
-                out = engines[0].extract(paths, progress=extractor.verbose, view=view)
                 logits.append(out.X[:, :len(self.classes)])
                 extra.append(out.X[:, len(self.classes):])
             failed = out.failed

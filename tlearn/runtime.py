@@ -32,9 +32,10 @@ from torch import nn
 from tlearn import graph
 from tlearn.backbones import Backbone
 from tlearn.config import RuntimeConfig, TlearnError, TrainConfig
-from tlearn.features import FeatureCache, Features, cpu_cores, extract, extract_mirrored
+from tlearn.features import FeatureCache, Features, cpu_cores, extract, extract_mirrored, extract_views
 from tlearn.fileio import onnx_export_path
 from tlearn.images import crop_resize_fits, eval_transform
+from tlearn.models import TopSplit, split_top
 from tlearn.train import Precision, resolve_precision
 
 log = logging.getLogger("tlearn")
@@ -105,6 +106,21 @@ class Engine:
             return extract_mirrored(paths, self.forward, transform=eval_transform(self.preprocessing), dim=self.dim,
                                     caches=caches, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
 
+    def extract_views(self, paths: Sequence[Path], views: tuple[str, ...], caches: list[FeatureCache | None],
+                      tops: list[FeatureCache], progress: bool = True) -> list[Features]:
+        """``views`` of a ``top_engine``, whose forward also gives the top stage's input: features into ``caches``
+        and the returned ``Features``, activations into ``tops`` (one each per view). The centre and mirror views
+        are one pass where ``mirrors()``; else a pass a view."""
+        with self._threads():
+            if views == ("center", "flip") and self.mirrors():
+                return extract_views(paths, self.forward, transform=eval_transform(self.preprocessing), dim=self.dim,
+                                     caches=caches, flips=[False, True], tops=tops, batch_size=self.batch_size,
+                                     lanes=self.lanes, progress=progress)
+            return [extract_views(paths, self.forward, transform=eval_transform(self.preprocessing, view),
+                                  dim=self.dim, caches=[cache], flips=[False], tops=[top], batch_size=self.batch_size,
+                                  lanes=self.lanes, progress=progress)[0]
+                    for view, cache, top in zip(views, caches, tops, strict=True)]
+
     def rate(self, paths: Sequence[Path]) -> float:
         """Measured images per second of decoding and the forward pass on (a few of) ``paths``, without the
         cache: one warm-up batch, then two batches per lane."""
@@ -155,9 +171,10 @@ def net_engine(net: nn.Module, preprocessing: dict, dim: int, run: Precision, ru
     return Engine(forward, preprocessing, dim, "torch", precision, run.device, lanes, batch_size, threads)
 
 
-def base_engine(bb: Backbone, train: TrainConfig, runtime: RuntimeConfig) -> Engine:
+def base_engine(bb: Backbone, train: TrainConfig, runtime: RuntimeConfig, top: bool = False) -> Engine:
     """The frozen pretrained base as a feature extractor, in the runtime and precision the flags ask for, or the
-    fastest exact one for this machine (see the module docstring)."""
+    fastest exact one for this machine (see the module docstring). With ``top``, its forward gives (features,
+    what enters the top stage) from one pass (``models.split_top``; the base must have a split)."""
     device = resolve_precision(train.device, "fp32").device
     want, precision = runtime.runtime, train.precision
     if want == "onnx" and device.type != "cpu":
@@ -168,7 +185,7 @@ def base_engine(bb: Backbone, train: TrainConfig, runtime: RuntimeConfig) -> Eng
         reason = "auto: exact and fastest on CPUs" if want == "auto" else ""
         if want == "onnx" or onnxruntime_available():
             try:
-                return _onnx_engine(bb, runtime, reason)
+                return _onnx_engine(bb, runtime, reason, top)
             except TlearnError as e:
                 if want == "onnx":
                     raise
@@ -178,10 +195,19 @@ def base_engine(bb: Backbone, train: TrainConfig, runtime: RuntimeConfig) -> Eng
     if precision == "auto" and device.type == "cpu":
         precision = "bf16" if cpu_has_bf16() else "fp32"
     run = resolve_precision(train.device, precision)
-    engine = net_engine(Pooled(bb.model), bb.preprocessing, bb.num_features, run, runtime)
+    engine = net_engine(top_split(bb) if top else Pooled(bb.model), bb.preprocessing, bb.num_features, run, runtime)
     if train.precision == "auto" and device.type == "cpu":
         engine.reason = "auto: this CPU has native bf16" if precision == "bf16" else "auto: no native bf16 here"
     return engine
+
+
+def top_split(bb: Backbone) -> TopSplit:
+    """The base as (features, top-stage input) from one pass; a TlearnError names the base if it has no split."""
+    split = split_top(bb.model)
+    if split is None:
+        raise TlearnError(f"{bb.name} ({bb.arch}) has no known top stage to fine-tune on cached activations "
+                          "(EfficientNets and ResNets do)")
+    return TopSplit(split[1], split[2])
 
 
 class FrozenFeatures(nn.Module):
@@ -222,7 +248,8 @@ class FeatureMap(nn.Module):
 
 def export_onnx(bb: Backbone, cache_dir: str | Path | None = None, output: str = "features") -> Path:
     """The base exported to ONNX once per weights identity and PyTorch version, under the cache folder, with its
-    pooled ``features`` as output, or its last feature ``map``.
+    pooled ``features`` as output, or its last feature ``map``, or (``top``) the features and what enters its top
+    stage.
 
     The export is checked against PyTorch's fp32 output on a random batch before it is kept, so a wrong graph is
     never used. It runs on a copy of the model: the exporter leaves the module it is given in training mode.
@@ -231,19 +258,26 @@ def export_onnx(bb: Backbone, cache_dir: str | Path | None = None, output: str =
     path = onnx_export_path(cache_dir, bb.name, identity)
     if path.exists():
         return path
-    wrap = Pooled if output == "features" else FeatureMap
-    module = wrap(copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
+    model = copy.deepcopy(bb.model).float().cpu().to(memory_format=torch.contiguous_format)
+    if output == "top":
+        split = split_top(model)
+        if split is None:
+            raise TlearnError(f"{bb.name} has no known top stage")
+        module, outputs = TopSplit(split[1], split[2]).eval(), ["features", "top"]
+    else:
+        module, outputs = (Pooled if output == "features" else FeatureMap)(model).eval(), [output]
     x = torch.randn(2, *bb.preprocessing["input_size"], generator=torch.Generator().manual_seed(0))
-    return graph.export_checked(module, (x,), path, ["image"], [output], what=bb.name)
+    return graph.export_checked(module, (x,), path, ["image"], outputs, what=bb.name)
 
 
-def _onnx_engine(bb: Backbone, runtime: RuntimeConfig, reason: str) -> Engine:
+def _onnx_engine(bb: Backbone, runtime: RuntimeConfig, reason: str, top: bool = False) -> Engine:
     if not onnxruntime_available():
         raise TlearnError("--runtime onnx needs onnxruntime (it is not installed): pip install onnxruntime, or use "
                          "--runtime torch")
     lanes, batch_size, threads = _lanes(torch.device("cpu"), runtime)
-    path = export_onnx(bb, runtime.cache_dir)  # once per machine and weights; after that only a path
-    session = _Session(bb, runtime.cache_dir, path, threads)
+    # exported once per machine and weights; after that only a path
+    path = export_onnx(bb, runtime.cache_dir, "top") if top else export_onnx(bb, runtime.cache_dir)
+    session = _Session(bb, runtime.cache_dir, path, threads, "top" if top else "features")
     return Engine(session.run, bb.preprocessing, bb.num_features, "onnx", "fp32", torch.device("cpu"), lanes,
                   batch_size, threads, reason)
 
@@ -268,8 +302,9 @@ class _Session:
     """An ONNX Runtime session of the exported base, opened when the first batch comes (a run whose features
     are all cached never opens it), and exported again if the file on disk cannot be loaded."""
 
-    def __init__(self, bb: Backbone, cache_dir: str | Path | None, path: Path, threads: int):
-        self.bb, self.cache_dir, self.path, self.threads = bb, cache_dir, path, threads
+    def __init__(self, bb: Backbone, cache_dir: str | Path | None, path: Path, threads: int,
+                 output: str = "features"):
+        self.bb, self.cache_dir, self.path, self.threads, self.output = bb, cache_dir, path, threads, output
         self.session = None
         self.lock = threading.Lock()
 
@@ -279,11 +314,12 @@ class _Session:
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
             log.warning(f"{self.path} cannot be loaded ({e}); exporting the base again")
             self.path.unlink(missing_ok=True)
-            self.path = export_onnx(self.bb, self.cache_dir)
+            self.path = export_onnx(self.bb, self.cache_dir, self.output)
             return graph.session(self.path, self.threads, inter_threads=1)
 
-    def run(self, x: torch.Tensor) -> np.ndarray:
+    def run(self, x: torch.Tensor) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         with self.lock:  # lanes call this from several threads; the first opens the session
             if self.session is None:
                 self.session = self._open()
-        return self.session.run(None, {"image": x.numpy()})[0]
+        out = self.session.run(None, {"image": x.numpy()})
+        return out[0] if self.output != "top" else (out[0], out[1])

@@ -1,9 +1,8 @@
 """Training: one visible loop for every mode, over batches of cached features or of augmented images.
 
 ``fit`` runs epochs of ``train_one_epoch`` and ``evaluate``, keeps the weights of the epoch with the lowest
-validation loss, stops early after ``patience`` epochs without improvement, and hands its full state to a
-checkpoint callback after each epoch so an interrupted run can resume.
-"""
+validation loss (or a stage's own ``select`` score), stops early after ``patience`` epochs without improvement,
+and hands its full state to a checkpoint callback after each epoch so an interrupted run can resume."""
 
 from __future__ import annotations
 
@@ -296,6 +295,7 @@ class Stage:
     images_per_epoch: int = 0  # for the progress bar
     generator: torch.Generator | None = None  # the shuffling RNG, whose state goes into checkpoints
     deadline: float | None = None  # perf_counter() time by which the stage must end (the time budget)
+    select: Callable[[nn.Module], float] | None = None  # picks the best epoch, lower is better (default: val_loss)
 
 
 def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor | None, history: History,
@@ -346,8 +346,9 @@ def fit(stage: Stage, config: TrainConfig, run: Precision, weight: torch.Tensor 
             log.info(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {loss:.4f}, accuracy {acc:.4f}, "
                      f"val_loss {val_loss:.4f}, val_accuracy {val_acc:.4f} ({stage.steps_per_epoch} iterations of "
                      f"{config.batch_size}, {seconds:.1f} s, {stage.images_per_epoch / seconds:.1f} img/s)")
-        if val_loss < best["loss"]:
-            best, waited = {"loss": val_loss, "epoch": len(history.epoch),
+        score = val_loss if stage.select is None else stage.select(val_model)
+        if score < best["loss"]:
+            best, waited = {"loss": score, "epoch": len(history.epoch),
                             "weights": copy.deepcopy(model.state_dict())}, 0
         else:
             waited += 1

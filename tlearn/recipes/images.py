@@ -167,6 +167,16 @@ def finetune_stage(job: Job, head: nn.Module, history: History, y_train: np.ndar
                    bb.name, shape)
 
 
+def val_logits(job: Job, model: nn.Module, preprocessing: dict[str, Any]) -> np.ndarray:
+    """(N_val, C) logits of a network on the validation images (those that decode), in order."""
+    failed: dict[Path, str] = {}
+    net = job.run.module(model).eval()
+    with torch.no_grad():
+        out = [net(job.run.prepare(x)).float().cpu() for x, _ in
+               _image_batches(job, job.data.split("validation"), eval_transform(preprocessing), failed)()]
+    return torch.cat(out).numpy()
+
+
 def train_scratch(job: Job) -> Trained:
     name, entry = job.train.model, SCRATCH[job.train.model]
     preprocessing = entry.preprocessing()

@@ -12,12 +12,22 @@ tlearn shows that table and where the data falls in it, but decides from evidenc
 the cheap, cached ``features`` result, then estimates from the throughput it measured on this machine what each
 further step would cost, and takes a step only while the time budget allows it:
 
-1. features of the chosen base (and its mirror images), with the head chosen on validation (``probe.py``);
-2. the features of a larger offline base, concatenated with the first;
-3. fine-tuning the top stage of the base, from the head of step 1.
+1. features of the chosen base (and its mirror images), with the head chosen on validation (``heads.py``);
+2. the features of a larger offline base, concatenated with the first (the step that bought the most accuracy per
+   second in BENCHMARKS.md, so it comes before the fine-tuning steps);
+3. fine-tuning the base's top stage and the head on cached activations (``top.py``), from the head of step 1,
+   for as many epochs as the budget leaves;
+4. fine-tuning the top stage of the base on images, from the head of step 1.
 
-A step's result is kept only when it lowers the validation loss. The plan, the estimates, the measured times and
-the outcome of each step are saved in ``config.json`` and shown in the report.
+A step's result is kept only when it lowers the validation loss after temperature scaling (each model's own
+temperature, fitted on the validation split), the one score on which a sharper fine-tuned model and a head on
+features compare fairly, and by more than the noise: the mean change image by image must stay below zero by
+more than its standard error (``auto._beats``). The plan, the estimates, the measured times and the outcome of
+each step are saved in ``config.json`` and shown in the report.
+
+On a CPU the default budget grows with the work: three times the estimated time of a whole ``--mode features``
+run on this data and machine (``derived_budget``), so the default never takes much more than three times what
+``--mode features`` takes, and the further steps run wherever they fit in that.
 """
 
 from __future__ import annotations
@@ -29,8 +39,15 @@ from typing import Any
 
 from tlearn.config import Decision, TrainConfig, parse_duration
 
-# The default --time-budget of mode auto: a CPU user gets an answer in minutes; on a GPU fine-tuning is cheap.
-DEFAULT_BUDGET = {"cpu": 180.0, "cuda": 1800.0}
+# The default --time-budget of mode auto on a GPU, where fine-tuning is cheap; on a CPU it is derived from the
+# data and this machine: BUDGET_FACTOR times the estimated time of a whole --mode features run.
+DEFAULT_BUDGET = {"cuda": 1800.0}
+BUDGET_FACTOR = 3.0
+DERIVED = f"{BUDGET_FACTOR:g} x the estimated time of --mode features on this data and machine"
+# A --mode features run chooses the head (PROBE), refits it with held-out folds for calibration and searches for
+# mislabels, each about one head search; then evaluation on cached features, novelty, figures and the report.
+FEATURES_RUN_PROBES = 3
+AFTER_SECONDS = 10.0
 # Fine-tuning's cost relative to extraction (the base in ONNX Runtime or under autocast), per image: a training
 # image costs a forward and a backward pass in PyTorch with augmentation (8.6x on the reference 2-core CPU: 17 vs
 # 147 img/s), a validation image one forward pass in PyTorch (about 2x). The first epoch's real time replaces
@@ -41,6 +58,7 @@ MIN_FINETUNE_EPOCHS = 2
 MIN_FINETUNE_EVIDENCE = 50
 PROBE_SECONDS_PER_VALUE = 4e-6  # choosing the head: about this many seconds per training-feature value
 REPORT_SECONDS = 5.0  # evaluation on cached features, metrics, figures and report.html
+EPOCHS = ("top", "finetune")  # the kinds of step that train in epochs, and may stop early
 
 
 TABLE = ("features, a head on the frozen base's features", "fine-tune the top stage at lr/10",
@@ -74,7 +92,7 @@ def choose(n_train: int, n_classes: int, config: TrainConfig) -> Decision:
     _, advice = table_advice(n_train, n_classes, config)
     return Decision("auto", config.unfreeze, config.lr_mult,
                     "auto: features first, then further steps while the time budget allows, each kept only if it "
-                    "lowers the validation loss", table=advice)
+                    "lowers the calibrated validation loss by more than the noise", table=advice)
 
 
 def budget_seconds(config: TrainConfig, device: str) -> tuple[float | None, str]:
@@ -83,9 +101,28 @@ def budget_seconds(config: TrainConfig, device: str) -> tuple[float | None, str]
     if asked is not None:
         return asked, f"--time-budget {config.time_budget}"
     if config.time_budget.strip().lower() == "auto" and config.mode == "auto":
-        where = "cuda" if device == "cuda" else "cpu"
-        return DEFAULT_BUDGET[where], f"the default for mode auto on a {'GPU' if where == 'cuda' else 'CPU'}"
+        if device == "cuda":
+            return DEFAULT_BUDGET["cuda"], "the default for mode auto on a GPU"
+        return None, DERIVED  # once the data is measured: derived_budget
     return None, "no limit"
+
+
+def derives_budget(config: TrainConfig, device: str) -> bool:
+    """Whether mode auto sets its own budget from measurements (``derived_budget``): the default on a CPU."""
+    return config.mode == "auto" and config.time_budget.strip().lower() == "auto" and device != "cuda"
+
+
+def features_run_estimate(m: Measured, elapsed: float) -> float:
+    """Seconds a whole --mode features run would take here: what is spent already (scanning, checking, loading
+    the base, measuring), extraction of every split's missing views, the head searches, and the rest."""
+    return elapsed + m.misses / m.rate + FEATURES_RUN_PROBES * probe_estimate(m.n_train, m.num_features) \
+        + AFTER_SECONDS
+
+
+def derived_budget(m: Measured, elapsed: float) -> tuple[float, str]:
+    """The default budget of mode auto on a CPU, and how it was derived, in words."""
+    estimate = features_run_estimate(m, elapsed)
+    return BUDGET_FACTOR * estimate, f"{DERIVED}, ~{estimate:.0f} s"
 
 
 class Clock:
@@ -110,7 +147,7 @@ class Step:
     """One step of the plan, with its estimate before and its measurements after."""
 
     name: str
-    kind: str  # features | larger | finetune
+    kind: str  # features | top | larger | finetune
     estimate: float  # seconds
     status: str = "planned"  # planned | skipped | kept | discarded
     why: str = ""
@@ -139,6 +176,10 @@ class Measured:
     larger_cost: float = 0.0  # its extraction time per image relative to the chosen base
     larger_misses: int = 0
     larger_features: int = 0
+    top: tuple[float, float] | None = None  # seconds per training and validation sample of the top stage (None:
+    # the base has no known split)
+    top_extra: int = 0  # images x views whose top-stage input is not cached though their features are (a pass)
+    views: int = 2  # views a head trains on: the centre crop and its mirror image, or the centre alone
 
 
 def probe_estimate(n_train: int, num_features: int) -> float:
@@ -150,6 +191,13 @@ def finetune_epoch_estimate(m: Measured) -> float:
     return (m.n_train * FINETUNE_TRAIN_COST + m.n_val * FINETUNE_VAL_COST) / m.rate
 
 
+def top_epoch_estimate(m: Measured) -> float:
+    """Seconds of one epoch of fine-tuning the top stage on cached activations: every training image's views
+    forward and backward, the validation images forward (twice: the loss, and the logits that select)."""
+    train, val = m.top or (math.inf, math.inf)
+    return m.n_train * m.views * train + 2 * m.n_val * val
+
+
 def plan(m: Measured, clock: Clock, max_epochs: int, finetune: bool, small: int = 1000) -> list[Step]:
     """The steps of mode auto with their estimated times, each marked planned or skipped. Later steps are
     re-checked against the clock before they start, with the times measured by then."""
@@ -159,6 +207,11 @@ def plan(m: Measured, clock: Clock, max_epochs: int, finetune: bool, small: int 
         steps.append(Step(f"+ features of the larger base {m.larger}", "larger",
                           m.larger_misses * m.larger_cost / m.rate
                           + probe_estimate(m.n_train, m.num_features + m.larger_features)))
+    if finetune and m.top is not None:
+        epoch = top_epoch_estimate(m)
+        steps.append(Step(f"fine-tune the top stage on cached activations ({max_epochs} epochs at most, ~{epoch:.0f} "
+                          "s each)", "top", m.top_extra / m.rate + epoch * max_epochs,
+                          detail={"epoch_estimate_s": round(epoch, 1), "extract_s": round(m.top_extra / m.rate, 1)}))
     if finetune:
         epoch = finetune_epoch_estimate(m)
         steps.append(Step(f"fine-tune the top stage ({max_epochs} epochs at most, ~{epoch:.0f} s each)", "finetune",
@@ -177,7 +230,7 @@ def can_take(m: Measured, step: Step, left: float, spent: float, small: int) -> 
     """Whether ``step`` may run with ``left`` seconds to spend after ``spent`` seconds on the steps before it,
     and if not, why: when planning (with estimates) and again just before the step (with measured times)."""
     fits, why = affordable(step, left)
-    if fits and step.kind == "finetune":
+    if fits and step.kind in EPOCHS:
         fits, why = worth_finetuning(m, step, spent, small)
     return fits, why
 
@@ -186,14 +239,14 @@ def worth_finetuning(m: Measured, step: Step, spent: float, small: int) -> tuple
     """Whether fine-tuning can earn its time. It needs enough validation images to show a gain; and on small data
     (the table's features row), where it rarely beats a good head on features, it must also be cheap: two epochs
     costing no more than the features steps took (so on a GPU it is tried, on a CPU it is not)."""
+    anyway = "; --mode finetune trains it anyway" if step.kind == "finetune" else ""
     if m.n_val < MIN_FINETUNE_EVIDENCE:
         return False, (f"{m.n_val} validation images are too few to show whether fine-tuning helps (it needs "
-                       f"{MIN_FINETUNE_EVIDENCE}); --mode finetune trains it anyway")
+                       f"{MIN_FINETUNE_EVIDENCE}){anyway}")
     two_epochs = step.detail["epoch_estimate_s"] * MIN_FINETUNE_EPOCHS
     if m.n_train < small and two_epochs > spent:
         return False, (f"small data ({m.n_train} < {small} training images) and 2 epochs would cost ~{two_epochs:.0f} "
-                       f"s, more than the features steps (~{spent:.0f} s); --time-budget does not change this, "
-                       "--mode finetune trains it anyway")
+                       f"s, more than the features steps (~{spent:.0f} s); --time-budget does not change this{anyway}")
     return True, ""
 
 
@@ -204,10 +257,11 @@ def evaluation_reserve(m: Measured) -> float:
 
 def affordable(step: Step, left: float) -> tuple[bool, str]:
     """Whether ``step`` fits in ``left`` seconds: all of it, or for fine-tuning at least two epochs."""
-    need = step.estimate if step.kind != "finetune" else step.detail["epoch_estimate_s"] * MIN_FINETUNE_EPOCHS
+    need = step.estimate if step.kind not in EPOCHS else \
+        step.detail.get("extract_s", 0.0) + step.detail["epoch_estimate_s"] * MIN_FINETUNE_EPOCHS
     if need <= left:
         return True, ""
-    what = f"{MIN_FINETUNE_EPOCHS} epochs need" if step.kind == "finetune" else "needs"
+    what = f"{MIN_FINETUNE_EPOCHS} epochs need" if step.kind in EPOCHS else "needs"
     return False, f"over budget: {what} ~{need:.0f} s, {max(left, 0):.0f} s left"
 
 
@@ -215,8 +269,9 @@ def format_plan(steps: list[Step]) -> str:
     lines = []
     for i, s in enumerate(steps, 1):
         done = f", took {s.seconds:.1f} s" if s.seconds else ""
-        score = (f", val_loss {s.val_loss:.4f}, val_accuracy {s.val_accuracy:.4f}" if s.val_loss is not None
-                 else "")
+        score = (f", val_loss {s.val_loss:.4f} (calibrated {s.detail['val_loss_calibrated']:.4f}), val_accuracy "
+                 f"{s.val_accuracy:.4f}" if s.val_loss is not None and "val_loss_calibrated" in s.detail else
+                 f", val_loss {s.val_loss:.4f}, val_accuracy {s.val_accuracy:.4f}" if s.val_loss is not None else "")
         lines.append(f"  {i}. {s.name}: ~{s.estimate:.0f} s: {s.status}{done}{score}"
                      + (f" ({s.why})" if s.why else ""))
     return "\n".join(lines)
