@@ -82,6 +82,10 @@ def test_one_pass_caches_the_features_and_what_enters_the_top_stage(tmp_path: Pa
         np.testing.assert_allclose(a[0], lower(x)[0].numpy(), atol=2e-2, rtol=1e-2)
         np.testing.assert_allclose(a_flip[0], lower(x.flip(-1))[0].numpy(), atol=2e-2, rtol=1e-2)
     assert ex.features_views(paths, views=("center", "flip"), top=True)[0].extracted == 0  # all cached now
+    torn = next(ex.top_store(TINY["backbone"], "flip").dir.rglob("*.npy"))
+    torn.write_bytes(torn.read_bytes()[:100])  # a damaged entry is made again, not an error
+    assert ex.features_views(paths, views=("center", "flip"), top=True)[0].extracted == 1
+    assert ex.tops(paths, TINY["backbone"], ("center", "flip"))[0][1].any()
 
 
 def test_where_the_mirror_is_no_flip_of_the_centre_each_view_takes_its_own_pass(

@@ -184,7 +184,7 @@ def _extract(paths: Sequence[Path], forward: Callable, transform: Callable, dim:
             failed[Path(path)] = f"cannot read: {e.strerror or e}"
             continue
         feats = [cache.get(digest) if cache else None for cache in caches]
-        if any(f is None for f in feats) or not all(top.has(digest) for top in tops if top):
+        if any(f is None for f in feats) or any(top.get(digest) is None for top in tops if top):
             todo.setdefault(digest, []).append(row)
         else:
             for v in views:

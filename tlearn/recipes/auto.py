@@ -124,7 +124,11 @@ def _beats(step: Step, losses: np.ndarray, best: _Best) -> bool:
     change = losses - best.losses
     noise = float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else math.inf
     step.detail["change"], step.detail["noise"] = round(float(change.mean()), 4), round(noise, 4)
-    return float(change.mean()) + noise < 0
+    beats = float(change.mean()) + noise < 0
+    if not beats:
+        step.why = (f"calibrated val_loss {change.mean():+.4f} against the best so far, noise {noise:.4f}: not lower "
+                    "by more than the noise")
+    return beats
 
 
 def _auto_tune(job: Job, step: Step, first: Found, bar: float, m: Measured, left: float

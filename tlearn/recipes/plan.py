@@ -228,7 +228,10 @@ def plan(m: Measured, clock: Clock, max_epochs: int, finetune: bool, small: int 
 
 def can_take(m: Measured, step: Step, left: float, spent: float, small: int) -> tuple[bool, str]:
     """Whether ``step`` may run with ``left`` seconds to spend after ``spent`` seconds on the steps before it,
-    and if not, why: when planning (with estimates) and again just before the step (with measured times)."""
+    and if not, why: when planning (with estimates) and again just before the step (with measured times). What
+    the data rules out is said before what the clock does, so the reason does not depend on the machine's load."""
+    if step.kind in EPOCHS and m.n_val < MIN_FINETUNE_EVIDENCE:
+        return worth_finetuning(m, step, spent, small)
     fits, why = affordable(step, left)
     if fits and step.kind in EPOCHS:
         fits, why = worth_finetuning(m, step, spent, small)
