@@ -146,25 +146,24 @@ class Extractor:
         The cached features are the same either way. With ``top`` (one base, no process group), the same pass also
         caches what enters the base's top stage (``tops``)."""
         names = names or self.names()
-        if top:
-            (name,) = names
-            engine = self.top_engine(name)
-            feats = engine.extract_views(paths, views, [self.store(name, v) for v in views],
-                                         [self.top_store(name, v) for v in views], progress=self.verbose)
-            if feats[0].extracted or feats[0].failed:
-                _said(name, f" ({' and '.join(views)} view{'s' * (len(views) > 1)}, with the top stage's input)",
-                      len(paths), feats[0])
-            return feats
-        together = views == ("center", "flip") and not dist.active() and all(self.engine(n).mirrors() for n in names)
+        together = top or (views == ("center", "flip") and not dist.active()
+                           and all(self.engine(n).mirrors() for n in names))
         if not together:
             return [self.features(paths, names, view, announce=False) for view in views]
-        pairs = []
+        if top and len(names) != 1:
+            raise ValueError("the top stage's input is cached for one base at a time")
+        per_base = []
         for name in names:
-            pairs.append(self.engine(name).extract_mirrored(
-                paths, (self.store(name, "center"), self.store(name, "flip")), progress=self.verbose))
-            if pairs[-1][0].extracted or pairs[-1][0].failed:
-                _said(name, " (centre and mirror views, one decode each)", len(paths), pairs[-1][0])
-        return [_joined(list(parts)) for parts in zip(*pairs, strict=True)]
+            engine = self.top_engine(name) if top else self.engine(name)
+            feats = engine.extract_views(paths, views, [self.store(name, v) for v in views],
+                                         [self.top_store(name, v) for v in views] if top else None,
+                                         progress=self.verbose)
+            if feats[0].extracted or feats[0].failed:
+                what = (f" ({' and '.join(views)} view{'s' * (len(views) > 1)}, with the top stage's input)" if top
+                        else " (centre and mirror views, one decode each)")
+                _said(name, what, len(paths), feats[0])
+            per_base.append(feats)
+        return [_joined(list(parts)) for parts in zip(*per_base, strict=True)]
 
     def tops(self, paths: list[Path], name: str, views: tuple[str, ...]) -> tuple[list[np.ndarray], dict[Path, str]]:
         """What enters base ``name``'s top stage for each of ``paths`` in each of ``views``, float16 (N, C, H, W),

@@ -162,8 +162,9 @@ def extract_mirrored(paths: Sequence[Path], forward: Callable[[torch.Tensor], to
     the mirrored picture where the flip commutes with it (a crop resampled first and flipped after, as
     ``images.CropResize`` does). ``caches`` are the two views' caches; both views go through ``forward`` as one
     batch."""
-    centre, mirror = _extract(paths, forward, transform, dim, list(caches), [False, True], batch_size, lanes,
-                              progress, [None, None])
+    centre, mirror = extract_views(paths, forward, transform=transform, dim=dim, caches=list(caches),
+                                   flips=[False, True], tops=[None, None], batch_size=batch_size, lanes=lanes,
+                                   progress=progress)
     return centre, mirror
 
 

@@ -352,7 +352,7 @@ class Predictor:
         elif self.spec.kind == "head":
             both = extractor.features_views(paths, names, ("center", "flip"))
         else:
-            both = list(engines[0].extract_mirrored(paths, (None, None), progress=extractor.verbose))
+            both = engines[0].extract_views(paths, ("center", "flip"), [None, None], progress=extractor.verbose)
         for i, view in enumerate(views):
             if i < len(both):
                 out = both[i]

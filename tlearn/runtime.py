@@ -32,7 +32,7 @@ from torch import nn
 from tlearn import graph
 from tlearn.backbones import Backbone
 from tlearn.config import RuntimeConfig, TlearnError, TrainConfig
-from tlearn.features import FeatureCache, Features, cpu_cores, extract, extract_mirrored, extract_views
+from tlearn.features import FeatureCache, Features, cpu_cores, extract, extract_views
 from tlearn.fileio import onnx_export_path
 from tlearn.images import crop_resize_fits, eval_transform
 from tlearn.models import TopSplit, split_top
@@ -92,25 +92,17 @@ class Engine:
                            cache=cache, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
 
     def mirrors(self) -> bool:
-        """Whether the mirror view can be the centre view's tensor flipped (``extract_mirrored``): the preprocessing
-        resamples the crop first and flips after, so the two are the same pixels."""
+        """Whether the mirror view can be the centre view's tensor flipped (``features.extract_mirrored``): the
+        preprocessing resamples the crop first and flips after, so the two are the same pixels."""
         return crop_resize_fits(self.preprocessing)
 
-    def extract_mirrored(self, paths: Sequence[Path], caches: tuple[FeatureCache | None, FeatureCache | None],
-                         progress: bool = True) -> tuple[Features, Features]:
-        """The centre and mirror views' outputs for ``paths`` in one pass (``features.extract_mirrored``); only
-        where ``mirrors()``."""
-        if not self.mirrors():
-            raise ValueError("this preprocessing's mirror view is not the centre view flipped")
-        with self._threads():
-            return extract_mirrored(paths, self.forward, transform=eval_transform(self.preprocessing), dim=self.dim,
-                                    caches=caches, batch_size=self.batch_size, lanes=self.lanes, progress=progress)
-
     def extract_views(self, paths: Sequence[Path], views: tuple[str, ...], caches: list[FeatureCache | None],
-                      tops: list[FeatureCache], progress: bool = True) -> list[Features]:
-        """``views`` of a ``top_engine``, whose forward also gives the top stage's input: features into ``caches``
-        and the returned ``Features``, activations into ``tops`` (one each per view). The centre and mirror views
-        are one pass where ``mirrors()``; else a pass a view."""
+                      tops: list[FeatureCache | None] | None = None, progress: bool = True) -> list[Features]:
+        """Outputs for ``paths`` in each of ``views``, into ``caches`` (one per view, or None). The centre and mirror
+        views are one pass where ``mirrors()`` (each image decoded once, its mirror the tensor flipped); else a pass
+        a view. With ``tops`` (one per view), this is a ``top_engine``, whose forward also gives the top stage's
+        input, and those go to ``tops``."""
+        tops = tops or [None] * len(views)
         with self._threads():
             if views == ("center", "flip") and self.mirrors():
                 return extract_views(paths, self.forward, transform=eval_transform(self.preprocessing), dim=self.dim,
