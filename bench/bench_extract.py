@@ -1,12 +1,15 @@
 """JPEG files → pooled features: the tutorial-style pipeline against tlearn's, side by side on the same folder.
 
 Usage: python bench/bench_extract.py [--data DIR ...] [--backbone efficientnet_lite0] [--rows torch-fp32,onnx-fp32]
+                                    [--random-weights]
 
 Each row runs in its own subprocess with an empty cache folder, so its peak RSS is its own. img/s and wall time
 cover the extraction of every image; the one-time setup (the ONNX export and its check, cached per machine and
 weights, or the int8 calibration) is timed apart. Accuracy: scikit-learn's
 logistic regression fitted on the row's train-split features, scored on its validation/test split, so a faster
-path that changed the features for the worse would show here. Prints a Markdown table.
+path that changed the features for the worse would show here (not with ``--random-weights``, which times a base
+whose pretrained weights are not on this machine: the speed is the same, the accuracy means nothing and is left
+out). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def int8_path(paths: list[Path], bb, calibration: list[Path]) -> Callable[[], np
     return lambda: engine.extract(paths, progress=False).X
 
 
-def run_row(row: str, data: Path, backbone: str, out: Path) -> None:
+def run_row(row: str, data: Path, backbone: str, out: Path, pretrained: bool) -> None:
     """Child process: extract every image of the split, write features and timing to ``out``."""
     from tlearn.backbones import load_backbone
     from tlearn.config import BackboneConfig, DataConfig
@@ -106,7 +109,7 @@ def run_row(row: str, data: Path, backbone: str, out: Path) -> None:
 
     folder = scan(DataConfig(path=str(data)))
     paths = [s.path for s in folder.samples]
-    bb = load_backbone(BackboneConfig(backbone=backbone))
+    bb = load_backbone(BackboneConfig(backbone=backbone, pretrained=pretrained))
     start = time.perf_counter()
     if row == "onnx-int8":
         train = [s.path for s in folder.samples if s.split == "train"]
@@ -141,11 +144,12 @@ def main() -> None:
                         default=[shared / "oxford17_flowers", shared / "hymenoptera"])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    parser.add_argument("--random-weights", action="store_true", help="time a base without its pretrained weights")
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
-        run_row(args.row, args.data[0], args.backbone, args.out)
+        run_row(args.row, args.data[0], args.backbone, args.out, not args.random_weights)
         return
     import tempfile
 
@@ -164,16 +168,18 @@ def main() -> None:
                 out = Path(tmp) / f"{row}.json"
                 env = {**os.environ, "TLEARN_CACHE_DIR": str(Path(tmp) / row)}  # ONNX export included, no cache
                 proc = subprocess.Popen([sys.executable, __file__, "--row", row, "--data", str(data),
-                                         "--backbone", args.backbone, "--out", str(out)], env=env)
+                                         "--backbone", args.backbone, "--out", str(out)]
+                                        + ["--random-weights"] * args.random_weights, env=env)
                 _, status, usage = os.wait4(proc.pid, 0)
                 if os.waitstatus_to_exitcode(status) != 0:
                     raise SystemExit(f"row {row} failed on {data}")
                 info = json.loads(out.read_text())
                 split, acc = accuracy(np.load(out.with_suffix(".npy")), info["labels"], info["splits"])
+                scored = "- (random weights)" if args.random_weights else f"{acc:.4f} ({split})"
                 rates[row] = info["n"] / info["seconds"]
                 print(f"| {ROWS[row]} | {rates[row]:.1f} | {rates[row] / rates['tutorial']:.2f}x | "
                       f"{info['seconds']:.1f} | {info['setup']:.1f} | {usage.ru_maxrss / 1024:.0f} | "
-                      f"{acc:.4f} ({split}) |", flush=True)
+                      f"{scored} |", flush=True)
 
 
 if __name__ == "__main__":

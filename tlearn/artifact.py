@@ -74,8 +74,6 @@ class ModelSpec:
 
     def build(self) -> nn.Module:
         """The untrained module whose state_dict ``model.safetensors`` holds."""
-        import timm
-
         from tlearn.models import SCRATCH, Classifier, make_head
 
         if self.kind == "scratch":
@@ -85,9 +83,9 @@ class ModelSpec:
         head = make_head(self.num_features, len(self.classes), self.hidden, self.dropout)
         if self.kind == "head":
             return head
-        if not timm.is_model(self.arch):
-            raise TlearnError(f"unknown architecture {self.arch!r}: not a timm model of this timm version")
-        return Classifier(timm.create_model(self.arch, pretrained=False), head)
+        from tlearn.backbones import create_network
+
+        return Classifier(create_network(self.arch), head)
 
 
 def save_model(run_dir: Path, spec: ModelSpec, model: nn.Module, extra: dict[str, Any],

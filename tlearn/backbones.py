@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tlearn import tvbases
 from tlearn.config import BackboneConfig, TlearnError
 from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, identity_key, safe_name
 
@@ -44,6 +45,7 @@ class BackboneEntry:
     about: str
     package: str | None = None
     cost: float = 0.0  # extraction time per image relative to Lite0, measured on a CPU (0: not measured)
+    source: str = "timm"  # timm, or torchvision (``tvbases``: SqueezeNet 1.1 and AlexNet, which timm lacks)
 
 
 REGISTRY: dict[str, BackboneEntry] = {
@@ -62,6 +64,12 @@ REGISTRY: dict[str, BackboneEntry] = {
         BackboneEntry("convnext_tiny", "convnext_tiny", "ConvNeXt-Tiny, 28.6M params"),
         BackboneEntry("vgg16", "vgg16.tv_in1k", "VGG16, the classic Keras tutorials' base, 138M params"),
         BackboneEntry("inception_v3", "inception_v3.tv_in1k", "InceptionV3, 299 px, from the Keras tutorials"),
+        BackboneEntry("squeezenet1_1", "torchvision/squeezenet1_1",
+                      "SqueezeNet 1.1 from torchvision, 1.2M params: the small base of the classic write-ups",
+                      source="torchvision"),
+        BackboneEntry("alexnet", "torchvision/alexnet",
+                      "AlexNet from torchvision, pretrained (fc7 features); --model alexnet is the scratch one",
+                      source="torchvision"),
     ]
 }
 
@@ -107,6 +115,8 @@ def preprocessing_of(name: str) -> dict[str, Any]:
     import timm
     import timm.data
 
+    if entry(name).source == "torchvision":
+        return _plain(dict(tvbases.PREPROCESSING))
     cfg = timm.get_pretrained_cfg(entry(name).arch)
     return _plain(timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg else {}))
 
@@ -177,11 +187,9 @@ def load_backbone(config: BackboneConfig, cache_dir: str | Path | None = None) -
         source, wid = "random", "random-seed0"
 
         def build() -> nn.Module:
-            import timm
-
             with torch.random.fork_rng(devices=[]):  # the same weights, whenever it is built, and the
                 torch.manual_seed(0)  # caller's random state untouched
-                return timm.create_model(e.arch, pretrained=False)
+                return create_network(e.arch)
     elif (packaged := packaged_weights_file(e)) is not None:
         version = importlib.metadata.version(e.package.replace("_", "-"))
         source, wid = f"package {e.package.replace('_', '-')}=={version}", f"sha256:{file_sha256(packaged)}"
@@ -271,7 +279,8 @@ def _weights_file(path: Path) -> Path:
 
 def _from_file(e: BackboneEntry, path: Path) -> nn.Module:
     try:
-        model = _create_pretrained(e.arch, overlay={"file": str(path)})
+        model = tvbases.create(e.arch, file=path) if e.source == "torchvision" else \
+            _create_pretrained(e.arch, overlay={"file": str(path)})
     except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, OSError) as err:
         if isinstance(err, pickle.UnpicklingError) or isinstance(err.__cause__, pickle.UnpicklingError):
             # the weights_only loader refused an object that is not a tensor (timm re-raises it as RuntimeError)
@@ -283,6 +292,8 @@ def _from_file(e: BackboneEntry, path: Path) -> nn.Module:
 
 
 def _from_hub(e: BackboneEntry) -> tuple[nn.Module, str, str]:
+    if e.source == "torchvision":
+        return _from_torchvision(e)
     try:
         model = _create_pretrained(e.arch)
     except Exception as err:
@@ -293,6 +304,33 @@ def _from_hub(e: BackboneEntry) -> tuple[nn.Module, str, str]:
             f"{', '.join(offline) or 'none installed'}; --no-pretrained trains from random weights") from err
     cfg = model.pretrained_cfg
     return model, f"hub {cfg.get('hf_hub_id') or cfg.get('url')}", f"hub:{cfg.get('hf_hub_id') or e.arch}"
+
+
+def _from_torchvision(e: BackboneEntry) -> tuple[nn.Module, str, str]:
+    """torchvision's ImageNet weights through its weight enum: downloaded once into torch's hub cache (offline, a
+    file already there is used), identified by the file's SHA-256."""
+    url = tvbases.weights_url(e.arch)
+    where = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        model = tvbases.create(e.arch, pretrained=True)
+    except Exception as err:
+        raise TlearnError(
+            f"could not get torchvision's ImageNet weights for {e.name} from {url} ({type(err).__name__}). Offline, "
+            f"pass torchvision's state-dict file with --weights FILE, or put it in {where}; --no-pretrained trains "
+            "from random weights") from err
+    cached = where / Path(url).name
+    return model, f"torchvision {url}", f"sha256:{file_sha256(cached)}"
+
+
+def create_network(arch: str) -> nn.Module:
+    """A registered or timm architecture with random weights (how a saved fine-tuned model is rebuilt)."""
+    if tvbases.is_arch(arch):
+        return tvbases.create(arch)
+    import timm
+
+    if not timm.is_model(arch):
+        raise TlearnError(f"unknown architecture {arch!r}: not a timm model of this timm version")
+    return timm.create_model(arch, pretrained=False)
 
 
 def _create_pretrained(arch: str, overlay: dict[str, Any] | None = None) -> nn.Module:
@@ -308,5 +346,6 @@ def describe() -> list[dict[str, Any]]:
     for e in REGISTRY.values():
         rows.append({"name": e.name, "timm": e.arch, "input": preprocessing_of(e.name)["input_size"][-1],
                      "offline": packaged_weights_file(e) is not None,
-                     "weights": f"package {e.package.replace('_', '-')}" if e.package else "hub", "about": e.about})
+                     "weights": f"package {e.package.replace('_', '-')}" if e.package else
+                     "torchvision" if e.source == "torchvision" else "hub", "about": e.about})
     return rows

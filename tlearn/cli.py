@@ -290,7 +290,7 @@ def backbones(args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=2))
         return
     print(report.table([[r["name"], r["timm"], r["input"], "yes" if r["offline"] else "no", r["weights"], r["about"]]
-                        for r in rows], ["backbone", "timm architecture", "input", "offline", "weights", "about"]))
+                        for r in rows], ["backbone", "architecture", "input", "offline", "weights", "about"]))
     print("\nAny other timm model name also works, with hub weights (online) or --weights FILE.")
 
 

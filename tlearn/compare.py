@@ -1,7 +1,8 @@
 """Compare several models on one dataset and one split: a table (CSV and Markdown) and a bar chart.
 
 A model is named as ``small-cnn``, ``alexnet`` or ``logreg-pixels`` (from scratch), or ``BACKBONE:MODE`` with a
-mode of auto, features, frozen or finetune (e.g. ``efficientnet_lite0:finetune``). Every model trains on the split
+mode of auto, features, frozen or finetune (e.g. ``efficientnet_lite0:finetune``; ``alexnet:features`` is the
+ImageNet-pretrained AlexNet, plain ``alexnet`` the one from scratch). Every model trains on the split
 the first one made, and the backbone modes share the feature cache.
 """
 

@@ -54,7 +54,9 @@ class BackboneConfig:
     """Which pretrained convolutional base to use and where its weights come from."""
 
     backbone: str = _f("efficientnet_lite0", "registered backbone (see `tlearn backbones`) or any timm model name; "
-                       "'A+B' concatenates the features of several (modes features and auto)")
+                       "'A+B' concatenates the features of several (modes features and auto); 'alexnet' and "
+                       "'squeezenet1_1' are torchvision's ImageNet-pretrained bases (--model alexnet is the "
+                       "one trained from scratch)")
     weights: str | None = _f(None, "local weights file (.safetensors, .pth or .bin) for the backbone's architecture")
     pretrained: bool = _f(True, "start from pretrained weights; --no-pretrained uses random weights on purpose")
 
@@ -93,7 +95,8 @@ class TrainConfig:
                    "'finetune' (then unfreeze the top stages), 'scratch' (--model from random weights), or 'auto' "
                    "(features first, then a larger base, fine-tuning on cached activations and fine-tuning while "
                    "--time-budget allows, each kept only if the calibrated validation loss improves)")
-    model: str = _f("small-cnn", "architecture for --mode scratch: small-cnn, alexnet or logreg-pixels")
+    model: str = _f("small-cnn", "architecture for --mode scratch: small-cnn, alexnet or logreg-pixels (random "
+                    "weights; the pretrained AlexNet is --backbone alexnet)")
     head: str = _f("auto", "head on features: 'logreg' (multinomial logistic regression, its C chosen by "
                    "cross-validation), 'dense' (Dropout + Linear, optional hidden layer), or 'auto' (whichever "
                    "does better on validation, with and without mirrored images)")

@@ -101,7 +101,8 @@ def _training(p: argparse.ArgumentParser, compare: bool = False) -> None:
     add_fields(p, DataConfig)
     if compare:
         p.add_argument("--models", required=True, help="comma-separated models: small-cnn, alexnet, "
-                       "logreg-pixels, or BACKBONE:MODE with MODE auto, features, frozen or finetune")
+                       "logreg-pixels (from scratch), or BACKBONE:MODE with MODE auto, features, frozen or finetune "
+                       "(alexnet:features is the pretrained AlexNet)")
     add_fields(p, BackboneConfig)
     add_fields(p, TrainConfig, skip=("seed",))
     add_fields(p, AugmentConfig)
