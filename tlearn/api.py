@@ -34,12 +34,11 @@ from tlearn.config import (
     TrainConfig,
     check_names,
     check_parallel,
-    from_dict,
     route_options,
-    to_dict,
     validate,
 )
-from tlearn.data import ImageFolder, expand_inputs, recorded_split, scan, scan_labelled, write_manifest
+from tlearn.configio import from_dict, to_dict
+from tlearn.data import ImageFolder, data_root, expand_inputs, recorded_split, scan, scan_labelled, write_manifest
 from tlearn.evaluate import PathsOutputs, Scored, against_others, assess, metrics_of, score, top_classes
 from tlearn.extractor import Extractor, load_run
 from tlearn.labels import run_mislabels
@@ -127,7 +126,7 @@ class ImageClassifier:
         self._join_processes()
         created, writes = out is not None and not Path(out).exists(), out is not None and dist.is_main()
         if writes:  # before any work, and before any write
-            claim_out(out, self.data_config.path, overwrite=self.output.overwrite)
+            claim_out(out, data_root(self.data_config), overwrite=self.output.overwrite)
         start = time.perf_counter()
         folder, self.findings, self.decision = _prepare(self.data_config, self.train_config,
                                                         self.extractor.run.device.type)
@@ -198,16 +197,23 @@ class ImageClassifier:
         self._require_fitted()
         return Predictor.of(self.spec, self.model, self.extractor, novelty=self.novelty)
 
-    def evaluate(self, data: str | Path | None = None, tta: bool = False, unknown: str | Path | None = None
-                 ) -> dict[str, Any]:
-        """Metrics on ``data`` (a folder of class sub-folders, or a split folder's test/). With no argument: the
+    def evaluate(self, data: str | Path | DataConfig | None = None, tta: bool = False,
+                 unknown: str | Path | None = None, **data_options: Any) -> dict[str, Any]:
+        """Metrics on ``data`` (a folder of class sub-folders, a split folder's test/, or a label file read as
+        ``data_options``, :class:`DataConfig`'s fields, say). With no argument: the
         test split of the fitted data, or of a loaded run's recorded split (validation when there is no test).
         ``tta`` averages the logits of six test-time views (centre, mirrored, four corners). ``unknown``, a folder
         of images of none of the classes, adds how well the novelty score tells them apart (AUROC) and the share
         of each called unknown."""
         outputs_of = self.predictor().paths_outputs  # fitted?
         if data is not None:
-            samples, split = scan_labelled(data, self.classes).samples, str(data)
+            given = [data] if isinstance(data, DataConfig) else []
+            (config,) = route_options((DataConfig,), {**({} if given else {"path": str(data)}), **data_options}, given)
+            validate(config)
+            labelled = scan_labelled(config, self.classes)
+            for s in labelled.skipped:
+                log.warning(f"skipped {s.path}: {s.reason}")
+            samples, split = labelled.samples, config.label_file or config.path
         else:  # the fitted data, or a loaded run's recorded split
             folder = self.data or recorded_split(self.run_dir, self.run_config)
             split = "test" if folder.split("test") else "validation"
@@ -299,6 +305,10 @@ def _prepare(data: DataConfig, train: TrainConfig, device: str) -> tuple[ImageFo
     log: the blocking duplicates, the class counts per split, the mode and the budget."""
     budget, budget_why = budget_seconds(train, device)
     folder = scan(data)
+    if folder.multi_label:
+        raise TlearnError(f"{data.label_file or data.path}: several labels an image ({folder.layout}); training on "
+                          "them is not available in this version of tlearn (`tlearn check` and `tlearn split` read "
+                          "such files). Pass --no-multi-label if each cell is one class")
     findings = quick_check(folder)
     decision = dataclasses.replace(choose(len(folder.split("train")), len(folder.classes), train), budget=budget)
     for f in findings:

@@ -27,9 +27,9 @@ from tlearn.config import (
     Decision,
     TlearnError,
     TrainConfig,
-    from_dict,
     type_problem,
 )
+from tlearn.configio import from_dict
 from tlearn.fileio import atomic_path, atomic_write_text, require_regular
 from tlearn.images import RESAMPLE, VIEWS
 

@@ -9,6 +9,7 @@ exact duplicates (content hash) and near duplicates (a 64-bit difference hash), 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import os
@@ -21,18 +22,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tlearn import labelfile
 from tlearn.config import DataConfig, TlearnError
 from tlearn.data import ImageFolder, Skipped, list_images, scan
 from tlearn.fileio import file_sha256, special_kind
 from tlearn.images import decode, open_image
+from tlearn.samples import missing_labels
 
 GROUPED = 5  # findings of one kind past which the details show them as one line with examples
 LOW_COLOURS = 64  # in a 64x64 thumbnail, a photo has hundreds to thousands of distinct colours
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
            ".tif": "TIFF", ".tiff": "TIFF"}
 ERROR, WARNING, INFO = "error", "warning", "info"
-BLOCKING = {"undecodable", "truncated", "empty", "unreadable", "bomb", "broken-link", "link-loop", "special-file",
-            "leakage", "conflicting-labels", "dataset"}
+BLOCKING = {"bad-row", "undecodable", "truncated", "empty", "unreadable", "bomb", "broken-link", "link-loop",
+            "special-file", "leakage", "conflicting-labels", "dataset"}
 
 
 @dataclass
@@ -194,19 +197,28 @@ def check(config: DataConfig, min_size: int = 0, near_threshold: int = 4, progre
     """
     from tqdm import tqdm
 
-    root = Path(config.path).expanduser().resolve()
-    if not root.is_dir():
-        raise TlearnError(f"data folder {config.path} does not exist or is not a folder")
-    report = Report(root)
-    paths, report.findings = _walk(root)
-    report.files = len(paths) + len(report.findings)  # candidate images + the entries the walk set aside
+    if config.label_file or labelfile.is_label_file(config.path):  # the files its rows name, and its bad rows
+        table = labelfile.read(config)
+        report = Report(table.base)
+        paths = list(dict.fromkeys(r.path for r in table.rows))
+        report.findings = [Finding("bad-row", ERROR, str(p.path or table.file),
+                                   f"line {p.line} of {table.file.name}: {p.reason}") for p in table.problems]
+        config = dataclasses.replace(config, skip_bad_rows=True)  # the split below, of the rows read here
+    else:
+        root = Path(config.path).expanduser().resolve()
+        if not root.is_dir():
+            raise TlearnError(f"data folder {config.path} does not exist or is not a folder")
+        report = Report(root)
+        paths, report.findings = _walk(root)
+    report.files = len(paths) + len(report.findings)  # candidate images + the entries set aside
     label: dict[Path, tuple[str, str]] = {}  # path -> (class, split)
     try:
         data = scan(config)
         report.layout, report.classes, report.counts = data.layout, data.classes, data.counts()
-        label = {s.path: (data.classes[s.label], s.split) for s in data.samples}
+        label = labelled_as(data)
+        report.findings += [Finding("label-split", WARNING, name, line) for name, line in missing_labels(data)]
     except TlearnError as e:
-        report.findings.append(Finding("dataset", ERROR, str(root), str(e)))
+        report.findings.append(Finding("dataset", ERROR, str(report.root), str(e)))
     infos = []
     for p in tqdm(paths, unit="file", desc="checking", leave=False, disable=not progress or None):
         found, info = inspect_file(p, min_size)
@@ -221,7 +233,7 @@ def check(config: DataConfig, min_size: int = 0, near_threshold: int = 4, progre
 def quick_check(data: ImageFolder) -> list[Finding]:
     """The checks `tlearn train` runs on its split: exact duplicates by content hash, within a class, across
     classes (conflicting labels) and across splits (leakage). Undecodable files are found by training itself."""
-    label = {s.path: (data.classes[s.label], s.split) for s in data.samples}
+    label = labelled_as(data)
     infos = []
     for path in label:
         try:
@@ -229,6 +241,11 @@ def quick_check(data: ImageFolder) -> list[Finding]:
         except OSError:
             pass  # unreadable: reported when the file is decoded
     return _duplicates(infos, label, threshold=-1)
+
+
+def labelled_as(data: ImageFolder) -> dict[Path, tuple[str, str]]:
+    """``{path: (its label(s), its split)}``; several labels are joined with ';'."""
+    return {s.path: (";".join(data.classes[k] for k in s.targets), s.split) for s in data.samples}
 
 
 def _duplicates(infos: list[FileInfo], label: dict[Path, tuple[str, str]], threshold: int) -> list[Finding]:

@@ -15,7 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tlearn.config import AugmentConfig, BackboneConfig, TlearnError, TrainConfig, from_dict, validate
+from tlearn.config import AugmentConfig, BackboneConfig, TlearnError, TrainConfig, validate
+from tlearn.configio import from_dict
 from tlearn.fileio import atomic_path, require_regular
 from tlearn.train import History
 

@@ -4,6 +4,7 @@ fields (``flags.py``); each verb builds its configs from them and hands them to 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -157,9 +158,10 @@ def evaluate(args: argparse.Namespace) -> None:
 
     inference, runtime = _inference(args)
     clf = ImageClassifier.load(args.run, verbose=not inference.json, configs=(inference, runtime))
-    metrics = clf.evaluate(args.data, unknown=args.unknown_folder)
+    data = args.data and dataclasses.replace(config(DataConfig, args), path=args.data)
+    metrics = clf.evaluate(data, unknown=args.unknown_folder)
     if args.tta:  # both, so the difference shows
-        plain, metrics = metrics, clf.evaluate(args.data, tta=True, unknown=args.unknown_folder)
+        plain, metrics = metrics, clf.evaluate(data, tta=True, unknown=args.unknown_folder)
         metrics["without_tta"] = {"accuracy": plain["accuracy"], "loss": plain["loss"]}
     if inference.json:
         print(json.dumps(metrics, indent=2))
@@ -251,7 +253,8 @@ def export(args: argparse.Namespace) -> None:
     from tlearn.export import export as run_export
     from tlearn.export import summary
 
-    result = run_export(args.run, args.out, int8=args.int8, data=args.data, overwrite=args.overwrite,
+    data = args.data and dataclasses.replace(config(DataConfig, args), path=args.data)
+    result = run_export(args.run, args.out, int8=args.int8, data=data, overwrite=args.overwrite,
                         weights=args.weights, cache_dir=args.cache_dir)
     print(summary(result))
 
@@ -271,7 +274,8 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def split(args: argparse.Namespace) -> None:
-    """Copy (hard-link) a folder of class sub-folders into DEST/train, DEST/validation and DEST/test."""
+    """Copy (hard-link) a folder of class sub-folders, or a label file's images, into DEST/train, DEST/validation
+    and DEST/test; or write the split as a label file with a split column (DEST ending in .csv)."""
     from tlearn.data import materialise_split
 
     data = config(DataConfig, args)
@@ -311,7 +315,9 @@ def _inference(args: argparse.Namespace) -> tuple[InferenceConfig, RuntimeConfig
 
 
 def _default_out(data: DataConfig, kind: str = "") -> str:
-    name = Path(data.path).resolve().name
+    from tlearn.data import data_name
+
+    name = data_name(data)
     return f"runs/{name}{'-' + kind if kind else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from tlearn import plots
 from tlearn.config import DataConfig, OutputConfig, TlearnError
+from tlearn.data import data_root
 from tlearn.fileio import atomic_write_csv, atomic_write_text, read_csv_rows, safe_name
 from tlearn.htmlreport import CSS, html_table, png_tag
 from tlearn.models import SCRATCH
@@ -51,7 +52,7 @@ def compare(data: DataConfig, models: str, out: Path, configs: Sequence[Any]) ->
     from tlearn.run import claim_out
 
     output = next((c for c in configs if isinstance(c, OutputConfig)), OutputConfig())
-    claim_out(out, data.path, overwrite=output.overwrite, kind="compare")
+    claim_out(out, data_root(data), overwrite=output.overwrite, kind="compare")
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
     manifest = data.split_manifest

@@ -28,17 +28,27 @@ def _f(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - "help" rea
 class DataConfig:
     """Where the images are and how they are split into train, validation and test."""
 
-    path: str = _f("", "image folder: one sub-folder per class, or train/ + validation/ (or val/) [+ test/]",
-                   positional=True)
+    path: str = _f("", "image folder: one sub-folder per class, or train/ + validation/ (or val/) [+ test/]; or a "
+                   "label file (.csv, .tsv or .jsonl: an image path and its label(s) per row)", positional=True)
     val: float = _f(0.15, "fraction of each class held out for validation when the folder is not split")
     test: float = _f(0.15, "fraction of each class held out for testing when the folder is not split (0 for none)")
     seed: int = _f(0, "seed of the stratified split (for `tlearn train`, also of initialisation and shuffling)")
     split_manifest: str | None = _f(None, "reuse the split in this CSV manifest (path,class,split) from an earlier run")
+    label_file: str | None = _f(None, "a label file (.csv, .tsv or .jsonl), as DATA may be")
+    images: str | None = _f(None, "folder the label file's relative paths start from (default: the file's folder)")
+    path_column: str | None = _f(None, "the label file's path column (default: path, file, filename, image, id...)")
+    label_column: str | None = _f(None, "the label file's label column (default: label, labels, class, tags...)")
+    multi_label: bool | None = _f(None, "several labels an image (default: detected from the label file)")
+    label_delimiter: str | None = _f(None, "what joins several labels in one cell (default: ';' or '|')")
+    skip_bad_rows: bool = _f(False, "leave out the label file's bad rows (listed in skipped.csv) instead of stopping")
 
     def problems(self) -> list[str]:
         out = []
-        if not self.path:
-            out.append("DATA is required: the folder that holds one sub-folder per class")
+        if not self.path and not self.label_file:
+            out.append("DATA is required: the folder that holds one sub-folder per class, or a label file")
+        if self.path and self.label_file:
+            out.append(f"give the label file once: as DATA or as --label-file. Received: {self.path} and "
+                       f"--label-file {self.label_file}")
         if not 0 < self.val < 1:
             out.append(f"--val must be between 0 and 1. Received: val={self.val}")
         if not 0 <= self.test < 1:
@@ -396,10 +406,6 @@ def _refuse(problems: list[str]) -> None:
         raise TlearnError("invalid arguments:\n  - " + "\n  - ".join(problems))
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
 MAX_TEXT = 10_000  # characters in one string value of a saved config
 
 
@@ -423,22 +429,3 @@ def type_problem(value: Any, annotation: str) -> str | None:
             return None  # a nested config: a JSON object, or the config itself
     shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
     return f"must be {annotation.replace('|', 'or')}, not {type(value).__name__} {shown}"
-
-
-def from_dict(cls: type, values: Any, where: str) -> Any:
-    """Build config ``cls`` from a dict read from ``where``: unknown keys and values of the wrong type are
-    errors that name the key and the file; missing keys take their defaults."""
-    if not isinstance(values, dict):
-        raise TlearnError(f"{where}: the {cls.__name__} section must be a JSON object, not {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise TlearnError(f"{where}: unknown {cls.__name__} keys {unknown[:5]}; was it written by a newer tlearn?")
-    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    problems = [f"{name!r} is missing" for name in missing]
-    problems += [f"{name!r} {why}" for name, v in values.items()
-                 if (why := type_problem(v, str(fields[name].type)))]
-    if problems:
-        raise TlearnError(f"{where}: in {cls.__name__}, " + "; ".join(problems[:5]))
-    return cls(**values)

@@ -1,81 +1,32 @@
-"""Folder of images → labelled samples in train / validation / test.
+"""Folder of images, or a label file → labelled samples in train / validation / test.
 
-Two layouts are understood:
+Three layouts are understood:
 - class folders: ``DATA/<class>/...``; tlearn makes a stratified, seeded split and writes it as a manifest;
 - split folders: ``DATA/train/<class>/``, ``DATA/validation/`` or ``DATA/val/``, and optionally ``DATA/test/``.
   When there is no validation folder, ``val`` of each class in ``train/`` is held out for validation.
+- a label file (``labelfile.py``): split as class folders are, by the same seeded order of the paths relative to
+  its base, so a CSV and the same photos in class folders get the same split; its split column, where it has
+  one, is honoured as split folders are.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import errno
-import hashlib
+import json
 import os
 import shutil
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from tlearn import labelfile
 from tlearn.config import DataConfig, TlearnError
 from tlearn.fileio import atomic_write_csv, csv_text, open_regular, special_kind
+from tlearn.labelfile import IMAGE_EXTENSIONS
+from tlearn.samples import SPLITS, ImageFolder, Sample, Skipped, check_nonempty, relative, split_classes
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SYSTEM_FILES = {"Thumbs.db", "desktop.ini"}  # besides hidden (dot) files such as .DS_Store
-SPLITS = ("train", "validation", "test")
 _SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: Path  # absolute
-    label: int
-    split: str
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A file left out, with the reason shown to the user and a short ``kind`` (e.g. 'hidden', 'link-loop')."""
-
-    path: Path
-    reason: str
-    kind: str = "undecodable"
-
-
-@dataclass
-class ImageFolder:
-    """A scanned image folder: sorted class names, labelled samples and the files left out, with reasons."""
-
-    root: Path
-    classes: list[str]
-    samples: list[Sample]
-    skipped: list[Skipped] = field(default_factory=list)
-    layout: str = "class folders"
-
-    def split(self, name: str) -> list[Sample]:
-        return [s for s in self.samples if s.split == name]
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """``{split: {class: n}}`` for the splits that have samples."""
-        out: dict[str, dict[str, int]] = {}
-        for split in SPLITS:
-            c = Counter(self.classes[s.label] for s in self.samples if s.split == split)
-            if c:
-                out[split] = {name: c.get(name, 0) for name in self.classes}
-        return out
-
-    def without(self, bad: dict[Path, str]) -> ImageFolder:
-        """This folder without the samples whose files could not be decoded, which join ``skipped`` with the
-        reason (a new value: this one is left as it is)."""
-        if not bad:
-            return self
-        present = {s.path for s in self.samples}
-        data = dataclasses.replace(self, samples=[s for s in self.samples if s.path not in bad],
-                                   skipped=[*self.skipped, *(Skipped(p, r) for p, r in bad.items() if p in present)])
-        _check_nonempty(data)
-        return data
 
 
 # --- scanning -----------------------------------------------------------------------------------------
@@ -144,19 +95,22 @@ def scan(config: DataConfig) -> ImageFolder:
     >>> data.classes, len(data.split("train"))              # doctest: +SKIP
     (['ants', 'bees'], 56)
     """
-    root = Path(config.path).expanduser().resolve()
+    from_file = config.label_file or labelfile.is_label_file(config.path)
+    root = data_root(config).resolve()
     if not root.is_dir():
-        raise TlearnError(f"data folder {config.path} does not exist or is not a folder")
+        raise TlearnError(f"data folder {root if from_file else config.path} does not exist or is not a folder")
     if config.split_manifest:
         data = read_manifest(Path(config.split_manifest), root)
+    elif from_file:
+        data = labelfile.scan(config)
     elif split_dirs := _find_split_dirs(root):
         data = _scan_split_folders(root, split_dirs, config)
     else:
         skipped: list[Skipped] = []
         by_class = _class_folders(root, skipped)
         _check_classes(root, by_class)
-        data = _split_classes(root, by_class, config, skipped)
-    _check_nonempty(data)
+        data = split_classes(root, by_class, config, skipped)
+    check_nonempty(data)
     return data
 
 
@@ -190,7 +144,7 @@ def _scan_split_folders(root: Path, split_dirs: dict[str, Path], config: DataCon
         if entry not in split_dirs.values() and not entry.name.startswith("."):
             skipped.append(Skipped(entry, "not a train/, validation/ (or val/) or test/ folder", "outside-classes"))
     if "validation" not in listed:  # e.g. train/ + test/: hold out part of train/ for validation
-        data = _split_classes(root, train, DataConfig(path=str(root), val=config.val, test=0, seed=config.seed),
+        data = split_classes(root, train, DataConfig(path=str(root), val=config.val, test=0, seed=config.seed),
                               skipped)
         data.layout = f"split folders (validation held out from {split_dirs['train'].name}/)"
     else:
@@ -202,51 +156,14 @@ def _scan_split_folders(root: Path, split_dirs: dict[str, Path], config: DataCon
     return data
 
 
-def _split_classes(root: Path, by_class: dict[str, list[Path]], config: DataConfig,
-                   skipped: list[Skipped]) -> ImageFolder:
-    """Stratified, seeded split of each class.
-
-    Written here rather than with scikit-learn's ``train_test_split`` because every class must land in every
-    split (sklearn does not guarantee it for small classes), the error must name the class, and an image's split
-    should not change when other images are added: each class is ordered by a seeded hash of the file name.
-    """
-    classes = sorted(by_class)
-    samples = []
-    for label, name in enumerate(classes):
-        paths = sorted(by_class[name], key=lambda p: _stable_key(config.seed, p.relative_to(root)))
-        n = len(paths)
-        n_test = max(1, round(n * config.test)) if config.test > 0 else 0
-        n_val = max(1, round(n * config.val))
-        if n - n_test - n_val < 1:
-            need = 2 + (n_test > 0)
-            splits = "train, validation and test" if n_test else "train and validation"
-            raise TlearnError(f"class '{name}' has {n} image(s); it needs at least {need} so that {splits} each "
-                              "get one: add images or lower --val/--test")
-        for i, p in enumerate(paths):
-            split = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
-            samples.append(Sample(p, label, split))
-    return ImageFolder(root, classes, samples, skipped, layout="class folders (split by tlearn)")
-
-
-def _stable_key(seed: int, relpath: Path) -> str:
-    return hashlib.sha256(f"{seed}:{relpath.as_posix()}".encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _check_nonempty(data: ImageFolder) -> None:
-    counts = data.counts()
-    for split in ("train", "validation"):
-        if split not in counts:
-            raise TlearnError(f"no usable images in the {split} split of {data.root}")
-    for split, per_class in counts.items():
-        empty = [c for c, n in per_class.items() if n == 0]
-        if empty:
-            raise TlearnError(f"class(es) {', '.join(empty)} have no usable images in the {split} split of "
-                              f"{data.root}; add images there (or see the skipped-files list)")
-
-
-def scan_labelled(path: Path | str, classes: list[str]) -> ImageFolder:
+def scan_labelled(data: Path | str | DataConfig, classes: list[str]) -> ImageFolder:
     """Images to evaluate a trained model on, all in split "test": a folder of class sub-folders, or a split
-    folder, whose test/ (else validation/) is used. Class folders must be among the model's ``classes``."""
+    folder, whose test/ (else validation/) is used; or a label file (a ``DataConfig`` says how to read it), whose
+    test rows (else validation rows, else all) are used. The classes must be among the model's ``classes``."""
+    config = data if isinstance(data, DataConfig) else DataConfig(path=str(data))
+    if config.label_file or labelfile.is_label_file(config.path):
+        return labelfile.labelled(config, classes)
+    path = config.path
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise TlearnError(f"evaluation folder {path} does not exist or is not a folder")
@@ -262,6 +179,19 @@ def scan_labelled(path: Path | str, classes: list[str]) -> ImageFolder:
     if not samples:
         raise TlearnError(f"no images found under {folder}; accepted extensions: {' '.join(IMAGE_EXTENSIONS)}")
     return ImageFolder(root, list(classes), samples, skipped, layout=f"evaluation folder {folder.name}/")
+
+
+def data_root(config: DataConfig) -> Path:
+    """The folder the data lies in: DATA, or the base of a label file's paths (nothing may be written there)."""
+    if config.label_file or labelfile.is_label_file(config.path):
+        return labelfile.located(config)[1]
+    return Path(config.path).expanduser()
+
+
+def data_name(config: DataConfig) -> str:
+    """A short name of the data: the folder's, or the label file's without its extension."""
+    path = Path(config.label_file or config.path).expanduser().resolve()
+    return path.stem if path.is_file() else path.name
 
 
 def recorded_split(run_dir: Path | None, config: dict) -> ImageFolder:
@@ -290,59 +220,93 @@ def expand_inputs(inputs: Path | str | Iterable[Path | str]) -> list[Path]:
 
 
 def write_manifest(data: ImageFolder, path: Path) -> None:
+    """``path,class,split`` rows; multi-label: ``path,labels,split``, the labels a JSON list."""
+    if data.multi_label:
+        atomic_write_csv(path, ["path", "labels", "split"], ([relative(s.path, data.root), json.dumps(
+            [data.classes[k] for k in s.labels], ensure_ascii=False), s.split] for s in data.samples))
+        return
     atomic_write_csv(path, ["path", "class", "split"],
-                     ([s.path.relative_to(data.root).as_posix(), data.classes[s.label], s.split] for s in data.samples))
+                     ([relative(s.path, data.root), data.classes[s.label], s.split] for s in data.samples))
 
 
 def read_manifest(path: Path, root: Path) -> ImageFolder:
-    """Read a ``path,class,split`` manifest whose paths are relative to ``root``."""
+    """Read a ``path,class,split`` (or multi-label ``path,labels,split``) manifest whose paths are relative to
+    ``root``."""
     if not path.is_file():
         raise TlearnError(f"--split-manifest {path} does not exist or is not a regular file")
     with open_regular(path) as raw, open(raw.fileno(), newline="", encoding="utf-8", errors="surrogateescape",
                                          closefd=False) as f:
         rows = [[csv_text(cell) for cell in row] for row in csv.reader(f)]
-    if not rows or rows[0] != ["path", "class", "split"]:
+    if not rows or rows[0] not in (["path", "class", "split"], ["path", "labels", "split"]):
         raise TlearnError(f"--split-manifest {path}: the first line must be 'path,class,split'")
+    multi = rows[0][1] == "labels"
     entries = []
     for lineno, row in enumerate(rows[1:], start=2):
-        if len(row) != 3 or row[2] not in SPLITS:
-            raise TlearnError(f"{path}, line {lineno}: expected 'path,class,split' with split one of "
+        labels = _manifest_labels(row[1]) if multi and len(row) == 3 else (row[1],) if len(row) == 3 else None
+        if labels is None or row[2] not in SPLITS:
+            raise TlearnError(f"{path}, line {lineno}: expected '{','.join(rows[0])}' with split one of "
                               f"{', '.join(SPLITS)}. Received: {','.join(row)}")
-        entries.append((root / row[0], row[1], row[2]))
+        entries.append((root / row[0], labels, row[2]))
     missing = [str(p) for p, _, _ in entries if not p.is_file()]
     if missing:
         raise TlearnError(f"{len(missing)} file(s) in --split-manifest {path} are not under {root}, e.g. "
                           f"{missing[0]}; pass the data folder the manifest was written for")
-    classes = sorted({c for _, c, _ in entries})
+    classes = sorted({c for _, labels, _ in entries for c in labels})
     if len(classes) < 2:
         raise TlearnError(f"--split-manifest {path} names fewer than two classes")
-    samples = [Sample(p, classes.index(c), s) for p, c, s in entries]
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [Sample(p, -1, s, tuple(index[c] for c in labels)) if multi else Sample(p, index[labels[0]], s)
+               for p, labels, s in entries]
     listed = {p for p, _, _ in entries}
     skipped: list[Skipped] = []
     unlisted = [p for c in _class_folders(root, skipped).values() for p in c if p not in listed]
     skipped = [Skipped(p, "not in the split manifest", "unlisted") for p in unlisted]
-    return ImageFolder(root, classes, samples, skipped, layout=f"split manifest {path.name}")
+    return ImageFolder(root, classes, samples, skipped, layout=f"split manifest {path.name}", multi_label=multi)
+
+
+def _manifest_labels(cell: str) -> tuple[str, ...] | None:
+    try:
+        labels = json.loads(cell)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)
+    return tuple(sorted(set(labels))) if ok else None
 
 
 def materialise_split(config: DataConfig, dest: Path) -> ImageFolder:
-    """Write ``dest/{train,validation,test}/<class>/`` with hard links (or copies) of the images in ``config.path``.
+    """Write ``dest/{train,validation,test}/<class>/`` with hard links (or copies) of the images of ``config``; or,
+    where ``dest`` names a ``.csv`` file, a label file of every image's path, label and split.
 
-    The source folder is never modified. ``dest`` must not exist yet, or be empty, and must not lie inside the
-    source.
+    The source is never modified. A folder ``dest`` must not exist yet, or be empty, and must not lie inside the
+    source; a file ``dest`` must not exist yet. A label file's paths are relative to its own folder where they
+    lie under it, else absolute.
     """
-    src = Path(config.path).expanduser().resolve()
+    from_file = bool(config.label_file or labelfile.is_label_file(config.path))
+    src = data_root(config).resolve()
     dest = dest.expanduser().resolve()
+    if dest.suffix.lower() == ".csv":
+        if dest.exists() or dest.is_symlink():
+            raise TlearnError(f"the destination {dest} already exists; choose a new file name")
+        data = scan(config)
+        sep = ";" if not any(";" in c for c in data.classes) else "|"
+        atomic_write_csv(dest, ["path", "labels" if data.multi_label else "label", "split"],
+                         ([relative(s.path, dest.parent), sep.join(data.classes[k] for k in s.targets), s.split]
+                          for s in data.samples))
+        return data
     if dest == src or src in dest.parents or dest in src.parents:
         raise TlearnError(f"the destination {dest} overlaps the source {src}; choose a folder outside it")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise TlearnError(f"the destination {dest} already exists and is not empty; choose a new folder")
-    if config.split_manifest or _find_split_dirs(src):
+    if config.split_manifest or (not from_file and _find_split_dirs(src)):
         raise TlearnError(f"{src} is already split (train/ + validation/ or test/ folders, or a manifest); "
-                          "`tlearn split` takes a folder with one sub-folder per class")
+                          "`tlearn split` takes a folder with one sub-folder per class, or a label file")
     data = scan(config)
+    if data.multi_label:
+        raise TlearnError(f"{config.label_file or config.path} gives several labels an image, which class folders "
+                          "cannot hold; write the split as a label file instead (DEST ending in .csv)")
     for s in data.samples:
-        inside_class = s.path.relative_to(data.root).parts[1:]  # DATA/<class>/<...> -> <...>
-        target = dest.joinpath(s.split, data.classes[s.label], *inside_class)
+        inside = Path(relative(s.path, data.root).lstrip("/")).parts  # a label file's path, or DATA/<class>/<...>
+        target = dest.joinpath(s.split, data.classes[s.label], *(inside if from_file else inside[1:]))
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(s.path, target)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tlearn import __version__, graph
-from tlearn.config import InferenceConfig, RuntimeConfig, TlearnError
+from tlearn.config import DataConfig, InferenceConfig, RuntimeConfig, TlearnError
 from tlearn.data import Sample, recorded_split, scan_labelled
 from tlearn.extractor import Loaded, load_run
 from tlearn.fileio import atomic_path, atomic_write_text
@@ -123,13 +123,14 @@ def whole_classifier(run: Loaded) -> tuple[WholeClassifier, list[dict[str, Any]]
         [spec.preprocessing]
 
 
-def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = False, data: str | Path | None = None,
+def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = False,
+           data: str | Path | DataConfig | None = None,
            overwrite: bool = False, weights: str | None = None, cache_dir: str | None = None,
            measure: bool = True) -> ExportResult:
     """Write the run's classifier to ``out`` (default: beside the run, ``RUN.onnx`` or ``RUN-int8.onnx``) and its
     sidecar (``out`` with ``.json``), after checking the graph against PyTorch. The accuracies are measured on
-    ``data`` (a labelled folder) or else the run's own test split (validation where it has none);
-    ``measure=False`` checks parity only."""
+    ``data`` (a labelled folder, or a label file as a ``DataConfig`` reads it) or else the run's own test split
+    (validation where it has none); ``measure=False`` checks parity only."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}{'-int8' if int8 else ''}.onnx"
     _claim(out, overwrite)
@@ -186,11 +187,15 @@ def _claim(out: Path, overwrite: bool) -> None:
                           "to replace it") from None
 
 
-def _real_images(run: Loaded, data: str | Path | None) -> tuple[list[Sample], list[Sample], str]:
+def _real_images(run: Loaded, data: str | Path | DataConfig | None) -> tuple[list[Sample], list[Sample], str]:
     """(images to check and measure on, training images to calibrate int8 with, what the first are)."""
     if data is not None:
-        samples = scan_labelled(data, run.spec.classes).samples
-        return samples, samples[:: max(1, len(samples) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES], str(data)
+        labelled = scan_labelled(data, run.spec.classes)
+        for s in labelled.skipped:
+            log.warning(f"skipped {s.path}: {s.reason}")
+        samples = labelled.samples
+        shown = data.label_file or data.path if isinstance(data, DataConfig) else str(data)
+        return samples, samples[:: max(1, len(samples) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES], shown
     try:
         folder = recorded_split(run.run_dir, run.config)
     except TlearnError as e:

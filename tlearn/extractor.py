@@ -24,7 +24,8 @@ from torch import nn
 from tlearn import dist
 from tlearn.artifact import ModelSpec, load_model, load_reference
 from tlearn.backbones import Backbone, load_backbone, load_recorded
-from tlearn.config import BackboneConfig, InferenceConfig, RuntimeConfig, TlearnError, TrainConfig, from_dict, validate
+from tlearn.config import BackboneConfig, InferenceConfig, RuntimeConfig, TlearnError, TrainConfig, validate
+from tlearn.configio import from_dict
 from tlearn.features import FeatureCache, Features
 from tlearn.fileio import file_sha256
 from tlearn.models import split_top

@@ -22,6 +22,7 @@ from tlearn.config import (
     TrainConfig,
 )
 
+LABEL_FILE_FLAGS = ("images", "path_column", "label_column", "multi_label", "label_delimiter", "skip_bad_rows")
 DEFAULT_INPUT_SIZE = 224  # the input size of the default backbone, pinned to timm's cfg by a test
 RUN = "a run folder written by `tlearn train`"
 
@@ -40,8 +41,9 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...]
         if f.name in skip or (only and f.name not in only):
             continue
         help_text, default = f.metadata.get("help", ""), (defaults or {}).get(f.name, f.default)
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, metavar=f.name.upper() if f.name != "path" else "DATA", help=help_text)
+        if f.metadata.get("positional"):  # optional where the field can come from a flag (DATA: --label-file)
+            parser.add_argument(f.name, metavar=f.name.upper() if f.name != "path" else "DATA", help=help_text,
+                                nargs="?", default=f.default)
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
@@ -51,7 +53,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...]
         else:
             caster = whole() if kind.startswith("int") else number if kind.startswith("float") else str
             group.add_argument(flag, dest=f.name, type=caster, default=default,
-                               help=f"{help_text} (default: {default})")
+                               help=help_text if "(default:" in help_text else f"{help_text} (default: {default})")
 
 
 def whole(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
@@ -145,7 +147,8 @@ def _augment_preview(p: argparse.ArgumentParser) -> None:
 
 def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help=RUN)
-    p.add_argument("data", metavar="DATA", nargs="?", help="folder to evaluate on (default: the run's test split)")
+    p.add_argument("data", metavar="DATA", nargs="?", help="folder or label file to evaluate on (default: the run's "
+                   "test split)")
     p.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation (centre, mirrored, "
                    "four corners; mean logits) and show both")
     p.add_argument("--unknown", dest="unknown_folder", metavar="FOLDER", help="photos of things the model was not "
@@ -153,6 +156,7 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
                    "share of each called unknown")
     add_fields(p, InferenceConfig, skip=("top_k", "unknown"))
     add_fields(p, RuntimeConfig)
+    add_fields(p, DataConfig, only=LABEL_FILE_FLAGS)
 
 
 def _report(p: argparse.ArgumentParser) -> None:
@@ -189,11 +193,12 @@ def _export(p: argparse.ArgumentParser) -> None:
                    "RUN-int8.onnx with --int8, next to the run folder)")
     p.add_argument("--int8", action="store_true", help="quantize to int8 (ONNX Runtime static quantization); its "
                    "accuracy is measured and printed next to fp32's")
-    p.add_argument("--data", metavar="FOLDER", help="labelled images (class sub-folders) to check and measure the "
-                   "export on (default: the run's test split, or validation where it has none)")
+    p.add_argument("--data", metavar="DATA", help="labelled images (class sub-folders, or a label file) to check and "
+                   "measure the export on (default: the run's test split, or validation where it has none)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier export")
     add_fields(p, InferenceConfig, only=("weights",))
     add_fields(p, RuntimeConfig, only=("cache_dir",))
+    add_fields(p, DataConfig, only=LABEL_FILE_FLAGS)
 
 
 def _serve(p: argparse.ArgumentParser) -> None:
@@ -212,7 +217,8 @@ def _serve(p: argparse.ArgumentParser) -> None:
 
 def _split(p: argparse.ArgumentParser) -> None:
     add_fields(p, DataConfig, skip=("split_manifest",))
-    p.add_argument("dest", metavar="DEST", help="new folder to write train/, validation/ and test/ into")
+    p.add_argument("dest", metavar="DEST", help="new folder to write train/, validation/ and test/ into; or a new "
+                   ".csv file to write a label file with a split column to")
 
 
 def _backbones(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 from tlearn import fileio, grids, plots
 from tlearn.artifact import load_model, read_run
 from tlearn.calibrate import binned
-from tlearn.config import AugmentConfig, TlearnError, from_dict
+from tlearn.config import AugmentConfig, TlearnError
+from tlearn.configio import from_dict
 from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, read_csv_rows
 from tlearn.report import read_predictions_csv
 

@@ -31,7 +31,8 @@ from tlearn import plots, report
 from tlearn.artifact import CONFIG_FILE, FORMAT, MODEL_FILE, ModelSpec, save_model
 from tlearn.check import Finding
 from tlearn.checkpoint import CHECKPOINT_FILE
-from tlearn.config import TlearnError, to_dict
+from tlearn.config import TlearnError
+from tlearn.configio import to_dict
 from tlearn.data import ImageFolder, write_manifest
 from tlearn.fileio import UMASK, atomic_write_text, default_cache_dir, is_partial
 from tlearn.htmlreport import build_report

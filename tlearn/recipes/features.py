@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tlearn.config import to_dict
+from tlearn.configio import to_dict
 from tlearn.fileio import file_sha256, keyed_path
 from tlearn.recipes.heads import MEMO_VERSION, Probe, Split, choose_head, describe, load_probe, refit, save_probe
 from tlearn.recipes.job import Job, Trained, by_split, head_views, record, weight

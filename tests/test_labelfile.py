@@ -1,0 +1,240 @@
+"""Label files as input (labelfile.py): CSV, TSV and JSON Lines read into the same samples and split as class
+folders, paths resolved and refused, bad rows named, and every verb that takes a data folder taking a file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, make_folder
+from tests.test_cli import TINY_FLAGS, cli
+from tlearn import ImageClassifier, TlearnError
+from tlearn.check import check
+from tlearn.config import DataConfig
+from tlearn.data import materialise_split, scan, scan_labelled, write_manifest
+from tlearn.labelfile import read
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]], delimiter: str = ",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def as_csv(folder: Path, name: str = "labels.csv", header: tuple[str, str] = ("filename", "class")) -> Path:
+    """The class folders of ``folder`` as a label file beside them (paths relative to ``folder``)."""
+    rows = [[p.relative_to(folder).as_posix(), p.parent.name] for p in sorted(folder.glob("*/*.png"))]
+    return write_csv(folder / name, list(header), rows)
+
+
+def triples(data) -> list[tuple[str, str, str]]:
+    return sorted((str(s.path), data.classes[s.label], s.split) for s in data.samples)
+
+
+def test_a_csv_of_the_class_folders_gives_the_same_split_for_every_seed(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "photos", per_class=14)
+    file = as_csv(folder)
+    for seed in (0, 1, 7):
+        by_folder = scan(DataConfig(path=str(folder), seed=seed))
+        by_file = scan(DataConfig(path=str(file), seed=seed))
+        assert triples(by_file) == triples(by_folder) and by_file.classes == by_folder.classes
+        assert by_file.layout == "label file labels.csv"
+    assert triples(scan(DataConfig(path=str(file), seed=0))) != triples(scan(DataConfig(path=str(file), seed=1)))
+
+
+def test_tsv_and_json_lines_with_other_column_names_and_kaggle_ids(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "photos", per_class=8)
+    flat = tmp_path / "images"
+    flat.mkdir()
+    rows = []
+    for i, p in enumerate(sorted(folder.glob("*/*.png"))):
+        (flat / f"{i:04d}.png").write_bytes(p.read_bytes())
+        rows.append({"id": f"{i:04d}", "tags": p.parent.name})
+    tsv = write_csv(tmp_path / "train.tsv", ["id", "tags"], [[r["id"], r["tags"]] for r in rows], "\t")
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": r["id"], "class": r["tags"], "note": 1}) + "\n" for r in rows))
+    a = scan(DataConfig(label_file=str(tsv), images=str(flat)))
+    b = scan(DataConfig(path=str(jsonl), images=str(flat)))
+    assert triples(a) == triples(b) and len(a.samples) == 16 and a.samples[0].path.suffix == ".png"
+    named = write_csv(tmp_path / "named.csv", ["f", "y"], [[r["id"], r["tags"]] for r in rows])
+    with pytest.raises(TlearnError, match=r"has no path column .*its columns are f, y\); name it with --path-column"):
+        scan(DataConfig(path=str(named), images=str(flat)))
+    c = scan(DataConfig(path=str(named), images=str(flat), path_column="f", label_column="y"))
+    assert triples(c) == triples(a)
+    with pytest.raises(TlearnError, match="--label-column 'z' is not a column of"):
+        scan(DataConfig(path=str(named), images=str(flat), path_column="f", label_column="z"))
+
+
+def test_a_split_column_is_honoured_and_validation_held_out_where_it_has_none(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "photos", per_class=10)
+    paths = sorted(folder.glob("*/*.png"))
+    rows = [[p.relative_to(folder).as_posix(), p.parent.name, "test" if i % 5 == 0 else "train"]
+            for i, p in enumerate(paths)]
+    data = scan(DataConfig(path=str(write_csv(folder / "s.csv", ["path", "label", "split"], rows))))
+    tests = {str(folder / r[0]) for r in rows if r[2] == "test"}
+    assert {str(s.path) for s in data.split("test")} == tests
+    assert data.split("validation") and not {str(s.path) for s in data.split("validation")} & tests
+    rows[1][2] = rows[11][2] = "val"  # one of each class
+    data = scan(DataConfig(path=str(write_csv(folder / "v.csv", ["path", "label", "split"], rows))))
+    assert [s.path.name for s in data.split("validation")] == ["blue_001.png", "red_001.png"]
+
+
+def test_bad_rows_are_named_one_line_and_skipped_only_when_asked(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "photos", per_class=8)
+    good = [[p.relative_to(folder).as_posix(), p.parent.name] for p in sorted(folder.glob("*/*.png"))]
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(next(folder.glob("red/*.png")).read_bytes())
+    bad = [["red/missing.png", "red"], ["../outside.png", "red"], ["blue/blue_000.png", ""],
+           ["blue/blue_001.png", "bl\x07ue"], ["blue/blue_002.png", "red"]]
+    file = write_csv(folder / "bad.csv", ["path", "label"], good + bad)
+    assert "blue/blue_002.png has several rows with different labels" in read(DataConfig(path=str(file))).why
+    table = read(DataConfig(path=str(file), multi_label=False))  # then rows that disagree are a bad row
+    reasons = [p.reason for p in table.problems]
+    assert [p.line for p in table.problems] == [18, 19, 20, 21, 22]
+    assert "no file" in reasons[0] and "leads outside" in reasons[1] and "empty label" in reasons[2]
+    assert "control characters" in reasons[3]
+    assert reasons[4] == "blue/blue_002.png is given another label on line 4"  # both of its rows are left out
+    assert len(table.rows) == 15 and "blue_002.png" not in {r.path.name for r in table.rows}
+    with pytest.raises(TlearnError) as err:
+        scan(DataConfig(path=str(file), multi_label=False))
+    assert str(err.value).startswith(f"{file.resolve()}, line 18: no file") and "(5 bad rows in all)" in str(err.value)
+    assert "--skip-bad-rows" in str(err.value) and "\n" not in str(err.value)
+    data = scan(DataConfig(path=str(file), multi_label=False, skip_bad_rows=True))
+    assert len(data.samples) == 15 and sorted(s.kind for s in data.skipped) == ["bad-row"] * 5
+    absolute = write_csv(folder / "abs.csv", ["path", "label"], [*good, [str(outside), "red"]])
+    assert outside in {s.path for s in scan(DataConfig(path=str(absolute))).samples}  # absolute paths are allowed
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"), (b"path,label\n", "has no rows below its header"), (b"\xff\xfe,x\n", "is not UTF-8 text"),
+    (b'path,label\n"a.png,red\n', "unreadable CSV"), (b"path,label\na.png\n", "1 cells where the header has 2")])
+def test_a_broken_file_is_one_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
+    make_folder(tmp_path, per_class=2)
+    (tmp_path / "f.csv").write_bytes(content)
+    with pytest.raises(TlearnError, match=message):
+        scan(DataConfig(path=str(tmp_path / "f.csv")))
+
+
+def test_several_labels_an_image_are_detected_and_said(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "photos", per_class=4)
+    paths = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("*/*.png"))]
+    joined = write_csv(folder / "j.csv", ["path", "tags"], [[p, "red;blue"] for p in paths])
+    table = read(DataConfig(path=str(joined)))
+    assert table.multi_label and "joins several labels with ';'" in table.why
+    assert table.rows[0].labels == ("blue", "red")
+    repeated = write_csv(folder / "r.csv", ["path", "label"], [[paths[0], "red"], [paths[0], "blue"]]
+                         + [[p, "red"] for p in paths[1:]])
+    table = read(DataConfig(path=str(repeated)))
+    assert table.multi_label and "several rows with different labels (lines 2 and 3)" in table.why
+    assert table.rows[0].labels == ("blue", "red") and len(table.rows) == len(paths)
+    listed = folder / "l.jsonl"
+    listed.write_text("".join(json.dumps({"path": p, "labels": ["a", "b"] if i else ["a"]}) + "\n"
+                              for i, p in enumerate(paths)))
+    assert "gives several labels in a list" in read(DataConfig(path=str(listed))).why
+    assert read(DataConfig(path=str(joined), label_delimiter="+")).multi_label is False
+    assert not read(DataConfig(path=str(joined), multi_label=False)).multi_label
+
+
+def tagged(root: Path, n: int = 120, seed: int = 0) -> Path:
+    """``n`` images with 1 to 3 of five tags each, and one image with a sixth tag, 'rare', as a label file."""
+    folder = make_folder(root, per_class=n // 2)
+    rng = random.Random(seed)
+    rows = [[p.relative_to(folder).as_posix(), ";".join(rng.sample(TAGS, rng.randint(1, 3)))]
+            for p in sorted(folder.glob("*/*.png"))]
+    rows[0][1] += ";rare"
+    return write_csv(folder / "tags.csv", ["image", "tags"], rows)
+
+
+TAGS = ["sky", "sea", "dog", "cat", "tree"]
+
+
+def test_a_multi_label_split_keeps_each_labels_share_in_every_split(tmp_path: Path) -> None:
+    file = tagged(tmp_path / "photos")
+    data = scan(DataConfig(path=str(file)))
+    assert data.multi_label and data.classes == sorted([*TAGS, "rare"]) and "iterative stratification" in data.layout
+    assert all(s.label == -1 and s.labels == tuple(sorted(s.labels)) for s in data.samples)
+    counts = data.counts()
+    sizes = {split: len(data.split(split)) for split in counts}
+    assert sum(sizes.values()) == 120 and abs(sizes["validation"] - 18) <= 2 and abs(sizes["test"] - 18) <= 2
+    for tag in TAGS:  # each tag's share within 3 images of 70/15/15
+        total = sum(counts[split][tag] for split in counts)
+        assert abs(counts["validation"][tag] - 0.15 * total) <= 3 and abs(counts["test"][tag] - 0.15 * total) <= 3
+    assert counts["train"]["rare"] == 1  # the rarest label is placed first, where it is most wanted
+    again = scan(DataConfig(path=str(file)))
+    assert [(s.path, s.split) for s in again.samples] == [(s.path, s.split) for s in data.samples]
+    other = scan(DataConfig(path=str(file), seed=1))
+    assert [s.split for s in other.samples] != [s.split for s in data.samples]
+
+    manifest = tmp_path / "split.csv"
+    write_manifest(data, manifest)
+    back = scan(DataConfig(path=str(file), split_manifest=str(manifest)))
+    assert back.multi_label and triples_multi(back) == triples_multi(data)
+    written = tmp_path / "with_split.csv"
+    materialise_split(DataConfig(path=str(file)), written)
+    assert triples_multi(scan(DataConfig(path=str(written)))) == triples_multi(data)
+    with pytest.raises(TlearnError, match="class folders cannot hold; write the split as a label file"):
+        materialise_split(DataConfig(path=str(file)), tmp_path / "folders")
+
+
+def triples_multi(data) -> list[tuple[str, tuple[str, ...], str]]:
+    return sorted((str(s.path), tuple(data.classes[k] for k in s.targets), s.split) for s in data.samples)
+
+
+def test_check_reads_a_multi_label_file_and_training_on_it_is_refused_with_the_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    file = tagged(tmp_path / "photos", n=40)
+    report = check(DataConfig(path=str(file)), progress=False)
+    assert report.images == 40 and "multi-label" in report.layout
+    assert {f.detail for f in report.findings if f.kind == "label-split"} == {
+        "label 'rare' has no image in the validation split (1 in train)",
+        "label 'rare' has no image in the test split (1 in train)"}
+    code, _, err = cli("train", file, *TINY_FLAGS, "--out", tmp_path / "run", capsys=capsys)
+    assert code == 2 and "training on them is not available in this version" in err
+    assert "--no-multi-label" in err and not (tmp_path / "run").exists()
+
+
+def test_train_evaluate_check_split_and_export_take_a_label_file(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    folder = make_folder(tmp_path / "photos", per_class=12)
+    file = as_csv(folder)
+    by_folder = ImageClassifier(mode="features", verbose=False, workers=0, **TINY)
+    by_folder.fit(folder, out=tmp_path / "a")
+    code, out, _ = cli("train", file, *TINY_FLAGS, "--mode", "features", "--workers", "0", "--out", tmp_path / "b",
+                       capsys=capsys)
+    assert code == 0
+    by_file = ImageClassifier.load(tmp_path / "b", verbose=False)
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text()) == by_folder.metrics  # the same run
+    assert by_file.spec == by_folder.spec
+    assert (tmp_path / "b" / "split.csv").read_text() == (tmp_path / "a" / "split.csv").read_text()
+
+    code, out, _ = cli("evaluate", tmp_path / "b", file, "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["split"] == str(file)
+    assert json.loads(out)["accuracy"] == by_file.evaluate(folder)["accuracy"]
+    unknown = write_csv(tmp_path / "u.csv", ["path", "label"], [[str(next(folder.glob("red/*.png"))), "green"]])
+    assert "label(s) 'green' in" in cli("evaluate", tmp_path / "b", unknown, capsys=capsys)[2]
+    assert len(scan_labelled(unknown, ["green", "red"]).samples) == 1
+
+    report = check(DataConfig(path=str(file)))
+    assert report.images == 24 and report.layout == "label file labels.csv" and not report.blocking()
+    dest = tmp_path / "split.csv"
+    materialise_split(DataConfig(path=str(file)), dest)
+    assert triples(scan(DataConfig(path=str(dest)))) == triples(scan(DataConfig(path=str(folder))))
+    assert "(its split column)" in scan(DataConfig(path=str(dest))).layout
+    code, out, _ = cli("export", tmp_path / "b", "--out", tmp_path / "m.onnx", "--data", file, capsys=capsys)
+    assert code == 0 and f"on 24 images of {file}" in out
+
+
+def test_no_run_is_written_beside_the_images_a_label_file_names(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    folder = make_folder(tmp_path / "photos", per_class=6)
+    file = as_csv(folder, name="labels.csv")
+    code, _, err = cli("train", file, *TINY_FLAGS, "--out", folder / "run", capsys=capsys)
+    assert code == 2 and "is inside the data folder" in err and not (folder / "run").exists()
+    code, _, err = cli("train", file, "--label-file", file, capsys=capsys)
+    assert code == 2 and "give the label file once" in err

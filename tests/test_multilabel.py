@@ -1,0 +1,89 @@
+"""Multi-label targets, calibration, thresholds and metrics (multilabel.py), against brute force and against
+scikit-learn and PyTorch computed another way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, f1_score
+
+from tlearn.multilabel import (
+    DEFAULT_THRESHOLD,
+    bce,
+    decide,
+    fit_temperatures,
+    fit_thresholds,
+    metrics,
+    predictions,
+    sigmoid,
+    targets,
+)
+
+
+def noisy(seed: int = 0, n: int = 400, c: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and logits that tell them apart imperfectly."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, c)) < np.linspace(0.1, 0.5, c)).astype(np.float32)
+    return y, (y * 2 - 1) * 1.5 + rng.normal(0, 1.5, (n, c))
+
+
+def test_targets_and_a_stable_binary_cross_entropy() -> None:
+    assert targets([(0, 2), (1,), ()], 3).tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+    y, z = noisy()
+    z[0, 0], z[1, 1] = 400.0, -400.0  # no overflow
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(z), torch.tensor(y, dtype=torch.float64)).item()
+    assert bce(y, z) == pytest.approx(expected, rel=1e-9)
+    assert np.allclose(sigmoid(np.array([-800.0, 0.0, 800.0])), [0.0, 0.5, 1.0])
+
+
+def test_each_threshold_is_where_that_labels_f1_is_best() -> None:
+    y, z = noisy(1)
+    proba = sigmoid(z)
+    thresholds = fit_thresholds(y, proba)
+    for k in range(y.shape[1]):
+        best = max(f1_score(y[:, k], proba[:, k] >= t) for t in np.unique(proba[:, k]))
+        assert f1_score(y[:, k], proba[:, k] >= thresholds[k]) == pytest.approx(best)
+        assert not np.isclose(proba[:, k], thresholds[k]).any()  # a margin on both sides
+    y[:, 2] = 0
+    assert fit_thresholds(y, proba)[2] == DEFAULT_THRESHOLD  # nothing to fit it on
+    tied = fit_thresholds(np.array([[1], [0], [1]], dtype=np.float32), np.array([[0.7], [0.7], [0.2]]))
+    assert tied[0] == pytest.approx(0.1)  # equal probabilities are decided together
+
+
+def test_each_labels_temperature_undoes_a_known_scaling() -> None:
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 3, (4000, 3))
+    y = (rng.random(z.shape) < sigmoid(z)).astype(np.float32)
+    fitted = fit_temperatures(y, z * np.array([1.0, 3.0, 0.5]))  # over-, then under-confident
+    assert fitted == pytest.approx([1.0, 3.0, 0.5], rel=0.15)
+    y[:, 1] = 1
+    assert fit_temperatures(y, z)[1] == 1.0
+
+
+def test_the_metrics_agree_with_scikit_learn_computed_per_label() -> None:
+    y, z = noisy(3)
+    classes = [f"tag{k}" for k in range(y.shape[1])]
+    temperatures, thresholds = fit_temperatures(y, z), fit_thresholds(y, sigmoid(z))
+    m = metrics(y, z, classes, temperatures, thresholds)
+    proba = sigmoid(z / temperatures)
+    decided = decide(proba, thresholds)
+    assert m["mean_average_precision"] == pytest.approx(np.mean([average_precision_score(y[:, k], proba[:, k])
+                                                                 for k in range(5)]))
+    assert m["micro_f1"] == pytest.approx(f1_score(y, decided, average="micro"))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, decided, average="macro"))
+    assert m["exact_match"] == pytest.approx(np.mean([(d == t).all() for d, t in zip(decided, y, strict=True)]))
+    assert m["loss"] <= m["loss_uncalibrated"] + 1e-9
+    assert m["per_label"]["tag4"]["support"] == int(y[:, 4].sum())
+    y[:, 0] = 0  # a label with no positive image: left out of the means, its AP None
+    m = metrics(y, z, classes, temperatures, thresholds)
+    assert m["per_label"]["tag0"]["average_precision"] is None
+    assert m["macro_f1"] == pytest.approx(np.mean([m["per_label"][c]["f1"] for c in classes[1:]]))
+
+
+def test_a_prediction_gives_every_label_at_its_threshold_and_the_top_k() -> None:
+    proba = np.array([[0.9, 0.2, 0.35], [0.1, 0.05, 0.2]])
+    out = predictions(proba, ["sky", "sea", "dog"], np.array([0.5, 0.5, 0.3]), top_k=2)
+    assert [r["class"] for r in out[0]["labels"]] == ["sky", "dog"] and out[1]["labels"] == []
+    assert [r["class"] for r in out[1]["predictions"]] == ["dog", "sky"]
+    assert out[0]["labels"][1] == {"class": "dog", "probability": 0.35, "threshold": 0.3}
