@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, make_folder
+from tests.conftest import HYMENOPTERA, SHARED, TINY, make_folder, needs
 from tests.test_cli import TINY_FLAGS, cli
 from tlearn import ImageClassifier, TlearnError
 from tlearn.check import check
@@ -238,3 +238,20 @@ def test_no_run_is_written_beside_the_images_a_label_file_names(tmp_path: Path,
     assert code == 2 and "is inside the data folder" in err and not (folder / "run").exists()
     code, _, err = cli("train", file, "--label-file", file, capsys=capsys)
     assert code == 2 and "give the label file once" in err
+
+
+@pytest.mark.slow
+@needs(HYMENOPTERA)
+@pytest.mark.parametrize("name", ["hymenoptera", "oxford17_flowers"])
+def test_the_shared_sets_as_label_files_give_the_folders_split(name: str, tmp_path: Path) -> None:
+    """Each shared set's split folders written as a CSV with a split column, elsewhere, its paths relative to
+    --images: the same samples in the same splits (Oxford-17 has no validation folder: the same images are held
+    out of train)."""
+    root = SHARED / name
+    by_folder = scan(DataConfig(path=str(root)))
+    rows = [[s.path.relative_to(root.resolve()).as_posix(), by_folder.classes[s.label],
+             "train" if s.path.relative_to(root.resolve()).parts[0] == "train" else s.split]
+            for s in by_folder.samples]
+    file = write_csv(tmp_path / "labels.csv", ["path", "label", "split"], rows)
+    by_file = scan(DataConfig(path=str(file), images=str(root)))
+    assert triples(by_file) == triples(by_folder) and len(by_file.samples) == len(by_folder.samples)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
+from tlearn.config import TrainConfig
 from tlearn.multilabel import (
     DEFAULT_THRESHOLD,
     bce,
@@ -19,6 +20,9 @@ from tlearn.multilabel import (
     sigmoid,
     targets,
 )
+from tlearn.recipes.heads import Split
+from tlearn.recipes.multihead import choose_multi_head, ovr_logits, refit_multi
+from tlearn.train import criterion, hits, tensor_batches
 
 
 def noisy(seed: int = 0, n: int = 400, c: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +36,7 @@ def test_targets_and_a_stable_binary_cross_entropy() -> None:
     assert targets([(0, 2), (1,), ()], 3).tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
     y, z = noisy()
     z[0, 0], z[1, 1] = 400.0, -400.0  # no overflow
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(z), torch.tensor(y, dtype=torch.float64)).item()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(z), torch.tensor(y).double()).item()
     assert bce(y, z) == pytest.approx(expected, rel=1e-9)
     assert np.allclose(sigmoid(np.array([-800.0, 0.0, 800.0])), [0.0, 0.5, 1.0])
 
@@ -87,3 +91,54 @@ def test_a_prediction_gives_every_label_at_its_threshold_and_the_top_k() -> None
     assert [r["class"] for r in out[0]["labels"]] == ["sky", "dog"] and out[1]["labels"] == []
     assert [r["class"] for r in out[1]["predictions"]] == ["dog", "sky"]
     assert out[0]["labels"][1] == {"class": "dog", "probability": 0.35, "threshold": 0.3}
+
+
+def synthetic(n: int, seed: int, flip: bool = True) -> Split:
+    """Features where each of 4 labels is a noisy linear function of them (a constant fifth label: every image)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(0, 1, (n, 16)).astype(np.float32)
+    W = np.random.default_rng(99).normal(0, 1, (16, 4))
+    y = np.hstack([(X @ W + rng.normal(0, 1, (n, 4)) > 0.8), np.ones((n, 1))]).astype(np.float32)
+    mirrored = (X + rng.normal(0, 0.05, X.shape)).astype(np.float32) if flip else None
+    return Split(X, mirrored, y)
+
+
+def test_the_multi_label_head_is_chosen_on_validation_and_refit_with_held_out_logits() -> None:
+    train, val = synthetic(300, 0), synthetic(120, 1)
+    classes = ["a", "b", "c", "d", "all"]
+    probe = choose_multi_head(train, val, classes, TrainConfig(seed=0, lr=0.01, epochs=30))
+    assert {c["head"] for c in probe.candidates} == {"logreg", "dense"}
+    best = min(probe.candidates, key=lambda c: (c["val_loss"], -c["val_map"]))
+    assert probe.chosen["head"] == best["head"] and probe.val_loss == best["val_loss"]
+    assert probe.chosen["val_map"] > 0.85  # labels that the features determine up to noise
+    logreg = next(c for c in probe.candidates if c["head"] == "logreg")
+    assert logreg["C"] in (1.0, 3.0, 10.0) and logreg["cv_loss"] > 0
+    with torch.no_grad():
+        z = probe.head(torch.from_numpy(val.X)).numpy()
+    assert z.shape == (120, 5) and (z[:, 4] > 3).all()  # the constant label: its smoothed log-odds
+    if probe.chosen["head"] == "logreg":
+        np.testing.assert_allclose(z, ovr_logits(probe.model, val.X), atol=1e-4)
+        np.testing.assert_allclose((z + probe.head(torch.from_numpy(val.X_flip)).detach().numpy()) / 2,
+                                   probe.val_logits, atol=1e-4)
+    only = choose_multi_head(train, val, classes, TrainConfig(seed=0, head="logreg"))
+    again = refit_multi(only, train, val, TrainConfig(seed=0))
+    assert again.refit and again.calibration[0].shape == (420, 5) and np.isfinite(again.calibration[0]).all()
+    np.testing.assert_array_equal(again.calibration[1], np.vstack([train.y, val.y]))
+    assert not np.allclose(again.head[1].weight.detach().numpy(), only.head[1].weight.detach().numpy())
+
+
+def test_the_training_loop_takes_several_labels_an_image() -> None:
+    """train.criterion and train.hits: cross-entropy for classes, binary cross-entropy (mean over labels, then
+    images) and exact match for 0/1 targets."""
+
+
+    z = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 1.0, 0.2]])
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    per_image = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none").mean(1)
+    assert criterion(z, y, None).item() == pytest.approx(per_image.mean().item())
+    assert criterion(z, y, None, "sum").item() == pytest.approx(per_image.sum().item())
+    assert hits(z, y) == 1  # the second image's third label is wrong at 0.5
+    assert criterion(z, torch.tensor([0, 1]), None).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(z, torch.tensor([0, 1])).item())
+    _, t = next(iter(tensor_batches(np.zeros((2, 4), np.float32), y.numpy(), 8)()))
+    assert t.dtype == torch.float32 and t.shape == (2, 3)

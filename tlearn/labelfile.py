@@ -33,7 +33,7 @@ from typing import Any
 
 from tlearn.config import DataConfig, TlearnError
 from tlearn.fileio import csv_text, open_regular
-from tlearn.samples import SPLITS, ImageFolder, Sample, Skipped, split_classes, split_multi_label
+from tlearn.samples import SPLITS, ImageFolder, Sample, Skipped, relative, split_classes, split_multi_label
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 FORMATS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": "json", ".ndjson": "json"}
@@ -187,14 +187,15 @@ def _row(line: int, cells: dict[str, Any], columns: dict[str, str], base: Path,
     if not isinstance(written, str | int) or not str(written).strip():
         return bad(f"no path in column {columns['path']!r}")
     written = str(written).strip()
+    shown = written if len(written) <= 120 else written[:60] + "..." + written[-40:]  # in messages
     if _has_control(written):
-        return bad(f"the path {written!r} holds control characters")
+        return bad(f"the path {shown!r} holds control characters")
     labels = tuple(label) if isinstance(label, list) else (label,) if isinstance(label, str | int) else None
     if labels is None or not all(isinstance(x, str | int) for x in labels):
-        return bad(f"no label in column {columns['label']!r} for {written}")
+        return bad(f"no label in column {columns['label']!r} for {shown}")
     labels = tuple(str(x).strip() for x in labels)
     if not labels or not all(labels):
-        return bad(f"an empty label for {written}")
+        return bad(f"an empty label for {shown}")
     if odd := next((x for x in labels if _has_control(x)), None):
         return bad(f"the label {odd!r} holds control characters")
     if "split" in columns:
@@ -202,14 +203,17 @@ def _row(line: int, cells: dict[str, Any], columns: dict[str, str], base: Path,
         if split is None:
             return bad(f"split {cells.get(columns['split'])!r} is not train, validation (or val) or test")
     path = Path(os.path.normpath(base / written))
-    if not Path(written).is_absolute() and base != path and base not in path.parents:
-        return bad(f"the path {written!r} leads outside {base}; give paths inside it, or absolute paths")
-    found = _existing(path)
+    if not Path(written).is_absolute() and not path.is_relative_to(base):
+        return bad(f"the path {shown!r} leads outside {base}; give paths inside it, or absolute paths")
+    try:
+        found = _existing(path)
+    except OSError as e:  # a name too long, a folder that cannot be read
+        return bad(f"cannot look up {shown!r}: {e.strerror or e}", path)
     if found is None:
         tried = "" if path.suffix.lower() in IMAGE_EXTENSIONS else f" (nor with {', '.join(IMAGE_EXTENSIONS)})"
-        return bad(f"no file {path}{tried}", path)
-    key = found.relative_to(base).as_posix() if base in found.parents else found.as_posix()
-    return Row(line, found, key, labels, split)
+        where = "" if Path(written).is_absolute() else f" under {base}"
+        return bad(f"no file {shown}{tried}{where}", path)
+    return Row(line, found, relative(found, base), labels, split)
 
 
 def _existing(path: Path) -> Path | None:
@@ -289,13 +293,13 @@ def scan(config: DataConfig) -> ImageFolder:
         return _multi_label(table, config, skipped, name)
     if not any(r.split for r in table.rows):
         by_class = _grouped(r for r in table.rows)
-        _two_labels(table.file, by_class)
+        _two_labels(table.file, by_class, False)
         data = split_classes(table.base, by_class, config, skipped)
         data.layout = name
         return data
     listed = {split: _grouped(r for r in table.rows if r.split == split) for split in SPLITS}
     classes = sorted(listed["train"])
-    _two_labels(table.file, listed["train"])
+    _two_labels(table.file, listed["train"], True)
     extra = sorted({c for by_class in listed.values() for c in by_class} - set(classes))
     if extra:
         raise TlearnError(f"label(s) {', '.join(extra)} in {table.file} have no rows in split train; every class "
@@ -343,9 +347,10 @@ def _bad_rows(table: LabelTable) -> list[Skipped]:
             for p in table.problems]
 
 
-def _two_labels(file: Path, by_class: dict[str, list[Path]]) -> None:
+def _two_labels(file: Path, by_class: dict[str, list[Path]], split_column: bool) -> None:
     if not by_class:
-        raise TlearnError(f"{file} has no rows whose split is train; every class needs training images")
+        raise TlearnError(f"{file} has no rows whose split is train; every class needs training images"
+                          if split_column else f"{file} has no usable rows (see its bad rows)")
     if len(by_class) < 2:
         raise TlearnError(f"{file} gives every image the label {next(iter(by_class))!r}; a classifier needs at "
                           "least two labels")

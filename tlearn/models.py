@@ -10,8 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from tlearn.config import TlearnError
 
 
 def make_head(num_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.2) -> nn.Sequential:
@@ -290,3 +293,34 @@ def summary(model: nn.Module, input_size: list[int]) -> list[dict[str, Any]]:
             h.remove()
         model.train(was_training)
     return list(rows.values())
+
+
+def fold_logreg(X: np.ndarray, y: np.ndarray, num_classes: int, seed: int, balanced: bool = False) -> nn.Linear:
+    """Fit scikit-learn's LogisticRegression (C=1) on standardised ``X`` and return the equivalent nn.Linear."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X)
+    clf = LogisticRegression(max_iter=2000, random_state=seed, class_weight="balanced" if balanced else None)
+    return logreg_linear(clf.fit(scaler.transform(X), y), num_classes, scaler)
+
+
+def logreg_linear(clf: Any, num_classes: int, scaler: Any = None) -> nn.Linear:
+    """A fitted scikit-learn LogisticRegression as the nn.Linear whose softmax is its ``predict_proba``: a binary
+    one (a single logit z for class 1) as [0, z], since softmax([0, z]) == sigmoid(z); with ``scaler`` (a fitted
+    StandardScaler), the standardisation folded into the weights. The one conversion tlearn has."""
+    coef, bias = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:
+        coef, bias = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, bias[0]])
+    missing = sorted(set(range(num_classes)) - set(clf.classes_.tolist()))
+    if missing:  # a check, not an assert: it must hold under python -O too
+        raise TlearnError(f"classes {missing} (by index) have no image in the training split, so a logistic "
+                          "regression cannot learn them: add images to those class folders, or lower --val/--test")
+    if scaler is not None:  # (x - mean) / scale @ W.T + b  ==  x @ (W / scale).T + (b - W @ (mean / scale))
+        coef = coef / scaler.scale_
+        bias = bias - coef @ scaler.mean_
+    linear = nn.Linear(coef.shape[1], num_classes)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(coef))
+        linear.bias.copy_(torch.from_numpy(bias))
+    return linear

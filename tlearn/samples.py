@@ -104,7 +104,10 @@ def _stable_key(seed: int, relpath: str) -> str:
 
 def relative(path: Path, root: Path) -> str:
     """``path`` relative to ``root`` (POSIX separators), or absolute where a label file named one outside it."""
-    return path.relative_to(root).as_posix() if root in path.parents else path.as_posix()
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def check_nonempty(data: ImageFolder) -> None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tlearn import dist
 from tlearn.config import TlearnError, TrainConfig
-from tlearn.models import make_head
+from tlearn.models import fold_logreg, make_head
 
 log = logging.getLogger("tlearn")
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (x, y) batches per call
@@ -218,7 +218,7 @@ def _epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
             run.check("training", model, x, y, weight)
         with run.autocast():
             logits = model(x)  # (B, C)
-            loss = F.cross_entropy(logits.float(), y, weight=weight)
+            loss = criterion(logits.float(), y, weight)
         opt.zero_grad(set_to_none=True)
         if scaler:
             scaler.scale(loss).backward()
@@ -230,12 +230,28 @@ def _epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
         if scheduler:
             scheduler.step()
         total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += hits(logits, y)
         seen += len(y)
         if progress is not None:
             progress.update(len(y))
             progress.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
     return total_loss, correct, seen
+
+
+def criterion(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+              reduction: str = "mean") -> torch.Tensor:
+    """The loss: cross-entropy against class indices (B,); binary cross-entropy against several labels an image
+    ((B, C) of 0/1, mean over labels), ``weight`` then weighing each label's positives. A sum is over images."""
+    if y.ndim == 1:
+        return F.cross_entropy(logits, y, weight=weight, reduction=reduction)
+    loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=weight, reduction="none").mean(1)
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def hits(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """Images predicted right: the class, or every label (at probability 0.5)."""
+    right = logits.argmax(1) == y if y.ndim == 1 else ((logits > 0) == (y > 0.5)).all(1)
+    return int(right.sum().item())
 
 
 @torch.no_grad()
@@ -250,8 +266,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             run.check("evaluation", model, x, y, weight)
         with run.autocast():
             logits = model(x).float()
-        total_loss += F.cross_entropy(logits, y, weight=weight, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        total_loss += criterion(logits, y, weight, "sum").item()
+        correct += hits(logits, y)
         seen += len(y)
     total_loss, correct, seen = dist.all_sum([total_loss, correct, seen])  # the same numbers on every process
     return total_loss / max(seen, 1), correct / max(seen, 1)
@@ -262,7 +278,8 @@ def tensor_batches(X: np.ndarray, y: np.ndarray, batch_size: int, generator: tor
     """Batches of in-memory features; shuffled each pass when a generator is given. ``rows`` picks the rows of
     ``X`` to use (all by default); ``mirror``, the features of the mirror images aligned with ``X``, adds each
     picked row's mirror image as one more row. Rows are gathered per batch, so no copy of ``X`` is ever made."""
-    Xt, Mt, yt = torch.from_numpy(X), None if mirror is None else torch.from_numpy(mirror), torch.from_numpy(y).long()
+    yt = torch.from_numpy(y).long() if y.ndim == 1 else torch.from_numpy(y).float()  # classes, or 0/1 per label
+    Xt, Mt = torch.from_numpy(X), None if mirror is None else torch.from_numpy(mirror)
     picked = torch.arange(len(Xt)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
     if Mt is not None:  # row i of the mirror view is index i + len(X)
         picked = torch.cat([picked, picked + len(Xt)])
@@ -417,34 +434,3 @@ def _logreg_head(X: np.ndarray, y: np.ndarray, num_classes: int, config: TrainCo
     head = make_head(X.shape[1], num_classes, hidden=0, dropout=0.0)
     head[1].load_state_dict(linear.state_dict())
     return head.eval()
-
-
-def fold_logreg(X: np.ndarray, y: np.ndarray, num_classes: int, seed: int, balanced: bool = False) -> nn.Linear:
-    """Fit scikit-learn's LogisticRegression (C=1) on standardised ``X`` and return the equivalent nn.Linear."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(X)
-    clf = LogisticRegression(max_iter=2000, random_state=seed, class_weight="balanced" if balanced else None)
-    return logreg_linear(clf.fit(scaler.transform(X), y), num_classes, scaler)
-
-
-def logreg_linear(clf: Any, num_classes: int, scaler: Any = None) -> nn.Linear:
-    """A fitted scikit-learn LogisticRegression as the nn.Linear whose softmax is its ``predict_proba``: a binary
-    one (a single logit z for class 1) as [0, z], since softmax([0, z]) == sigmoid(z); with ``scaler`` (a fitted
-    StandardScaler), the standardisation folded into the weights. The one conversion tlearn has."""
-    coef, bias = clf.coef_, clf.intercept_
-    if coef.shape[0] == 1:
-        coef, bias = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, bias[0]])
-    missing = sorted(set(range(num_classes)) - set(clf.classes_.tolist()))
-    if missing:  # a check, not an assert: it must hold under python -O too
-        raise TlearnError(f"classes {missing} (by index) have no image in the training split, so a logistic "
-                          "regression cannot learn them: add images to those class folders, or lower --val/--test")
-    if scaler is not None:  # (x - mean) / scale @ W.T + b  ==  x @ (W / scale).T + (b - W @ (mean / scale))
-        coef = coef / scaler.scale_
-        bias = bias - coef @ scaler.mean_
-    linear = nn.Linear(coef.shape[1], num_classes)
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(coef))
-        linear.bias.copy_(torch.from_numpy(bias))
-    return linear

@@ -44,7 +44,8 @@ from tlearn.calibrate import nll
 from tlearn.config import TlearnError, TrainConfig
 from tlearn.features import cpu_cores
 from tlearn.fileio import atomic_path
-from tlearn.train import History, TrainingDiverged, fit_head, logreg_linear, make_head
+from tlearn.models import logreg_linear
+from tlearn.train import History, TrainingDiverged, fit_head, make_head
 
 if TYPE_CHECKING:
     from sklearn.linear_model import LogisticRegression
@@ -287,10 +288,7 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
                 log.warning(f"  head dense{', + mirrored images' if flip else ''} left out: {e}")
     for c in candidates:
         log.info(f"  head {describe(c)}: val_loss {c['val_loss']:.4f}, val_accuracy {c['val_accuracy']:.4f}")
-    best = min(candidates, key=lambda c: (c["val_loss"], -c["val_accuracy"]))
-    arrays = ("val_logits", "model", "history", "train_oof")
-    chosen = {k: v for k, v in best.items() if k not in arrays}
-    table = [{k: v for k, v in c.items() if k not in arrays} for c in candidates]
+    best, chosen, table = winner(candidates, lambda c: (c["val_loss"], -c["val_accuracy"]))
     if best["head"] == "dense":
         probe = Probe(best["model"].eval(), best["history"], chosen, table, best["val_logits"], model=best["model"])
     else:
@@ -302,6 +300,15 @@ def choose_head(train: Split, val: Split, num_classes: int, config: TrainConfig,
                       best["train_oof"], model=clf)
     probe.seconds, probe.notes = time.perf_counter() - start, notes
     return probe
+
+
+def winner(candidates: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]
+           ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(the best candidate by ``key``, its settings and scores, every candidate's) without the arrays and models."""
+    best = min(candidates, key=key)
+    arrays = ("val_logits", "model", "history", "train_oof")
+    return best, {k: v for k, v in best.items() if k not in arrays}, [
+        {k: v for k, v in c.items() if k not in arrays} for c in candidates]
 
 
 def refit(probe: Probe, train: Split, val: Split, num_classes: int, config: TrainConfig) -> Probe:

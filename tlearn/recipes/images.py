@@ -24,11 +24,11 @@ from tlearn.config import parse_lr_mult
 from tlearn.data import Sample
 from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, extract
 from tlearn.images import eval_transform
-from tlearn.models import SCRATCH, Classifier, PixelLinear, unfreeze_groups
+from tlearn.models import SCRATCH, Classifier, PixelLinear, fold_logreg, unfreeze_groups
 from tlearn.recipes.job import Job, Trained, by_split, cached_features, weight
 from tlearn.recipes.plan import REPORT_SECONDS
 from tlearn.runtime import FrozenFeatures
-from tlearn.train import CPU, Batches, History, Stage, evaluate, fit, fit_head, fold_logreg, make_head, tensor_batches
+from tlearn.train import CPU, Batches, History, Stage, evaluate, fit, fit_head, make_head, tensor_batches
 
 log = logging.getLogger("tlearn")
 
