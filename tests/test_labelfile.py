@@ -17,6 +17,7 @@ from tlearn.check import check
 from tlearn.config import DataConfig
 from tlearn.data import materialise_split, scan, scan_labelled, write_manifest
 from tlearn.labelfile import read
+from tlearn.labels import given_as
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]], delimiter: str = ",") -> Path:
@@ -45,6 +46,7 @@ def test_a_csv_of_the_class_folders_gives_the_same_split_for_every_seed(tmp_path
         by_file = scan(DataConfig(path=str(file), seed=seed))
         assert triples(by_file) == triples(by_folder) and by_file.classes == by_folder.classes
         assert by_file.layout == "label file labels.csv"
+        assert (given_as(by_file), given_as(by_folder)) == ("labelled", "in folder")  # as mislabels are said
     assert triples(scan(DataConfig(path=str(file), seed=0))) != triples(scan(DataConfig(path=str(file), seed=1)))
 
 

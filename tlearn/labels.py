@@ -79,7 +79,8 @@ def suspects(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir
     """The ``mislabel`` findings of a folder, most suspicious first, from ``backbone``'s cached features."""
     data, feats = _folder_features(config, backbone, cache_dir, progress)
     paths = [s.path for s in data.samples]
-    return mislabels(paths, [s.label for s in data.samples], data.classes, feats, seed=config.seed)
+    return mislabels(paths, [s.label for s in data.samples], data.classes, feats, seed=config.seed,
+                     given=given_as(data))
 
 
 def unusual(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir: str | None = None,
@@ -128,12 +129,13 @@ def run_mislabels(folder: ImageFolder, extractor: Extractor, seed: int, cache_di
     if extractor.missing(paths, name, "center"):
         return []
     start, labels = time.perf_counter(), [s.label for s in samples]
-    key = {"what": "mislabels", "version": 1, "features": extractor.namespace(name, "center"),
+    key = {"what": "mislabels", "version": 1, "given": given_as(folder),
+           "features": extractor.namespace(name, "center"),
            "rows": [[file_sha256(p), y] for p, y in zip(paths, labels, strict=True)], "classes": folder.classes,
            "seed": seed, "scikit-learn": importlib.metadata.version("scikit-learn")}
     try:
         found = mislabels(paths, labels, folder.classes, extractor.features(paths, names=[name], announce=False),
-                          seed=seed, memo=keyed_path(cache_dir, "labels", key, ".json"))
+                          seed=seed, memo=keyed_path(cache_dir, "labels", key, ".json"), given=key["given"])
     except TlearnError as e:  # too few images in a class to predict each from the others
         log.info(f"suspected mislabels: not searched ({e})")
         return []
@@ -142,23 +144,28 @@ def run_mislabels(folder: ImageFolder, extractor: Extractor, seed: int, cache_di
     return found
 
 
+def given_as(data: ImageFolder) -> str:
+    """How an image's label was given, as the findings say it: its class folder, or a label file's row."""
+    return "labelled" if data.layout.startswith("label file") else "in folder"
+
+
 def mislabels(paths: list[Path], labels: list[int], classes: list[str], feats: Features, seed: int = 0,
-              memo: Path | None = None) -> list[Finding]:
-    """The ``mislabel`` findings among ``paths`` (with their folders' ``labels``), most suspicious first, from
-    their features (rows of the images ``feats`` could not read are left out). ``memo`` is a file keyed by
-    everything the result depends on: found there, the result is read back instead of searched for again."""
+              memo: Path | None = None, given: str = "in folder") -> list[Finding]:
+    """The ``mislabel`` findings among ``paths`` (with their folders' ``labels``; ``given`` says how, "in folder"
+    or "labelled"), most suspicious first, from their features (rows of the images ``feats`` could not read are
+    left out). ``memo`` is a file keyed by everything the result depends on: found there, the result is read
+    back instead of searched for again."""
     remembered = _recall(memo, len(paths))
     if remembered is not None:
         return [Finding("mislabel", WARNING, str(paths[i]), detail) for i, detail in remembered]
     keep = [i for i, p in enumerate(paths) if p not in feats.failed]
     X, y = feats.X[keep], np.array([labels[i] for i in keep])
     proba = out_of_fold(X, y, seed=seed)
-    found = []
+    own, found = "its folder's class" if given == "in folder" else "its label", []
     for i in label_issues(proba, y):
         believed = int(proba[i].argmax())
-        found.append((keep[i], f"in folder {classes[y[i]]!r}, but a model that never saw it believes "
-                               f"{classes[believed]!r} ({proba[i, believed]:.2f}); its folder's class has "
-                               f"{proba[i, y[i]]:.2f}"))
+        found.append((keep[i], f"{given} {classes[y[i]]!r}, but a model that never saw it believes "
+                               f"{classes[believed]!r} ({proba[i, believed]:.2f}); {own} has {proba[i, y[i]]:.2f}"))
     if memo is not None:
         with contextlib.suppress(TlearnError):  # a read-only cache folder: searched again next time
             atomic_write_text(memo, json.dumps([[int(i), detail] for i, detail in found]))
