@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from tests.conftest import HYMENOPTERA, SHARED, TINY, make_folder, needs
 from tests.test_cli import TINY_FLAGS, cli
@@ -18,6 +19,8 @@ from tlearn.config import DataConfig
 from tlearn.data import materialise_split, scan, scan_labelled, write_manifest
 from tlearn.labelfile import read
 from tlearn.labels import given_as
+from tlearn.predictor import Predictor
+from tlearn.serve.app import create_app
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]], delimiter: str = ",") -> Path:
@@ -188,17 +191,51 @@ def triples_multi(data) -> list[tuple[str, tuple[str, ...], str]]:
     return sorted((str(s.path), tuple(data.classes[k] for k in s.targets), s.split) for s in data.samples)
 
 
-def test_check_reads_a_multi_label_file_and_training_on_it_is_refused_with_the_reason(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_check_reads_a_multi_label_file(tmp_path: Path) -> None:
     file = tagged(tmp_path / "photos", n=40)
     report = check(DataConfig(path=str(file)), progress=False)
     assert report.images == 40 and "multi-label" in report.layout
     assert {f.detail for f in report.findings if f.kind == "label-split"} == {
         "label 'rare' has no image in the validation split (1 in train)",
         "label 'rare' has no image in the test split (1 in train)"}
-    code, _, err = cli("train", file, *TINY_FLAGS, "--out", tmp_path / "run", capsys=capsys)
-    assert code == 2 and "training on them is not available in this version" in err
-    assert "--no-multi-label" in err and not (tmp_path / "run").exists()
+
+
+def test_a_multi_label_file_trains_a_head_a_label_and_predicts_every_label_at_its_threshold(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    file = tagged(tmp_path / "photos", n=60)
+    code, out, err = cli("train", file, *TINY_FLAGS, "--workers", "0", "--out", tmp_path / "run", capsys=capsys)
+    assert code == 0, err
+    assert "mean average precision" in out and "exact match" in out
+    run = tmp_path / "run"
+    assert {"pr_curves.png", "report.html", "predictions.csv", "metrics.json"} <= {p.name for p in run.iterdir()}
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    assert {"mean_average_precision", "micro_f1", "macro_f1", "exact_match", "per_label"} <= set(metrics)
+    assert set(metrics["per_label"]["sky"]) == {"precision", "recall", "f1", "average_precision", "support",
+                                                "threshold", "temperature"}
+    page = (run / "report.html").read_text()
+    assert "Labels most often missed or added" in page and "Largest losses" in page and "pr_curves" in page
+    assert cli("report", run, capsys=capsys)[0] == 0  # rebuilt from the run's files
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["multi_label"] and len(config["model"]["thresholds"]) == 6
+    assert config["decision"]["mode"] == "features" and "several labels an image" in config["decision"]["reason"]
+    clf = ImageClassifier.load(run, verbose=False)
+    photo = next((tmp_path / "photos" / "red").glob("*.png"))
+    result = clf.predict([photo], top_k=2)[0]
+    thresholds = dict(zip(clf.classes, config["model"]["thresholds"], strict=True))
+    assert len(result["predictions"]) == 2 and all(p["probability"] >= thresholds[p["class"]]
+                                                   for p in result["labels"])
+    everything = clf.predict([photo], top_k=6)[0]["predictions"]
+    assert {p["class"] for p in result["labels"]} == {p["class"] for p in everything
+                                                      if p["probability"] >= thresholds[p["class"]]}
+    code, out, _ = cli("evaluate", run, file, "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["images"] == 60
+    served = TestClient(create_app(Predictor.load(run, verbose=False))).post(
+        "/predict", files={"files": ("p.png", photo.read_bytes(), "image/png")}).json()["results"][0]
+    assert [p["class"] for p in served["labels"]] == [p["class"] for p in result["labels"]]
+    assert "heatmaps for a model of several labels" in cli("explain", run, photo, capsys=capsys)[2]
+    assert "several labels an image" in cli("export", run, "--out", tmp_path / "m.onnx", capsys=capsys)[2]
+    code, _, err = cli("train", file, *TINY_FLAGS, "--mode", "finetune", "--out", tmp_path / "ft", capsys=capsys)
+    assert code == 2 and "does not take several labels an image yet" in err and not (tmp_path / "ft").exists()
 
 
 def test_train_evaluate_check_split_and_export_take_a_label_file(tmp_path: Path,

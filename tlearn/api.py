@@ -39,9 +39,10 @@ from tlearn.config import (
 )
 from tlearn.configio import from_dict, to_dict
 from tlearn.data import ImageFolder, data_root, expand_inputs, recorded_split, scan, scan_labelled, write_manifest
-from tlearn.evaluate import PathsOutputs, Scored, against_others, assess, metrics_of, score, top_classes
+from tlearn.evaluate import PathsOutputs, Scored, against_others, assess, assess_multi, metrics_of, score, top_classes
 from tlearn.extractor import Extractor, load_run
 from tlearn.labels import run_mislabels
+from tlearn.multilabel import metrics as multi_metrics
 from tlearn.novelty import NETWORK_IMAGES, Novelty, fit_run
 from tlearn.predictor import Predictor
 from tlearn.recipes import Job, Trained
@@ -156,6 +157,8 @@ class ImageClassifier:
             return self.history
         outputs_of = self.predictor().paths_outputs  # no novelty scorer yet: it is fitted on these outputs
         held, calibration = _held_out(trained, folder, outputs_of, self.train_seconds)
+        if folder.multi_label:
+            return self._finish_multi(outputs_of, held, calibration, folder, out)
         self.novelty, self.outliers = fit_run(outputs_of, folder.split("train"), self.classes, held,
                                               self.train_config.accept, self.train_config.seed,
                                               most=None if self.spec.kind == "head" else NETWORK_IMAGES)
@@ -171,6 +174,22 @@ class ImageClassifier:
                 self.findings += run_mislabels(self.data, self.extractor, self.train_config.seed,
                                                self.runtime.cache_dir)
             self.save(out)  # removes the checkpoint once the model is written
+        return self.history
+
+    def _finish_multi(self, outputs_of: PathsOutputs, held: Scored, calibration: Any, folder: ImageFolder,
+                      out: str | Path | None) -> History:
+        """``_finish``'s part for several labels an image: per-label calibration and thresholds, the multi-label
+        metrics, and the run (no novelty score and no mislabel search for them yet, said in the log)."""
+        log.info("novelty and suspected mislabels: not scored for several labels an image (not built yet)")
+        self.novelty, self.outliers = None, []
+        assessed = assess_multi(outputs_of, held, calibration, folder.split("test"), self.classes,
+                                full=out is not None)
+        self.spec.multi_label = True
+        self.spec.temperatures, self.spec.thresholds = assessed.temperatures.tolist(), assessed.thresholds.tolist()
+        self.metrics, self.predictions = assessed.metrics, assessed.predictions
+        if out is not None:
+            self.data = folder.without(assessed.failed)
+            self.save(out)
         return self.history
 
     def _join_processes(self) -> None:
@@ -210,7 +229,7 @@ class ImageClassifier:
             given = [data] if isinstance(data, DataConfig) else []
             (config,) = route_options((DataConfig,), {**({} if given else {"path": str(data)}), **data_options}, given)
             validate(config)
-            labelled = scan_labelled(config, self.classes)
+            labelled = scan_labelled(config, self.classes, self.spec.multi_label)
             for s in labelled.skipped:
                 log.warning(f"skipped {s.path}: {s.reason}")
             samples, split = labelled.samples, config.label_file or config.path
@@ -220,6 +239,9 @@ class ImageClassifier:
             samples = folder.split(split)
         threshold = self.novelty and self.novelty.threshold
         scored = score(outputs_of, samples, tta)
+        if self.spec.multi_label:
+            return {"split": split, "tta": tta, **multi_metrics(scored.y, scored.logits, self.classes, np.array(
+                self.spec.temperatures), np.array(self.spec.thresholds))}
         out = {"split": split, **metrics_of(scored, self.classes, self.spec.temperature, tta, threshold)}
         if unknown is not None:  # novelty is scored on the model's own views, with or without ``tta``
             out["unknown"] = against_others(outputs_of, scored, unknown, threshold)
@@ -300,17 +322,23 @@ def _train(job: Job) -> Trained:
                           "the launcher's message says which one stopped") from None
 
 
+MULTI_LABEL_REASON = ("several labels an image: a head on the base's features, one output a label (the other "
+                      "modes, and auto's other steps, do not take several labels yet)")
+
+
 def _prepare(data: DataConfig, train: TrainConfig, device: str) -> tuple[ImageFolder, list[Finding], Decision]:
     """The split, the duplicates found in it, and the decision of what to train within which budget; said in the
     log: the blocking duplicates, the class counts per split, the mode and the budget."""
     budget, budget_why = budget_seconds(train, device)
     folder = scan(data)
-    if folder.multi_label:
-        raise TlearnError(f"{data.label_file or data.path}: several labels an image ({folder.layout}); training on "
-                          "them is not available in this version of tlearn (`tlearn check` and `tlearn split` read "
-                          "such files). Pass --no-multi-label if each cell is one class")
+    if folder.multi_label and train.mode not in ("auto", "features"):
+        raise TlearnError(f"--mode {train.mode} does not take several labels an image yet ({folder.layout}); use "
+                          "--mode features (or no --mode), or --no-multi-label if each cell is one class")
     findings = quick_check(folder)
     decision = dataclasses.replace(choose(len(folder.split("train")), len(folder.classes), train), budget=budget)
+    if folder.multi_label:
+        decision = dataclasses.replace(decision, mode="features", budget=None, reason=MULTI_LABEL_REASON)
+        budget_why = ""
     for f in findings:
         if f.severity == "error":
             log.warning(f"{f.kind}: {f.path}: {f.detail}")

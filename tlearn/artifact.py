@@ -71,6 +71,9 @@ class ModelSpec:
     bases: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # each base's name and identity
     novelty: dict[str, Any] | None = None  # the novelty scorer's settings and threshold (``tlearn.novelty``); its
     # reference features are the tensor NOVELTY_TENSOR. None: saved before tlearn scored novelty
+    multi_label: bool = False  # several labels an image: a sigmoid a label, each with its temperature and threshold
+    temperatures: list[float] | None = None
+    thresholds: list[float] | None = None
 
     def build(self) -> nn.Module:
         """The untrained module whose state_dict ``model.safetensors`` holds."""

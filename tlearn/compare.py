@@ -19,8 +19,8 @@ from tlearn import plots
 from tlearn.config import DataConfig, OutputConfig, TlearnError
 from tlearn.data import data_root
 from tlearn.fileio import atomic_write_csv, atomic_write_text, read_csv_rows, safe_name
-from tlearn.htmlreport import CSS, html_table, png_tag
 from tlearn.models import SCRATCH
+from tlearn.pages import CSS, html_table, png_tag
 
 log = logging.getLogger("tlearn")
 BACKBONE_MODES = ("auto", "features", "frozen", "finetune")

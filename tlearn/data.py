@@ -156,13 +156,16 @@ def _scan_split_folders(root: Path, split_dirs: dict[str, Path], config: DataCon
     return data
 
 
-def scan_labelled(data: Path | str | DataConfig, classes: list[str]) -> ImageFolder:
+def scan_labelled(data: Path | str | DataConfig, classes: list[str], multi_label: bool = False) -> ImageFolder:
     """Images to evaluate a trained model on, all in split "test": a folder of class sub-folders, or a split
     folder, whose test/ (else validation/) is used; or a label file (a ``DataConfig`` says how to read it), whose
     test rows (else validation rows, else all) are used. The classes must be among the model's ``classes``."""
     config = data if isinstance(data, DataConfig) else DataConfig(path=str(data))
     if config.label_file or labelfile.is_label_file(config.path):
-        return labelfile.labelled(config, classes)
+        return labelfile.labelled(config, classes, multi_label)
+    if multi_label:
+        raise TlearnError(f"{config.path}: class folders give one class an image; evaluate a model of several labels "
+                          "an image on a label file")
     path = config.path
     root = Path(path).expanduser().resolve()
     if not root.is_dir():

@@ -13,6 +13,8 @@ import numpy as np
 from tlearn.calibrate import calibrated, ece, fit_temperature, nll
 from tlearn.config import TlearnError
 from tlearn.data import Sample, expand_inputs
+from tlearn.multilabel import bce, fit_temperatures, fit_thresholds, sigmoid, targets
+from tlearn.multilabel import metrics as multi_metrics
 
 log = logging.getLogger("tlearn")
 PathsOutputs = Callable[[list[Path], bool, bool], Any]  # (paths, tta, cache) -> ``predictor.Outputs``:
@@ -40,7 +42,10 @@ def score(outputs_of: PathsOutputs, samples: list[Sample], tta: bool = False) ->
     keep = [i for i, p in enumerate(paths) if p not in out.failed]
     if not keep:
         raise TlearnError("none of the images to evaluate on could be decoded")
-    return Scored(out.logits[keep], np.array([samples[i].label for i in keep]), [paths[i] for i in keep], out.failed,
+    multi = samples[keep[0]].label < 0  # several labels an image: (N, C) of 0/1
+    y = targets([samples[i].labels for i in keep], out.logits.shape[1]) if multi else \
+        np.array([samples[i].label for i in keep])
+    return Scored(out.logits[keep], y, [paths[i] for i in keep], out.failed,
                   None if out.features is None else out.features[keep],
                   None if out.novelty is None else out.novelty[keep])
 
@@ -120,9 +125,12 @@ def calibrated_metrics(y_true: np.ndarray, logits: np.ndarray, classes: list[str
 
 
 def top_classes(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, names: list[str], k: int,
-                novelty: np.ndarray | None = None, threshold: float | None = None) -> list[dict[str, Any]]:
+                novelty: np.ndarray | None = None, threshold: float | None = None,
+                labels: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One result per path, in order: its ``k`` most probable classes, with its ``novelty`` and whether it is
-    ``unknown`` (above ``threshold``) where those are given; or the reason it could not be read."""
+    ``unknown`` (above ``threshold``) where those are given; or the reason it could not be read. With ``labels``
+    (several labels an image: each label's threshold), also ``"labels"``: every label at or above its threshold,
+    most probable first."""
     results: list[dict[str, Any]] = []
     for i, path in enumerate(paths):
         if path in failed:
@@ -131,6 +139,9 @@ def top_classes(paths: list[Path], failed: dict[Path, str], proba: np.ndarray, n
         order = np.argsort(-proba[i])[:k]
         results.append({"path": str(path),
                         "predictions": [{"class": names[j], "probability": float(proba[i, j])} for j in order]})
+        if labels is not None:
+            results[-1]["labels"] = [{"class": names[j], "probability": float(proba[i, j])}
+                                     for j in np.argsort(-proba[i]) if proba[i, j] >= labels[j]]
         if novelty is not None and threshold is not None:
             results[-1] |= novelty_fields(float(novelty[i]), threshold)
     return results
@@ -148,6 +159,8 @@ class Assessed:
 
     temperature: float
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    temperatures: np.ndarray | None = None  # several labels an image: each label's temperature and threshold
+    thresholds: np.ndarray | None = None
     predictions: dict[str, tuple[list[Path], np.ndarray, np.ndarray]] = field(default_factory=dict)
     failed: dict[Path, str] = field(default_factory=dict)  # images that could not be decoded when scored
 
@@ -171,4 +184,29 @@ def assess(outputs_of: PathsOutputs, validation: Scored, calibration: tuple[np.n
         out.metrics[split] = metrics_of(scored, classes, out.temperature, threshold=threshold)
         out.metrics[split]["calibration"]["fitted_on"] = where
         out.predictions[split] = (scored.paths, scored.y, scored.logits, scored.novelty)
+    return out
+
+
+def assess_multi(outputs_of: PathsOutputs, validation: Scored, calibration: tuple[np.ndarray, np.ndarray, str] | None,
+                 test: list[Sample], classes: list[str], full: bool = True) -> Assessed:
+    """``assess`` for several labels an image: each label's temperature and decision threshold (best F1) fitted on
+    ``calibration`` (held-out logits; default: the validation split's), then, with ``full``, the multi-label
+    metrics of the validation and ``test`` splits."""
+    logits, y, where = calibration or (validation.logits, validation.y, "validation")
+    temperatures = fit_temperatures(y, logits)
+    out = Assessed(1.0, temperatures=temperatures, thresholds=fit_thresholds(y, sigmoid(logits / temperatures)))
+    log.info(f"calibration: a temperature and a threshold a label, fitted on {where} (loss {bce(y, logits):.4f} -> "
+             f"{bce(y, logits / temperatures):.4f})")
+    if not full:
+        return out
+    splits = {"validation": validation, **({"test": score(outputs_of, test)} if test else {})}
+    for split, scored in splits.items():
+        for path, reason in scored.failed.items():
+            log.warning(f"skipped {path}: {reason}")
+        out.failed.update(scored.failed)
+        out.metrics[split] = {**multi_metrics(scored.y, scored.logits, classes, temperatures, out.thresholds),
+                              "fitted_on": where, "tta": False}
+        if scored.failed:
+            out.metrics[split]["skipped"] = {str(p): r for p, r in scored.failed.items()}
+        out.predictions[split] = (scored.paths, scored.y, scored.logits, None)
     return out

@@ -230,6 +230,9 @@ def run_explainer(run_dir: Path, model: nn.Module | None = None, base: Backbone 
 def explainer_of(spec: ModelSpec, model: nn.Module, extractor: Extractor) -> Explainer:
     """The explainer of a model in memory: a whole network's own, or a head's on the frozen bases of its
     feature service."""
+    if spec.multi_label:
+        raise TlearnError("heatmaps for a model of several labels an image (one label at a time) are not available "
+                          "yet; its predictions are (tlearn predict)")
     if spec.kind != "head":
         return Explainer(spec, model)
     bases = [extractor.base(name) for name in extractor.names()]

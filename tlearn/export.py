@@ -136,6 +136,9 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = F
     _claim(out, overwrite)
     run = load_run(run_dir, InferenceConfig(weights=weights, device="cpu", precision="fp32"),
                    RuntimeConfig(cache_dir=cache_dir), verbose=False)
+    if run.spec.multi_label:
+        raise TlearnError(f"{run_dir} gives several labels an image; exporting such a model (a sigmoid a label, "
+                          "with its thresholds) is not available yet. Predict and serve it from the run folder")
     module, inputs = whole_classifier(run)
     names = ["image"] if len(inputs) == 1 else [f"image_{i}" for i in range(len(inputs))]
     evaluation, calibration, split = _real_images(run, data)

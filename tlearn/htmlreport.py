@@ -7,7 +7,6 @@ the data-quality findings. The figures are also written beside it as PNG files."
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import html
@@ -21,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlearn import fileio, grids, plots
+from tlearn import fileio, grids, multireport, plots
 from tlearn.artifact import load_model, read_run
 from tlearn.calibrate import binned
 from tlearn.config import AugmentConfig, TlearnError
 from tlearn.configio import from_dict
 from tlearn.fileio import atomic_write_text, default_cache_dir, file_sha256, read_csv_rows
+from tlearn.pages import html_table, page, png_tag, section
 from tlearn.report import read_predictions_csv
 
 if TYPE_CHECKING:
@@ -42,34 +42,7 @@ MAX_CLASSES_EXPLAINED = 10  # ...for this many classes
 PER_CLASS = 2  # plain and augmented samples per class in the grid
 MAX_CLASSES_IN_GRID = 20
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
-h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;
-text-align:left}th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:100%;border:1px solid #eee}.muted{color:#666}.kv td:first-child{font-weight:600}
-.big{font-size:1.3em;font-weight:600}"""
 
-
-def png_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-
-
-def html_table(rows: list[list[Any]], header: list[str], cls: str = "") -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f'<td class="n">{v:.4f}</td>'
-        if isinstance(v, int):
-            return f'<td class="n">{v:,}</td>'
-        return f"<td>{html.escape(str(v))}</td>"
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
-
-
-def _section(title: str, *parts: str) -> str:
-    return f"<h2>{html.escape(title)}</h2>\n" + "\n".join(parts)
 
 
 def _header(config: dict[str, Any], run_dir: Path, shown_as: Path) -> str:
@@ -153,9 +126,10 @@ def _curves(run_dir: Path, config: dict[str, Any]) -> str:
 
 
 def _train_rows(config: dict[str, Any], run_dir: Path) -> list[tuple[Path, str]]:
-    """The training images and their classes, from the run's split.csv."""
+    """The training images and their classes (several labels: joined by ';'), from the run's split.csv."""
     root = Path(config.get("data_summary", {}).get("root", ""))
-    return [(root / r["path"], r["class"]) for r in read_csv_rows(run_dir / "split.csv") if r.get("split") == "train"]
+    return [(root / r["path"], r["class"] if "class" in r else ";".join(json.loads(r["labels"])))
+            for r in read_csv_rows(run_dir / "split.csv") if r.get("split") == "train"]
 
 
 def _samples(config: dict[str, Any], train: list[tuple[Path, str]], run_dir: Path, cache: Path) -> str:
@@ -421,7 +395,8 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
                               "evaluation)")
         try:
             metrics = json.loads(metrics_path.read_text())
-            predictions = read_predictions_csv(predictions_path)
+            predictions = multireport.read_predictions_csv(predictions_path, config["model"]["classes"]) if \
+                config["model"].get("multi_label") else read_predictions_csv(predictions_path)
             if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
                 raise ValueError("metrics.json is not a JSON object of splits")
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -430,22 +405,28 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, base: Any 
     train = _train_rows(config, run_dir) if train is None else train
     cache = Path(cache_dir or default_cache_dir())
     explainer = functools.cache(lambda: grids.explainer(run_dir, model, base, cache_dir))  # built if a figure is drawn
+    if config["model"].get("multi_label"):
+        middle = [section(title, part) for title, part in multireport.sections(
+            metrics, predictions, config["model"]["classes"], run_dir, cache)]
+        body = "\n".join([_header(config, run_dir, shown_as), section("Decision", _decision(config)),
+                          section("Training curves", _curves(run_dir, config)),
+                          section("Sample images", _samples(config, train, run_dir, cache)), *middle,
+                          section("Model summary", _summary(model, config, base, run_dir, cache)),
+                          section("Data quality", _findings(run_dir))])
+        return page(run_dir, shown_as, body)
     body = "\n".join([
         _header(config, run_dir, shown_as),
-        _section("Decision", _decision(config)),
-        _section("Training curves", _curves(run_dir, config)),
-        _section("Sample images", _samples(config, train, run_dir, cache)),
-        _section("Test metrics", _metrics(metrics, run_dir, cache)),
-        _section("Misclassified: top losses", _gallery(predictions, run_dir, cache, explainer)),
-        _section("Correct predictions and their evidence", _correct(predictions, config["model"]["classes"],
+        section("Decision", _decision(config)),
+        section("Training curves", _curves(run_dir, config)),
+        section("Sample images", _samples(config, train, run_dir, cache)),
+        section("Test metrics", _metrics(metrics, run_dir, cache)),
+        section("Misclassified: top losses", _gallery(predictions, run_dir, cache, explainer)),
+        section("Correct predictions and their evidence", _correct(predictions, config["model"]["classes"],
                                                                     run_dir, cache, explainer)),
-        _section("Calibration", _calibration(metrics, predictions, run_dir, cache)),
-        _section("Unlike the training data", _novelty(config, metrics, predictions, run_dir, cache)),
-        _section("Model summary", _summary(model, config, base, run_dir, cache)),
-        _section("Suspected mislabels", _mislabels(run_dir, cache)),
-        _section("Data quality", _findings(run_dir)),
+        section("Calibration", _calibration(metrics, predictions, run_dir, cache)),
+        section("Unlike the training data", _novelty(config, metrics, predictions, run_dir, cache)),
+        section("Model summary", _summary(model, config, base, run_dir, cache)),
+        section("Suspected mislabels", _mislabels(run_dir, cache)),
+        section("Data quality", _findings(run_dir)),
     ])
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tlearn report: "
-            f"{html.escape(shown_as.name)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
-    atomic_write_text(run_dir / "report.html", page)
-    return run_dir / "report.html"
+    return page(run_dir, shown_as, body)

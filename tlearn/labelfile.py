@@ -21,6 +21,7 @@ outside the base, a split that is not one of the three, single-label rows for on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -363,19 +364,24 @@ def _grouped(rows: Iterable[Row]) -> dict[str, list[Path]]:
     return by_class
 
 
-def labelled(config: DataConfig, classes: list[str]) -> ImageFolder:
-    table = read(config)
+def labelled(config: DataConfig, classes: list[str], multi_label: bool = False) -> ImageFolder:
+    """The rows of a label file to evaluate a model of ``classes`` on, all in split "test": its test rows, else
+    its validation rows, else all. ``multi_label``: the model gives several labels an image (the file may give
+    one or several); else each row must give one."""
+    table = read(dataclasses.replace(config, multi_label=True) if multi_label else config)
     if not config.skip_bad_rows:
         table.refuse_problems()
-    if table.multi_label:
+    if table.multi_label and not multi_label:
         raise TlearnError(f"{table.file} gives several labels an image ({table.why}); this model has one class an "
                           "image. Pass --no-multi-label if each cell is one class")
     split = next((s for s in ("test", "validation") if any(r.split == s for r in table.rows)), None)
     rows = [r for r in table.rows if split is None or r.split == split]
-    unknown = sorted({r.labels[0] for r in rows} - set(classes))
+    unknown = sorted({k for r in rows for k in r.labels} - set(classes))
     if unknown:
         raise TlearnError(f"label(s) {', '.join(map(repr, unknown[:5]))} in {table.file} are not classes of this "
                           f"model ({', '.join(classes)})")
-    samples = [Sample(r.path, classes.index(r.labels[0]), "test") for r in rows]
-    return ImageFolder(table.base, list(classes), samples, _bad_rows(table),
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [Sample(r.path, -1, "test", tuple(index[k] for k in r.labels)) if multi_label else
+               Sample(r.path, index[r.labels[0]], "test") for r in rows]
+    return ImageFolder(table.base, list(classes), samples, _bad_rows(table), multi_label=multi_label,
                        layout=f"label file {table.file.name}" + (f" ({split} rows)" if split else ""))

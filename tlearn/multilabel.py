@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_THRESHOLD = 0.5  # a label with no positive validation image keeps it
+DEFAULT_THRESHOLD = 0.5  # a label with fewer than MIN_POSITIVES held-out images keeps it
+MIN_POSITIVES = 5  # held-out images of a label below which its threshold is not fitted (too few to place it)
 TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))  # the grid a label's temperature is chosen on
 
 
@@ -51,11 +52,11 @@ def fit_temperatures(y: np.ndarray, logits: np.ndarray) -> np.ndarray:
 def fit_thresholds(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """Each label's decision threshold where its F1 score on held-out probabilities is best (the midpoint between
     that probability and the next lower one, so a little noise does not flip the decision);
-    ``DEFAULT_THRESHOLD`` for a label with no positive image there."""
+    ``DEFAULT_THRESHOLD`` for a label with fewer than ``MIN_POSITIVES`` positive images there."""
     out = np.full(y.shape[1], DEFAULT_THRESHOLD)
     for k in range(y.shape[1]):
         positives = y[:, k].sum()
-        if positives == 0:
+        if positives < MIN_POSITIVES:
             continue
         order = np.argsort(-proba[:, k], kind="stable")
         p, hits = proba[order, k], np.cumsum(y[order, k])

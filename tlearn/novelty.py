@@ -219,6 +219,9 @@ def restore(config: dict[str, Any], reference: np.ndarray, where: str) -> Novelt
 def of_run(spec: Any, reference: np.ndarray | None, where: str) -> Novelty | None:
     """A loaded model's scorer (``spec`` its ``ModelSpec``, ``reference`` its tensor), or None, said once, for a
     model saved before tlearn scored novelty."""
+    if spec.novelty is None and getattr(spec, "multi_label", False):
+        log.info(f"{where} gives several labels an image: its predictions carry no novelty score (not built yet)")
+        return None
     if spec.novelty is None:
         log.warning(f"{where} was saved before tlearn scored novelty, so its predictions carry no \"novelty\" or "
                     "\"unknown\"; train it again to get them")

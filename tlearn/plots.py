@@ -140,6 +140,23 @@ def confusion(matrix: Sequence[Sequence[int]], classes: list[str], path: Path) -
     return _save(fig, path)
 
 
+def pr_curves(y: np.ndarray, proba: np.ndarray, classes: list[str], path: Path) -> Path:
+    """The precision-recall curve of each label with a positive image, its average precision in the legend."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for k, name in enumerate(classes):
+        if y[:, k].any():
+            precision, recall, _ = precision_recall_curve(y[:, k], proba[:, k])
+            ax.step(recall, precision, where="post", lw=1.2,
+                    label=f"{label(name)} (AP {average_precision_score(y[:, k], proba[:, k]):.2f})")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.02), title="Precision-recall per label")
+    ax.legend(fontsize=7, ncol=2 if len(classes) > 12 else 1, loc="lower left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def reliability_diagram(before: Reliability, after: Reliability, temperature: float, path: Path) -> Path:
     """Accuracy against confidence per bin, before and after temperature scaling, with each bin's mean confidence,
     its number of predictions, and the diagonal of perfect calibration."""

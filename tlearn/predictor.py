@@ -49,6 +49,7 @@ from tlearn.evaluate import top_classes
 from tlearn.fileio import file_sha256, onnx_export_path, require_regular
 from tlearn.graph import read_sidecar, sidecar_path
 from tlearn.images import VIEWS, ImageDecodeError, crop_resize_fits, eval_transform, load_image, tta_views
+from tlearn.multilabel import sigmoid
 from tlearn.novelty import Novelty, of_run
 
 if TYPE_CHECKING:
@@ -281,7 +282,16 @@ class Predictor:
         views with ``tta``)."""
         return self.run(self.prepare(images, tta)).logits
 
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """Several labels an image: each label's decision threshold (None: one class an image)."""
+        return np.array(self.spec.thresholds) if self.spec is not None and self.spec.multi_label else None
+
     def probabilities(self, logits: np.ndarray, calibration: bool = True) -> np.ndarray:
+        """Softmax probabilities of the classes, or (several labels an image) a sigmoid probability a label, with
+        the temperature scaling fitted on held-out images unless ``calibration`` is False."""
+        if self.thresholds is not None:
+            return sigmoid(logits / np.array(self.spec.temperatures)) if calibration else sigmoid(logits)
         return calibrated(logits, self.temperature if calibration else 1.0)
 
     def predict_images(self, images: list[Image.Image], top_k: int = 3, *, calibration: bool = True,
@@ -294,7 +304,7 @@ class Predictor:
         names = [str(i) for i in range(len(images))]
         return [{k: v for k, v in r.items() if k != "path"} for r in top_classes(
             names, {}, self.probabilities(out.logits, calibration), self.classes, top_k,
-            *((out.novelty, self.threshold) if unknown else ()))]
+            *((out.novelty, self.threshold) if unknown else (None, None)), labels=self.thresholds)]
 
     def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
                 tta: bool = False, unknown: bool = True) -> list[dict[str, Any]]:
@@ -307,7 +317,7 @@ class Predictor:
             return []
         out = self.paths_outputs(paths, tta)
         return top_classes(paths, out.failed, self.probabilities(out.logits, calibration), self.classes, top_k,
-                           *((out.novelty, self.threshold) if unknown else ()))
+                           *((out.novelty, self.threshold) if unknown else (None, None)), labels=self.thresholds)
 
     def paths_outputs(self, paths: list[Path], tta: bool = False, cache: bool = False) -> Outputs:
         """The ``Outputs`` of the images at ``paths``: (N, C) uncalibrated logits, the mean over the model's views

@@ -132,6 +132,8 @@ def _fmt(c: Any) -> str:
 
 
 def format_metrics(metrics: dict[str, Any], split: str) -> str:
+    if "per_label" in metrics:  # several labels an image
+        return _format_multi(metrics, split)
     rows = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in metrics["per_class"].items()]
     head = f"{split}: accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['n']} images"
     if "calibration" in metrics:
@@ -156,6 +158,17 @@ def format_metrics(metrics: dict[str, Any], split: str) -> str:
                         table(cm_rows, ["", *names])])
 
 
+def _format_multi(metrics: dict[str, Any], split: str) -> str:
+    head = (f"{split}: mean average precision {metrics['mean_average_precision']:.4f}, micro F1 "
+            f"{metrics['micro_f1']:.4f}, macro F1 {metrics['macro_f1']:.4f}, exact match {metrics['exact_match']:.4f}, "
+            f"loss {metrics['loss']:.4f} on {metrics['images']} images\ncalibration: a temperature a label (loss "
+            f"{metrics['loss_uncalibrated']:.4f} -> {metrics['loss']:.4f}); thresholds fitted on "
+            f"{metrics.get('fitted_on', 'validation')}")
+    rows = [[name, m["precision"], m["recall"], m["f1"], "-" if m["average_precision"] is None else
+             m["average_precision"], m["support"], m["threshold"]] for name, m in metrics["per_label"].items()]
+    return "\n\n".join([head, table(rows, ["label", "precision", "recall", "f1", "AP", "support", "threshold"])])
+
+
 def format_counts(counts: dict[str, dict[str, int]]) -> str:
     splits = list(counts)
     classes = list(next(iter(counts.values())))
@@ -172,6 +185,9 @@ def format_predictions(results: list[dict[str, Any]]) -> str:
             continue
         top = ", ".join(f"{printable(p['class'])} {p['probability']:.3f}" for p in r["predictions"])
         unknown = f"unknown (novelty {r['novelty']:.2f}, unlike the training images); " if r.get("unknown") else ""
+        if "labels" in r:  # several labels an image: those at their thresholds, then the top-k
+            given = ", ".join(printable(p["class"]) for p in r["labels"]) or "no label"
+            top = f"labels: {given} (top: {top})"
         lines.append(f"{printable(r['path'])}: {unknown}{top}")
     return "\n".join(lines)
 

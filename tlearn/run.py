@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from tlearn import plots, report
+from tlearn import multireport, plots, report
 from tlearn.artifact import CONFIG_FILE, FORMAT, MODEL_FILE, ModelSpec, save_model
 from tlearn.check import Finding
 from tlearn.checkpoint import CHECKPOINT_FILE
@@ -66,7 +66,7 @@ class RunResult:
 RUN_FILES = frozenset({MODEL_FILE, CONFIG_FILE, CHECKPOINT_FILE, "split.csv", "skipped.csv", "check.json",
                        "history.csv", "curves.png", "metrics.json", "predictions.csv", "report.html", "samples.png",
                        "confusion.png", "top_losses.png", "correct.png", "mislabels.png", "reliability.png",
-                       "tensorboard", "outliers.csv", "novelty.png", "outliers.png"})
+                       "tensorboard", "outliers.csv", "novelty.png", "outliers.png", "pr_curves.png"})
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tlearn-(?P<kind>new|old)-(?P<pid>\d+)-[^/]*$")
 
 
@@ -128,7 +128,7 @@ def is_run(folder: Path) -> bool:
         return True
     try:
         with open(folder / "split.csv", encoding="utf-8", errors="replace") as f:
-            return f.readline().strip() == "path,class,split"
+            return f.readline().strip() in ("path,class,split", "path,labels,split")
     except OSError:
         return False
 
@@ -224,9 +224,15 @@ def _write_files(run_dir: Path, result: RunResult, shown_as: Path) -> None:
                     lambda: plots.curves(result.history, run_dir / "curves.png", title=result.title), cache)
     if result.metrics:
         atomic_write_text(run_dir / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
-    rows = report.prediction_rows(result.predictions, result.spec.classes, result.spec.temperature)
-    if result.predictions:
-        report.write_predictions_csv(rows, run_dir / "predictions.csv")
+    spec = result.spec
+    if spec.multi_label:
+        rows = multireport.prediction_rows(result.predictions, spec.classes, spec.temperatures, spec.thresholds)
+        if result.predictions:
+            multireport.write_predictions_csv(rows, spec.classes, run_dir / "predictions.csv")
+    else:
+        rows = report.prediction_rows(result.predictions, spec.classes, spec.temperature)
+        if result.predictions:
+            report.write_predictions_csv(rows, run_dir / "predictions.csv")
     if result.outliers:
         report.write_outliers_csv(result.outliers, run_dir / "outliers.csv")
     config = save_model(run_dir, result.spec, result.model, result.config,
@@ -234,7 +240,7 @@ def _write_files(run_dir: Path, result: RunResult, shown_as: Path) -> None:
     if result.history and result.tensorboard:
         report.write_tensorboard(result.history, result.metrics, run_dir / "tensorboard")
     if result.metrics:
-        train = None if result.data is None else [(s.path, result.data.classes[s.label])
+        train = None if result.data is None else [(s.path, ";".join(result.data.classes[k] for k in s.targets))
                                                   for s in result.data.split("train")]
         page = build_report(run_dir, result.model, result.base, config=config, metrics=result.metrics,
                             predictions=rows, train=train, cache_dir=cache, shown_as=shown_as)

@@ -15,6 +15,7 @@ from tlearn.configio import to_dict
 from tlearn.fileio import file_sha256, keyed_path
 from tlearn.recipes.heads import MEMO_VERSION, Probe, Split, choose_head, describe, load_probe, refit, save_probe
 from tlearn.recipes.job import Job, Trained, by_split, head_views, record, weight
+from tlearn.recipes.multihead import choose_multi_head, refit_multi
 from tlearn.recipes.plan import Step
 
 log = logging.getLogger("tlearn")
@@ -51,8 +52,10 @@ def probe_features(job: Job, names: list[str]) -> Found:
                  f"labels and settings")
         return probe, None, None, _failed_paths(job, found[1])
     train, val, failed = probe_splits(job, names)
-    log.info(f"choosing the head on {'+'.join(names)} features ({train.X.shape[1]} per image):")
-    probe = choose_head(train, val, len(job.data.classes), job.train, weight(job, train.y))
+    log.info(f"choosing the head on {'+'.join(names)} features ({train.X.shape[1]} per image"
+             f"{', several labels an image' if job.data.multi_label else ''}):")
+    probe = choose_multi_head(train, val, job.data.classes, job.train) if job.data.multi_label else \
+        choose_head(train, val, len(job.data.classes), job.train, weight(job, train.y))
     log.info(f"  chosen: {describe(probe.chosen)} (val_loss {probe.val_loss:.4f}, "
              f"val_accuracy {probe.val_accuracy:.4f}, {probe.seconds:.1f} s)")
     if memo:
@@ -71,7 +74,8 @@ def head_result(job: Job, names: list[str], found: Found) -> Trained:
     else:
         if train is None:  # the choice was remembered but not the refit: its features are needed after all
             train, val, _ = probe_splits(job, names)
-        probe = refit(probe, train, val, len(job.data.classes), job.train)
+        probe = refit_multi(probe, train, val, job.train) if job.data.multi_label else \
+            refit(probe, train, val, len(job.data.classes), job.train)
         if memo and probe.refit:
             save_probe(memo, probe, [])
     bb = job.extractor.base(names[0])
@@ -85,7 +89,8 @@ def memo_path(job: Job, names: list[str], what: str = "chosen") -> Path | None:
     identities, each training and validation image's content and label, the training settings and the library
     versions), or None when a file cannot be read."""
     try:
-        rows = {split: [(file_sha256(s.path), s.label) for s in job.data.split(split)]
+        rows = {split: [(file_sha256(s.path), s.targets if job.data.multi_label else s.label)
+                        for s in job.data.split(split)]
                 for split in ("train", "validation")}
     except OSError:
         return None

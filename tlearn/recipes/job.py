@@ -25,6 +25,7 @@ from tlearn.data import ImageFolder
 from tlearn.extractor import Extractor
 from tlearn.features import Features
 from tlearn.models import parameter_counts
+from tlearn.multilabel import targets
 from tlearn.recipes.heads import Probe, describe
 from tlearn.recipes.plan import Clock, Step
 from tlearn.train import History, Precision, class_weights
@@ -115,7 +116,8 @@ def by_split(job: Job, get: Callable[[list[Path], tuple[str, ...]], list[Feature
         feats = get([s.path for s in samples], views)
         bad = {p: reason for f in feats for p, reason in f.failed.items()}
         keep = np.array([s.path not in bad for s in samples], dtype=bool)
-        y = np.array([s.label for s in samples], dtype=np.int64)
+        y = targets([s.labels for s in samples], len(job.data.classes)) if job.data.multi_label else \
+            np.array([s.label for s in samples], dtype=np.int64)
         out[split] = [f.X if keep.all() else f.X[keep] for f in feats], y[keep]
         failed.update(bad)
     return out, failed
@@ -128,6 +130,8 @@ def cached_features(job: Job) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
 
 
 def weight(job: Job, y_train: np.ndarray) -> torch.Tensor | None:
+    if job.data.multi_label:  # each label is its own binary problem: no weights between classes
+        return None
     return class_weights(y_train, len(job.data.classes), job.train.class_weight)  # the loop places them
 
 

@@ -179,7 +179,7 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
         uploads = [((f.filename or f"file {i + 1}")[:MAX_FILENAME], await f.read()) for i, f in enumerate(files)]
         pictures, prepared = await run_in_threadpool(_prepare, predictor, uploads)
         out = await run_in_threadpool(batcher.submit, prepared)
-        proba = iter(predictor.probabilities(out.logits))
+        proba, thresholds = iter(predictor.probabilities(out.logits)), predictor.thresholds
         novelty = iter(out.novelty if scored else [])
         results = []
         for (name, _), picture in zip(uploads, pictures, strict=True):
@@ -191,6 +191,9 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
             results.append({"filename": name, "width": picture.width, "height": picture.height,
                             "predictions": [{"class": predictor.classes[j], "probability": float(p[j])}
                                             for j in order]})
+            if thresholds is not None:  # several labels an image: every label at its threshold
+                results[-1]["labels"] = [{"class": predictor.classes[j], "probability": float(p[j])}
+                                         for j in p.argsort()[::-1] if p[j] >= thresholds[j]]
             if scored:
                 results[-1] |= novelty_fields(float(next(novelty)), predictor.threshold)
         return {"model_id": about.get("model_id"), "latency_ms": round(1000 * (time.perf_counter() - start), 2),
