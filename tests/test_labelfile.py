@@ -234,6 +234,10 @@ def test_a_multi_label_file_trains_a_head_a_label_and_predicts_every_label_at_it
     assert [p["class"] for p in served["labels"]] == [p["class"] for p in result["labels"]]
     assert "heatmaps for a model of several labels" in cli("explain", run, photo, capsys=capsys)[2]
     assert "several labels an image" in cli("export", run, "--out", tmp_path / "m.onnx", capsys=capsys)[2]
+    code, _, err = cli("compare", file, "--models", "logreg-pixels", "--out", tmp_path / "cmp", capsys=capsys)
+    assert code == 2 and "comparing models on such data" in err and not (tmp_path / "cmp").exists()
+    code, _, err = cli("check", file, "--labels", capsys=capsys)
+    assert code == 2 and "drop --labels and --outliers" in err
     code, _, err = cli("train", file, *TINY_FLAGS, "--mode", "finetune", "--out", tmp_path / "ft", capsys=capsys)
     assert code == 2 and "does not take several labels an image yet" in err and not (tmp_path / "ft").exists()
 

@@ -51,6 +51,7 @@ from tlearn.recipes.heads import FOLDS, describe
 from tlearn.recipes.job import model_spec
 from tlearn.recipes.plan import DERIVED, Clock, budget_seconds, choose, format_table
 from tlearn.run import RunResult, claim_out, sections, write_run
+from tlearn.samples import images_of
 from tlearn.train import History, Precision
 
 if TYPE_CHECKING:
@@ -343,7 +344,7 @@ def _prepare(data: DataConfig, train: TrainConfig, device: str) -> tuple[ImageFo
         if f.severity == "error":
             log.warning(f"{f.kind}: {f.path}: {f.detail}")
     log.info(f"data: {folder.root} ({folder.layout}), {len(folder.classes)} classes\n"
-             f"{report.format_counts(folder.counts())}\nmode: {decision.mode} ({decision.reason})")
+             f"{report.format_counts(folder.counts(), images_of(folder))}\nmode: {decision.mode} ({decision.reason})")
     if decision.mode == "auto":
         log.info(f"the classic strategy table (shown for reference; auto decides from measurements):\n"
                  f"{format_table(len(folder.split('train')), len(folder.classes), train)}")

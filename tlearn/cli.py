@@ -277,11 +277,12 @@ def split(args: argparse.Namespace) -> None:
     """Copy (hard-link) a folder of class sub-folders, or a label file's images, into DEST/train, DEST/validation
     and DEST/test; or write the split as a label file with a split column (DEST ending in .csv)."""
     from tlearn.data import materialise_split
+    from tlearn.samples import images_of
 
     data = config(DataConfig, args)
     validate(data)
     folder = materialise_split(data, Path(args.dest))
-    print(report.format_counts(folder.counts()))
+    print(report.format_counts(folder.counts(), images_of(folder)))
     print(f"split written to {args.dest}")
 
 

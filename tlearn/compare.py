@@ -17,7 +17,7 @@ from typing import Any
 
 from tlearn import plots
 from tlearn.config import DataConfig, OutputConfig, TlearnError
-from tlearn.data import data_root
+from tlearn.data import data_root, scan
 from tlearn.fileio import atomic_write_csv, atomic_write_text, read_csv_rows, safe_name
 from tlearn.models import SCRATCH
 from tlearn.pages import CSS, html_table, png_tag
@@ -53,6 +53,9 @@ def compare(data: DataConfig, models: str, out: Path, configs: Sequence[Any]) ->
 
     output = next((c for c in configs if isinstance(c, OutputConfig)), OutputConfig())
     claim_out(out, data_root(data), overwrite=output.overwrite, kind="compare")
+    if scan(data).multi_label:  # before any model trains
+        raise TlearnError(f"{data.label_file or data.path} gives several labels an image; comparing models on such "
+                          "data (ranked by mean average precision) is not available yet: train each with tlearn train")
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
     manifest = data.split_manifest

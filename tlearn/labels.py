@@ -114,6 +114,10 @@ def _folder_features(config: DataConfig, backbone: str, cache_dir: str | None, p
     from tlearn.extractor import Extractor  # torch and timm: only when the search runs
 
     data = scan(config)
+    if data.multi_label:
+        raise TlearnError(f"{config.label_file or config.path} gives several labels an image; the search for "
+                          "suspected mislabels and outliers is not available for such data yet: drop --labels and "
+                          "--outliers")
     settings = BackboneConfig(backbone=backbone), TrainConfig(), RuntimeConfig(cache_dir=cache_dir)
     validate(*settings)
     extractor = Extractor(*settings, verbose=progress)

@@ -169,12 +169,15 @@ def _format_multi(metrics: dict[str, Any], split: str) -> str:
     return "\n\n".join([head, table(rows, ["label", "precision", "recall", "f1", "AP", "support", "threshold"])])
 
 
-def format_counts(counts: dict[str, dict[str, int]]) -> str:
+def format_counts(counts: dict[str, dict[str, int]], images: dict[str, int] | None = None) -> str:
+    """The images of each class per split, and the total; with several labels an image, the images with each
+    label, and ``images`` (per split) as the last row."""
     splits = list(counts)
     classes = list(next(iter(counts.values())))
     rows = [[c, *(counts[s][c] for s in splits)] for c in classes]
-    rows.append(["total", *(sum(counts[s].values()) for s in splits)])
-    return table(rows, ["class", *splits])
+    rows.append(["images", *(images[s] for s in splits)] if images else
+                ["total", *(sum(counts[s].values()) for s in splits)])
+    return table(rows, ["label" if images else "class", *splits])
 
 
 def format_predictions(results: list[dict[str, Any]]) -> str:

@@ -125,6 +125,11 @@ def check_nonempty(data: ImageFolder) -> None:
                               f"{data.root}; add images there (or see the skipped-files list)")
 
 
+def images_of(data: ImageFolder) -> dict[str, int] | None:
+    """Multi-label: the images of each split (its label counts add up to more); None for one class an image."""
+    return {split: len(data.split(split)) for split in data.counts()} if data.multi_label else None
+
+
 def missing_labels(data: ImageFolder) -> list[tuple[str, str]]:
     """Multi-label: ``(label, why)`` for each label that a split lacks, to warn with (its threshold and scores are
     then estimated without it there)."""
