@@ -214,6 +214,7 @@ def test_a_multi_label_file_trains_a_head_a_label_and_predicts_every_label_at_it
                                                 "threshold", "temperature"}
     page = (run / "report.html").read_text()
     assert "Labels most often missed or added" in page and "Largest losses" in page and "pr_curves" in page
+    assert "training images per class as the model sees them" in page  # the sample grid, by label
     assert cli("report", run, capsys=capsys)[0] == 0  # rebuilt from the run's files
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["multi_label"] and len(config["model"]["thresholds"]) == 6

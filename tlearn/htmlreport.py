@@ -139,7 +139,7 @@ def _samples(config: dict[str, Any], train: list[tuple[Path, str]], run_dir: Pat
     pp = config["model"]["preprocessing"]
     augment = from_dict(AugmentConfig, config.get("augment", {}), str(run_dir / "config.json"))
     classes = config["model"]["classes"][:MAX_CLASSES_IN_GRID]
-    chosen = {name: [p for p, c in train if c == name][:PER_CLASS] for name in classes}
+    chosen = {name: [p for p, c in train if name in c.split(";")][:PER_CLASS] for name in classes}  # ';': labels
     try:
         key = ["samples", 1, pp, augment, [[name, [file_sha256(p) for p in paths]] for name, paths in chosen.items()]]
     except OSError:

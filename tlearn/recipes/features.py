@@ -15,7 +15,7 @@ from tlearn.configio import to_dict
 from tlearn.fileio import file_sha256, keyed_path
 from tlearn.recipes.heads import MEMO_VERSION, Probe, Split, choose_head, describe, load_probe, refit, save_probe
 from tlearn.recipes.job import Job, Trained, by_split, head_views, record, weight
-from tlearn.recipes.multihead import choose_multi_head, refit_multi
+from tlearn.recipes.multihead import MULTI_MEMO_VERSION, choose_multi_head, refit_multi
 from tlearn.recipes.plan import Step
 
 log = logging.getLogger("tlearn")
@@ -98,6 +98,7 @@ def memo_path(job: Job, names: list[str], what: str = "chosen") -> Path | None:
     key = {"version": MEMO_VERSION, "what": what, "features": [job.extractor.namespace(n, v) for n in names
                                                                for v in head_views(job)],
            "rows": rows, "classes": len(job.data.classes), "train": settings,
+           **({"multi_label": MULTI_MEMO_VERSION} if job.data.multi_label else {}),
            "libraries": [importlib.metadata.version(m) for m in ("scikit-learn", "torch", "numpy")]}
     return keyed_path(job.runtime.cache_dir, "heads", key, f"-{what}.safetensors")
 

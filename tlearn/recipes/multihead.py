@@ -32,6 +32,7 @@ from tlearn.multilabel import bce, metrics
 from tlearn.recipes.heads import C_GRID, FOLDS, Probe, Split, held, winner
 from tlearn.train import History, fit_head, make_head
 
+MULTI_MEMO_VERSION = "1"  # in the key of a remembered multi-label head: bump when the choice here changes
 Linear = tuple[np.ndarray, np.ndarray]  # (weights (C, F), biases (C,)) of one regression per label
 
 
