@@ -176,15 +176,23 @@ def assess(outputs_of: PathsOutputs, validation: Scored, calibration: tuple[np.n
              f"{nll(logits, y, out.temperature):.4f})")
     if not full:
         return out
-    splits = {"validation": validation, **({"test": score(outputs_of, test)} if test else {})}
-    for split, scored in splits.items():
-        for path, reason in scored.failed.items():
-            log.warning(f"skipped {path}: {reason}")
-        out.failed.update(scored.failed)
+    for split, scored in _scored_splits(outputs_of, validation, test, out).items():
         out.metrics[split] = metrics_of(scored, classes, out.temperature, threshold=threshold)
         out.metrics[split]["calibration"]["fitted_on"] = where
         out.predictions[split] = (scored.paths, scored.y, scored.logits, scored.novelty)
     return out
+
+
+def _scored_splits(outputs_of: PathsOutputs, validation: Scored, test: list[Sample], out: Assessed
+                   ) -> dict[str, Scored]:
+    """The validation split's scores and the ``test`` split's (where it has images); the files that could not be
+    decoded are said and join ``out.failed``."""
+    splits = {"validation": validation, **({"test": score(outputs_of, test)} if test else {})}
+    for scored in splits.values():
+        for path, reason in scored.failed.items():
+            log.warning(f"skipped {path}: {reason}")
+        out.failed.update(scored.failed)
+    return splits
 
 
 def assess_multi(outputs_of: PathsOutputs, validation: Scored, calibration: tuple[np.ndarray, np.ndarray, str] | None,
@@ -199,11 +207,7 @@ def assess_multi(outputs_of: PathsOutputs, validation: Scored, calibration: tupl
              f"{bce(y, logits / temperatures):.4f})")
     if not full:
         return out
-    splits = {"validation": validation, **({"test": score(outputs_of, test)} if test else {})}
-    for split, scored in splits.items():
-        for path, reason in scored.failed.items():
-            log.warning(f"skipped {path}: {reason}")
-        out.failed.update(scored.failed)
+    for split, scored in _scored_splits(outputs_of, validation, test, out).items():
         out.metrics[split] = {**multi_metrics(scored.y, scored.logits, classes, temperatures, out.thresholds),
                               "fitted_on": where, "tta": False}
         if scored.failed:
