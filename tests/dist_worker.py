@@ -32,7 +32,8 @@ def shards(data: Path) -> dict:
     clf = ImageClassifier(**TINY, verbose=False, workers=0, batch_size=8, mode="finetune")
     clf._join_processes()
     folder = scan(DataConfig(path=str(data)))
-    job = type("Job", (), {"runtime": clf.runtime, "train": clf.train_config, "run": clf.extractor.run})()
+    job = type("Job", (), {"runtime": clf.runtime, "train": clf.train_config, "run": clf.extractor.run,
+                           "data": folder})()
     generator = torch.Generator().manual_seed(0)
     train = _image_batches(job, folder.split("train"), lambda image: torch.zeros(3, 8, 8), {}, generator)
     epochs = []

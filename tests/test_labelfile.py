@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -17,6 +18,7 @@ from tlearn import ImageClassifier, TlearnError
 from tlearn.check import check
 from tlearn.config import DataConfig
 from tlearn.data import materialise_split, scan, scan_labelled, write_manifest
+from tlearn.images import load_image
 from tlearn.labelfile import read
 from tlearn.labels import given_as
 from tlearn.predictor import Predictor
@@ -218,7 +220,7 @@ def test_a_multi_label_file_trains_a_head_a_label_and_predicts_every_label_at_it
     assert cli("report", run, capsys=capsys)[0] == 0  # rebuilt from the run's files
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["multi_label"] and len(config["model"]["thresholds"]) == 6
-    assert config["decision"]["mode"] == "features" and "several labels an image" in config["decision"]["reason"]
+    assert config["decision"]["mode"] == "features" and config["decision"]["reason"].startswith("auto: kept")
     clf = ImageClassifier.load(run, verbose=False)
     photo = next((tmp_path / "photos" / "red").glob("*.png"))
     result = clf.predict([photo], top_k=2)[0]
@@ -233,14 +235,11 @@ def test_a_multi_label_file_trains_a_head_a_label_and_predicts_every_label_at_it
     served = TestClient(create_app(Predictor.load(run, verbose=False))).post(
         "/predict", files={"files": ("p.png", photo.read_bytes(), "image/png")}).json()["results"][0]
     assert [p["class"] for p in served["labels"]] == [p["class"] for p in result["labels"]]
-    assert "heatmaps for a model of several labels" in cli("explain", run, photo, capsys=capsys)[2]
-    assert "several labels an image" in cli("export", run, "--out", tmp_path / "m.onnx", capsys=capsys)[2]
-    code, _, err = cli("compare", file, "--models", "logreg-pixels", "--out", tmp_path / "cmp", capsys=capsys)
-    assert code == 2 and "comparing models on such data" in err and not (tmp_path / "cmp").exists()
-    code, _, err = cli("check", file, "--labels", capsys=capsys)
-    assert code == 2 and "drop --labels and --outliers" in err
-    code, _, err = cli("train", file, *TINY_FLAGS, "--mode", "finetune", "--out", tmp_path / "ft", capsys=capsys)
-    assert code == 2 and "does not take several labels an image yet" in err and not (tmp_path / "ft").exists()
+    code, _, err = cli("compare", file, "--models", "small-cnn,logreg-pixels", "--out", tmp_path / "cmp",
+                       capsys=capsys)
+    assert code == 2 and "logreg-pixels takes one class an image" in err and not (tmp_path / "cmp").exists()
+    code, _, err = cli("check", file, "--outliers", capsys=capsys)
+    assert code == 2 and "drop --outliers (--labels searches such data)" in err
 
 
 def test_train_evaluate_check_split_and_export_take_a_label_file(tmp_path: Path,
@@ -299,3 +298,56 @@ def test_the_shared_sets_as_label_files_give_the_folders_split(name: str, tmp_pa
     file = write_csv(tmp_path / "labels.csv", ["path", "label", "split"], rows)
     by_file = scan(DataConfig(path=str(file), images=str(root)))
     assert triples(by_file) == triples(by_folder) and len(by_file.samples) == len(by_folder.samples)
+
+
+def test_every_mode_trains_several_labels_an_image_and_exports_explains_and_compares_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """frozen and finetune on binary cross-entropy, a scratch CNN; the export's sigmoid probabilities and labels at
+    the thresholds; a heatmap a label; compare ranked by mean average precision."""
+    import onnxruntime as ort
+
+    file = tagged(tmp_path / "photos", n=60)
+    photos = sorted((tmp_path / "photos").glob("*/*.png"))[:4]
+    for mode in ("frozen", "finetune"):
+        clf = ImageClassifier(**TINY, mode=mode, epochs=2, head_epochs=2, workers=0, verbose=False)
+        history = clf.fit(file, out=tmp_path / mode)
+        assert history.history["val_loss"] and clf.spec.multi_label and clf.spec.kind == (
+            "head" if mode == "frozen" else "finetuned")
+        assert {"mean_average_precision", "micro_f1", "per_label"} <= set(clf.metrics["test"])
+        results = clf.predict(photos, top_k=2)
+        assert all(len(r["predictions"]) == 2 and "labels" in r and "unknown" in r for r in results)
+        assert clf.novelty is not None and not clf.novelty.with_energy  # the distance alone: no softmax energy
+    run = tmp_path / "finetune"
+    code, out, err = cli("export", run, "--out", tmp_path / "m.onnx", capsys=capsys)
+    assert code == 0 and "micro F1" in out, err
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["multi_label"] and card["thresholds"] == json.loads((run / "config.json").read_text())[
+        "model"]["thresholds"] and {"labels", "novelty"} <= set(card["outputs"])
+    by_run, by_graph = Predictor.load(run, verbose=False), Predictor.load(tmp_path / "m.onnx")
+    ours, graphs = by_run.predict(photos, top_k=6), by_graph.predict(photos, top_k=6)
+    for a, b in zip(ours, graphs, strict=True):
+        assert [p["class"] for p in a["labels"]] == [p["class"] for p in b["labels"]]
+        assert abs(a["novelty"] - b["novelty"]) < 0.01
+        assert max(abs(x["probability"] - y["probability"]) for x, y in
+                   zip(a["predictions"], b["predictions"], strict=True)) < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    batch = by_run.prepare([load_image(photos[0])])[0]
+    proba, given = session.run(["probabilities", "labels"], {"image": batch[0]})
+    assert proba.shape == (1, 6) and not np.allclose(proba.sum(1), 1)  # a sigmoid a label, not a softmax
+    assert given[0].tolist() == (proba[0] >= np.array(card["thresholds"])).astype(float).tolist()
+
+    clf = ImageClassifier.load(run, verbose=False)
+    sky, dog = (clf.explain(photos[:1], class_name=name)[0] for name in ("sky", "dog"))
+    assert sky["class"] == "sky" and dog["class"] == "dog" and "labels" in sky
+    assert sky["heatmap"].shape == dog["heatmap"].shape and not np.allclose(sky["heatmap"], dog["heatmap"])
+
+    code, out, err = cli("compare", file, *TINY_FLAGS, "--models", "small-cnn,test_efficientnet:features",
+                         "--epochs", "1", "--workers", "0", "--out", tmp_path / "cmp", capsys=capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
+    assert "mean_average_precision" in rows[0] and "ranked by it" in out
+    assert [float(r["mean_average_precision"]) for r in rows] == sorted(
+        (float(r["mean_average_precision"]) for r in rows), reverse=True)
+    code, _, err = cli("train", file, "--mode", "scratch", "--model", "logreg-pixels", "--out", tmp_path / "px",
+                       capsys=capsys)
+    assert code == 2 and "logreg-pixels takes one class an image" in err and not (tmp_path / "px").exists()

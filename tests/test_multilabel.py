@@ -3,12 +3,15 @@ scikit-learn and PyTorch computed another way."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
 from tlearn.config import TrainConfig
+from tlearn.models import ovr_logits
 from tlearn.multilabel import (
     DEFAULT_THRESHOLD,
     bce,
@@ -21,7 +24,7 @@ from tlearn.multilabel import (
     targets,
 )
 from tlearn.recipes.heads import Split
-from tlearn.recipes.multihead import choose_multi_head, ovr_logits, refit_multi
+from tlearn.recipes.multihead import choose_multi_head, refit_multi
 from tlearn.train import criterion, hits, tensor_batches
 
 
@@ -151,7 +154,7 @@ def test_the_training_loop_takes_several_labels_an_image() -> None:
 def test_the_regressions_solved_together_are_scikit_learns_one_per_label() -> None:
     from sklearn.linear_model import LogisticRegression
 
-    from tlearn.recipes.multihead import fit_ovr
+    from tlearn.models import fit_ovr
 
     rng = np.random.default_rng(0)
     X = rng.normal(0, 1, (300, 12))
@@ -163,3 +166,55 @@ def test_the_regressions_solved_together_are_scikit_learns_one_per_label() -> No
         np.testing.assert_allclose(W[k], ref.coef_[0], atol=1e-4)
         assert b[k] == pytest.approx(ref.intercept_[0], abs=1e-4)
     assert not W[2].any() and b[2] == pytest.approx(np.log(0.5 / 300.5))
+
+
+def test_auto_compares_steps_of_several_labels_on_calibrated_binary_cross_entropy() -> None:
+    from tlearn.calibrate import calibrated_losses
+
+    y, z = noisy(4)
+    losses = calibrated_losses(z, y)
+    temperatures = fit_temperatures(y, z)
+    assert losses.shape == (len(y),)
+    assert losses.mean() == pytest.approx(bce(y, z / temperatures), rel=1e-9)
+    assert losses.mean() <= bce(y, z) + 1e-12  # calibration never raises the loss it is fitted on
+    rescaled = calibrated_losses(z * np.array([1.0, 3.0, 0.5, 2.0, 1.0]), y)  # a model only over-/under-confident
+    assert rescaled.mean() == pytest.approx(losses.mean(), abs=2e-3)
+
+
+def test_missing_and_wrong_tags_are_found_out_of_fold_most_suspicious_first() -> None:
+    from tlearn.features import Features
+    from tlearn.labels import mislabels, multi_label_issues, out_of_fold_multi
+
+    rng = np.random.default_rng(5)
+    n, c = 300, 4
+    truth = (rng.random((n, c)) < 0.35).astype(np.float32)
+    X = (truth @ rng.normal(0, 3, (c, 16)) + rng.normal(0, 1, (n, 16))).astype(np.float32)
+    given = truth.copy()
+    missing, wrong = [3, 50, 120], [10, 77, 200]
+    for i in missing:
+        given[i, np.flatnonzero(truth[i])[0] if truth[i].any() else 0] = 0
+    for i in wrong:
+        given[i, np.flatnonzero(truth[i] == 0)[0]] = 1
+    planted = {i for i in missing + wrong if (given[i] != truth[i]).any()}
+    proba = out_of_fold_multi(X, given, seed=0)
+    assert proba.shape == (n, c) and ((proba > 0) & (proba < 1)).all()
+    found = [i for i, _ in multi_label_issues(proba, given)]
+    assert planted <= set(found[:len(planted) + 2])  # the planted errors lead the list
+    for i, labels in multi_label_issues(proba, given):
+        assert all((proba[i, k] > 0.5) != bool(given[i, k]) for k in labels)  # each doubted tag is contradicted
+    paths = [Path(f"img{i}.jpg") for i in range(n)]
+    tags = [tuple(np.flatnonzero(row).tolist()) for row in given]
+    findings = mislabels(paths, tags, ["cat", "dog", "sea", "sky"], Features(X, {}), given="labelled")
+    first = findings[0]
+    assert int(first.path[3:-4]) in planted and first.detail.startswith("labelled '")
+    assert "is there (" in first.detail or "is not (" in first.detail
+
+
+def test_a_multi_label_models_temperatures_and_thresholds_are_checked_when_read() -> None:
+    from tlearn.artifact import labelling_problems
+
+    assert labelling_problems([1.0, 2.0], [0.3, 0.5], 2) == []
+    assert len(labelling_problems([1.0, 0.0], [0.3, 0.5], 2)) == 1  # a temperature of 0 would divide by zero
+    assert len(labelling_problems([1.0, 1.0], [0.3, 1.5], 2)) == 1
+    assert len(labelling_problems([1.0], None, 2)) == 2
+    assert len(labelling_problems([1.0, float("nan")], [0.3, True], 2)) == 2

@@ -158,12 +158,13 @@ class ImageClassifier:
             return self.history
         outputs_of = self.predictor().paths_outputs  # no novelty scorer yet: it is fitted on these outputs
         held, calibration = _held_out(trained, folder, outputs_of, self.train_seconds)
-        if folder.multi_label:
-            return self._finish_multi(outputs_of, held, calibration, folder, out)
         self.novelty, self.outliers = fit_run(outputs_of, folder.split("train"), self.classes, held,
                                               self.train_config.accept, self.train_config.seed,
-                                              most=None if self.spec.kind == "head" else NETWORK_IMAGES)
+                                              most=None if self.spec.kind == "head" else NETWORK_IMAGES,
+                                              multi_label=folder.multi_label)
         self.spec.novelty = self.novelty and self.novelty.config()
+        if folder.multi_label:
+            return self._finish_multi(outputs_of, held, calibration, folder, out)
         held.novelty = self.novelty and self.novelty.score(held.features, held.logits)
         assessed = assess(self.predictor().paths_outputs, held, calibration, folder.split("test"), self.classes,
                           full=out is not None, threshold=self.novelty and self.novelty.threshold)
@@ -180,9 +181,7 @@ class ImageClassifier:
     def _finish_multi(self, outputs_of: PathsOutputs, held: Scored, calibration: Any, folder: ImageFolder,
                       out: str | Path | None) -> History:
         """``_finish``'s part for several labels an image: per-label calibration and thresholds, the multi-label
-        metrics, and the run (no novelty score and no mislabel search for them yet, said in the log)."""
-        log.info("novelty and suspected mislabels: not scored for several labels an image (not built yet)")
-        self.novelty, self.outliers = None, []
+        metrics, suspected mislabels, and the run."""
         assessed = assess_multi(outputs_of, held, calibration, folder.split("test"), self.classes,
                                 full=out is not None)
         self.spec.multi_label = True
@@ -190,6 +189,9 @@ class ImageClassifier:
         self.metrics, self.predictions = assessed.metrics, assessed.predictions
         if out is not None:
             self.data = folder.without(assessed.failed)
+            if self.spec.kind != "scratch":
+                self.findings += run_mislabels(self.data, self.extractor, self.train_config.seed,
+                                               self.runtime.cache_dir)
             self.save(out)
         return self.history
 
@@ -241,9 +243,10 @@ class ImageClassifier:
         threshold = self.novelty and self.novelty.threshold
         scored = score(outputs_of, samples, tta)
         if self.spec.multi_label:
-            return {"split": split, "tta": tta, **multi_metrics(scored.y, scored.logits, self.classes, np.array(
+            out = {"split": split, "tta": tta, **multi_metrics(scored.y, scored.logits, self.classes, np.array(
                 self.spec.temperatures), np.array(self.spec.thresholds))}
-        out = {"split": split, **metrics_of(scored, self.classes, self.spec.temperature, tta, threshold)}
+        else:
+            out = {"split": split, **metrics_of(scored, self.classes, self.spec.temperature, tta, threshold)}
         if unknown is not None:  # novelty is scored on the model's own views, with or without ``tta``
             out["unknown"] = against_others(outputs_of, scored, unknown, threshold)
         return out
@@ -323,23 +326,16 @@ def _train(job: Job) -> Trained:
                           "the launcher's message says which one stopped") from None
 
 
-MULTI_LABEL_REASON = ("several labels an image: a head on the base's features, one output a label (the other "
-                      "modes, and auto's other steps, do not take several labels yet)")
-
-
 def _prepare(data: DataConfig, train: TrainConfig, device: str) -> tuple[ImageFolder, list[Finding], Decision]:
     """The split, the duplicates found in it, and the decision of what to train within which budget; said in the
     log: the blocking duplicates, the class counts per split, the mode and the budget."""
     budget, budget_why = budget_seconds(train, device)
     folder = scan(data)
-    if folder.multi_label and train.mode not in ("auto", "features"):
-        raise TlearnError(f"--mode {train.mode} does not take several labels an image yet ({folder.layout}); use "
-                          "--mode features (or no --mode), or --no-multi-label if each cell is one class")
+    if folder.multi_label and train.mode == "scratch" and train.model == "logreg-pixels":
+        raise TlearnError(f"--model logreg-pixels takes one class an image, and {folder.layout} has several labels "
+                          "an image: use --model small-cnn, or --no-multi-label if each cell is one class")
     findings = quick_check(folder)
     decision = dataclasses.replace(choose(len(folder.split("train")), len(folder.classes), train), budget=budget)
-    if folder.multi_label:
-        decision = dataclasses.replace(decision, mode="features", budget=None, reason=MULTI_LABEL_REASON)
-        budget_why = ""
     for f in findings:
         if f.severity == "error":
             log.warning(f"{f.kind}: {f.path}: {f.detail}")

@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -238,6 +239,8 @@ def spec_of(config: dict[str, Any], where: Path) -> ModelSpec:
     problems += preprocessing_problems(spec.preprocessing, "preprocessing")
     if spec.novelty is not None:
         problems += novelty_problems(spec.novelty, spec.num_features if spec.kind != "scratch" else None)
+    if spec.multi_label:
+        problems += labelling_problems(spec.temperatures, spec.thresholds, len(spec.classes))
     for i, base in enumerate(spec.bases):
         if not (isinstance(base, dict) and isinstance(base.get("name"), str) and isinstance(base.get("identity"), dict)
                 and isinstance(base["identity"].get("preprocessing"), dict)):
@@ -269,6 +272,21 @@ def preprocessing_problems(pp: dict[str, Any], name: str) -> list[str]:
         problems.append(f"\"{name}.crop_pct\" must be a number from 0.1 to 2")
     if pp.get("crop_mode", "center") not in CROP_MODES:
         problems.append(f"\"{name}.crop_mode\" must be one of {', '.join(CROP_MODES)}")
+    return problems
+
+
+def labelling_problems(temperatures: Any, thresholds: Any, classes: int) -> list[str]:
+    """What is wrong with a multi-label model's temperatures (each above 0) and thresholds (each in [0, 1]), one of
+    each a class."""
+    def numbers(values: Any, ok: Callable[[float], bool]) -> bool:
+        return isinstance(values, list) and len(values) == classes and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and ok(v) for v in values)
+
+    problems = []
+    if not numbers(temperatures, lambda v: v > 0):
+        problems.append(f"\"temperatures\" must list {classes} finite numbers above 0, one a class")
+    if not numbers(thresholds, lambda v: 0 <= v <= 1):
+        problems.append(f"\"thresholds\" must list {classes} numbers from 0 to 1, one a class")
     return problems
 
 

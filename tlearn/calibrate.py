@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import log_softmax, softmax
 
+from tlearn.multilabel import calibrated_bce
+
 BINS = 15
 
 
@@ -71,7 +73,10 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 def calibrated_losses(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Each image's NLL after the temperature fitted on all of ``logits``: how two models' validation scores
-    compare once each is calibrated, image by image (mode auto keeps its steps on them)."""
+    compare once each is calibrated, image by image (mode auto keeps its steps on them). Against (N, C) 0/1
+    targets, several labels an image: each image's binary cross-entropy after a temperature a label."""
+    if y.ndim == 2:
+        return calibrated_bce(y, logits)
     return -log_softmax(logits / fit_temperature(logits, y), axis=1)[np.arange(len(y)), y]
 
 

@@ -27,7 +27,7 @@ from tlearn.config import DataConfig, TlearnError
 from tlearn.data import ImageFolder, Skipped, list_images, scan
 from tlearn.fileio import file_sha256, special_kind
 from tlearn.images import decode, open_image
-from tlearn.samples import missing_labels
+from tlearn.samples import images_of, missing_labels
 
 GROUPED = 5  # findings of one kind past which the details show them as one line with examples
 LOW_COLOURS = 64  # in a 64x64 thumbnail, a photo has hundreds to thousands of distinct colours
@@ -63,6 +63,7 @@ class Report:
     layout: str = ""
     classes: list[str] = field(default_factory=list)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    split_images: dict[str, int] | None = None  # several labels an image: the images of each split
     files: int = 0
     images: int = 0
     findings: list[Finding] = field(default_factory=list)
@@ -215,6 +216,7 @@ def check(config: DataConfig, min_size: int = 0, near_threshold: int = 4, progre
     try:
         data = scan(config)
         report.layout, report.classes, report.counts = data.layout, data.classes, data.counts()
+        report.split_images = images_of(data)
         label = labelled_as(data)
         report.findings += [Finding("label-split", WARNING, name, line) for name, line in missing_labels(data)]
     except TlearnError as e:
@@ -225,7 +227,8 @@ def check(config: DataConfig, min_size: int = 0, near_threshold: int = 4, progre
         report.findings += found
         infos.append(info)
     report.images = sum(i.usable for i in infos)
-    report.findings += _duplicates(infos, label, near_threshold) + _balance(report.counts)
+    report.findings += _duplicates(infos, label, near_threshold)
+    report.findings += _balance(report.counts, report.split_images is not None)
     report.findings += _small_classes(report.counts)
     return report
 
@@ -272,13 +275,15 @@ def _duplicates(infos: list[FileInfo], label: dict[Path, tuple[str, str]], thres
     return out
 
 
-def _balance(counts: dict[str, dict[str, int]]) -> list[Finding]:
+def _balance(counts: dict[str, dict[str, int]], multi_label: bool = False) -> list[Finding]:
+    how = ("each label is its own two-class problem, with a threshold of its own" if multi_label else
+           "the loss is reweighted (--class-weight auto)")
     out = []
     for split, per_class in counts.items():
         biggest, smallest = max(per_class, key=per_class.get), min(per_class, key=per_class.get)
         if per_class[biggest] > 1.5 * max(per_class[smallest], 1):
             out.append(Finding("imbalance", WARNING, split, f"{split}: {biggest} has {per_class[biggest]} images, "
-                               f"{smallest} {per_class[smallest]}; the loss is reweighted (--class-weight auto)"))
+                               f"{smallest} {per_class[smallest]}; {how}"))
     return out
 
 
@@ -304,7 +309,7 @@ def format_report(report: Report, details: int = 50) -> str:
     else:
         lines.append("no problems found")
     if report.counts:
-        lines += ["", format_counts(report.counts)]
+        lines += ["", format_counts(report.counts, report.split_images)]
     if report.notes:
         lines += ["", *(printable(n) for n in report.notes)]
     order = {ERROR: 0, WARNING: 1, INFO: 2}

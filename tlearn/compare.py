@@ -4,6 +4,9 @@ A model is named as ``small-cnn``, ``alexnet`` or ``logreg-pixels`` (from scratc
 mode of auto, features, frozen or finetune (e.g. ``efficientnet_lite0:finetune``; ``alexnet:features`` is the
 ImageNet-pretrained AlexNet, plain ``alexnet`` the one from scratch). Every model trains on the split
 the first one made, and the backbone modes share the feature cache.
+
+Data of several labels an image is compared on mean average precision (with micro and macro F1 and exact match at
+each model's thresholds), the models ranked by it; chance is then the mean share of images a label has.
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ def compare(data: DataConfig, models: str, out: Path, configs: Sequence[Any]) ->
     from tlearn.api import ImageClassifier
     from tlearn.run import claim_out
 
+    multi = scan(data).multi_label
+    if multi and any(m.get("model") == "logreg-pixels" for m in parse_models(models)):  # before any model trains
+        raise TlearnError(f"{data.label_file or data.path} gives several labels an image, and --models "
+                          "logreg-pixels takes one class an image: leave it out (small-cnn trains on such data)")
     output = next((c for c in configs if isinstance(c, OutputConfig)), OutputConfig())
     claim_out(out, data_root(data), overwrite=output.overwrite, kind="compare")
-    if scan(data).multi_label:  # before any model trains
-        raise TlearnError(f"{data.label_file or data.path} gives several labels an image; comparing models on such "
-                          "data (ranked by mean average precision) is not available yet: train each with tlearn train")
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
     manifest = data.split_manifest
@@ -71,18 +75,30 @@ def compare(data: DataConfig, models: str, out: Path, configs: Sequence[Any]) ->
         manifest = manifest or str(run_dir / "split.csv")  # the next models reuse this split
         split = "test" if "test" in clf.metrics else "validation"
         m = clf.metrics[split]
-        rows.append({"model": name, "split": split, "accuracy": m["accuracy"], "loss": m["loss"],
+        rows.append({"model": name, "split": split, **{k: m[k] for k in scores(multi)}, "loss": m["loss"],
                      "train_seconds": round(clf.train_seconds, 1), "trainable_params": clf.params["trainable"],
                      "total_params": clf.params["total"],
                      "epochs": "" if clf.history.closed_form else len(clf.history.epoch), "run": str(run_dir)})
     chance = 1 / len(clf.classes)
+    if multi:  # a random ranking's average precision is the label's share of images
+        rows.sort(key=lambda r: -r["mean_average_precision"])
+        per_label = [x["support"] / m["images"] for x in m["per_label"].values() if x["support"]]
+        chance = sum(per_label) / len(per_label)
     write_table(rows, out, chance)
-    plots.compare_bars(rows, out / "compare.png", chance)
+    plots.compare_bars(rows, out / "compare.png", chance, scores(multi)[0])
     log.info(f"comparison report: {build_compare(out, rows, chance)}")
     return rows
 
 
-COLUMNS = ("model", "split", "accuracy", "loss", "train_seconds", "trainable_params", "total_params", "epochs")
+def scores(multi: bool) -> tuple[str, ...]:
+    """The scores a model is compared on, the first ranking them."""
+    return ("mean_average_precision", "micro_f1", "macro_f1", "exact_match") if multi else ("accuracy",)
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's columns: a model's name and split, its scores, loss, time and size."""
+    return ["model", "split", *scores("mean_average_precision" in rows[0]), "loss", "train_seconds",
+            "trainable_params", "total_params", "epochs"]
 
 
 def _cell(column: str, v: Any) -> str:
@@ -94,14 +110,19 @@ def _cell(column: str, v: Any) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], chance: float) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(c, r[c]) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + f"\n\nChance level: {chance:.4f}\n"
+    shown = columns(rows)
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_cell(c, r[c]) for c in shown) + " |" for r in rows]
+    return "\n".join(lines) + f"\n\nChance level: {chance:.4f}{_ranked(rows)}\n"
+
+
+def _ranked(rows: list[dict[str, Any]]) -> str:
+    return " (mean average precision); ranked by it" if "mean_average_precision" in rows[0] else ""
 
 
 def write_table(rows: list[dict[str, Any]], out: Path, chance: float) -> None:
-    columns = [*COLUMNS, "run"]
-    atomic_write_csv(out / "compare.csv", columns, ([r[c] for c in columns] for r in rows))
+    written = [*columns(rows), "run"]
+    atomic_write_csv(out / "compare.csv", written, ([r[c] for c in written] for r in rows))
     atomic_write_text(out / "compare.md", markdown(rows, chance))
 
 
@@ -114,17 +135,16 @@ def build_compare(out: Path, rows: list[dict[str, Any]], chance: float) -> Path:
         if history and r["epochs"] != "":  # a logistic regression is one fit: no curve
             histories[r["model"]] = {"epoch": [int(h["epoch"]) for h in history],
                                      **{k: [float(h[k]) for h in history] for k in ("val_accuracy", "val_loss")}}
-    columns = ["model", "split", "accuracy", "loss", "train_seconds", "trainable_params", "total_params", "epochs"]
     shown = [{**r, "train_seconds": f"{r['train_seconds']:.1f}", "epochs": r["epochs"] if r["epochs"] != "" else "–"}
              for r in rows]
-    table = html_table([[r[c] for c in columns] for r in shown], [c.replace("_", " ") for c in columns])
+    table = html_table([[r[c] for c in columns(rows)] for r in shown], [c.replace("_", " ") for c in columns(rows)])
     links = "".join(f"<li><a href='{html.escape(Path(r['run']).name)}/report.html'>{html.escape(r['model'])}</a>"
                     "</li>" for r in rows)
     curves = png_tag(plots.compare_curves(histories, out / "compare_curves.png")) if histories else \
         "<p>No model here trained in epochs: each is a logistic regression, fitted once.</p>"
     bars = png_tag(out / "compare.png") if (out / "compare.png").is_file() else ""
     body = (f"<h1>Comparison on {html.escape(rows[0]['split'])} split</h1>"
-            f"<p>Every model trained on the same split. Chance level: {chance:.1%}.</p>{table}{bars}"
+            f"<p>Every model trained on the same split. Chance level: {chance:.1%}{_ranked(rows)}.</p>{table}{bars}"
             f"<h2>Validation curves</h2>{curves}<h2>Each model's report</h2><ul>{links}</ul>")
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tlearn comparison</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")

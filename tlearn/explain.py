@@ -43,6 +43,7 @@ from tlearn.config import RuntimeConfig, TlearnError
 from tlearn.evaluate import top_classes
 from tlearn.extractor import Extractor
 from tlearn.images import VIEWS, ImageDecodeError, crop_box, eval_transform, load_image
+from tlearn.multilabel import sigmoid
 
 CPU = torch.device("cpu")
 BATCH = 8  # images per forward pass; their heatmaps have the photos' size, so they are made a few at a time
@@ -136,6 +137,9 @@ class Explainer:
     def __init__(self, spec: ModelSpec, model: nn.Module, bases: list[nn.Module] | None = None,
                  preprocessings: list[dict[str, Any]] | None = None, trunks: list[Trunk | None] | None = None):
         self.spec, self.views = spec, spec.views
+        # several labels an image: each label's temperature and threshold (None: one class an image)
+        self.temperatures, self.thresholds = (None, None) if not spec.multi_label else \
+            (np.array(spec.temperatures), np.array(spec.thresholds))
         preprocessings = preprocessings or [b["identity"]["preprocessing"] for b in spec.bases] or [spec.preprocessing]
         parts, head = parts_of(spec, model, bases or [], preprocessings, trunks)
         model.eval()  # as prediction runs it (AlexNet's BatchNorm, dropout); the trunks are not Mapped's modules
@@ -160,8 +164,13 @@ class Explainer:
         with GradCAM(self.net, [f"maps.{i}" for i in range(len(self.net.parts))]) as cam, torch.enable_grad():
             scores = self.net(self._inputs(images))  # (N * V, C): each view's logits
             logits = scores.reshape(len(images), v, -1).mean(1)  # (N, C), as prediction averages them
-            wanted = logits.argmax(1) if class_index is None else torch.full((len(images),), class_index)
-            margin = _margin(logits / self.spec.temperature, wanted.to(logits.device))  # (N,)
+            wanted = self._calibrated(logits.detach().cpu().numpy()).argmax(1) if class_index is None else \
+                np.full(len(images), class_index)
+            wanted = torch.as_tensor(wanted, device=logits.device)
+            if self.thresholds is None:
+                margin = _margin(logits / self.spec.temperature, wanted)  # (N,)
+            else:  # a label's own logit: the log-odds of its sigmoid, which the other labels do not enter
+                margin = logits.gather(1, wanted[:, None])[:, 0]
             # one row per view, each 1 / V of its image's margin: the gradient reaches every view's map
             rows = (margin / v).repeat_interleave(v)[:, None]  # (N * V, 1)
             maps = [m.cpu().numpy() for m in cam([0] * len(rows), rows, normalized=False)]
@@ -196,18 +205,24 @@ class Explainer:
                     failed[path] = str(e)
             if decoded:
                 logits, heats = self.heatmaps(list(decoded.values()), wanted)
-                proba = calibrated(logits, self.spec.temperature if calibration else 1.0)
+                proba = self._calibrated(logits, calibration)
             row_of = {path: i for i, path in enumerate(decoded)}  # rows of logits, heats and proba
             for path in paths[start:start + BATCH]:
                 if path in failed:
                     yield {"path": str(path), "error": failed[path]}
                     continue
                 i = row_of[path]
-                (row,) = top_classes([path], {}, proba[i:i + 1], classes, top_k)
+                (row,) = top_classes([path], {}, proba[i:i + 1], classes, top_k, labels=self.thresholds)
                 k = int(proba[i].argmax()) if wanted is None else wanted
                 yield {"path": str(path), "class": classes[k], "probability": float(proba[i, k]),
-                       "heatmap": heats[i], "predictions": row["predictions"],
+                       "heatmap": heats[i], **{key: v for key, v in row.items() if key != "path"},
                        **({"image": decoded[path]} if with_image else {})}
+
+    def _calibrated(self, logits: np.ndarray, calibration: bool = True) -> np.ndarray:
+        """The probabilities prediction gives: softmax over the classes, or a sigmoid a label."""
+        if self.thresholds is None:
+            return calibrated(logits, self.spec.temperature if calibration else 1.0)
+        return sigmoid(logits / self.temperatures) if calibration else sigmoid(logits)
 
 
 def run_explainer(run_dir: Path, model: nn.Module | None = None, base: Backbone | None = None,
@@ -230,9 +245,6 @@ def run_explainer(run_dir: Path, model: nn.Module | None = None, base: Backbone 
 def explainer_of(spec: ModelSpec, model: nn.Module, extractor: Extractor) -> Explainer:
     """The explainer of a model in memory: a whole network's own, or a head's on the frozen bases of its
     feature service."""
-    if spec.multi_label:
-        raise TlearnError("heatmaps for a model of several labels an image (one label at a time) are not available "
-                          "yet; its predictions are (tlearn predict)")
     if spec.kind != "head":
         return Explainer(spec, model)
     bases = [extractor.base(name) for name in extractor.names()]

@@ -8,7 +8,10 @@ The graph, which any ONNX runtime can run without tlearn:
 - outputs: ``logits`` (B, C), averaged over the views the run predicts with (the centre crop and, where it was
   trained so, its mirror image, which the graph makes itself), ``probabilities``, softmax(logits / T) with
   the run's calibrated temperature T, and, for a run with a novelty scorer, ``novelty`` (B,): above the sidecar's
-  ``novelty.threshold`` an image is unlike the training data (``tlearn.novelty``).
+  ``novelty.threshold`` an image is unlike the training data (``tlearn.novelty``);
+- several labels an image: ``probabilities`` are independent sigmoids, sigmoid(logits / T_k) with each label's
+  temperature T_k, and ``labels`` (B, C) is 1.0 where a label's probability reaches its threshold (the sidecar
+  lists both, ``temperatures`` and ``thresholds``).
 
 ``--int8`` quantizes the graph with ONNX Runtime's static quantization (QDQ, per-channel 7-bit weights,
 activations calibrated on training images) and is never the default: it changes some answers (see
@@ -35,12 +38,14 @@ import torch
 from torch import nn
 
 from tlearn import __version__, graph
+from tlearn.artifact import ModelSpec
 from tlearn.config import DataConfig, InferenceConfig, RuntimeConfig, TlearnError
 from tlearn.data import Sample, recorded_split, scan_labelled
 from tlearn.extractor import Loaded, load_run
 from tlearn.fileio import atomic_path, atomic_write_text
 from tlearn.graph import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, read_sidecar, sidecar_path
 from tlearn.images import ImageDecodeError, eval_transform, load_image
+from tlearn.multilabel import decide, targets
 from tlearn.novelty import graph_module
 from tlearn.predictor import run_about
 from tlearn.runtime import Pooled
@@ -60,11 +65,13 @@ class WholeClassifier(nn.Module):
     A head on frozen bases concatenates each base's pooled features (``slots[i]`` says which input base i reads);
     a fine-tuned or scratch network is the ``head`` itself, on input 0."""
 
-    def __init__(self, bases: list[nn.Module], slots: list[int], head: nn.Module, mirror: bool, temperature: float,
-                 novelty: nn.Module | None = None):
+    def __init__(self, bases: list[nn.Module], slots: list[int], head: nn.Module, mirror: bool,
+                 temperature: float | torch.Tensor, novelty: nn.Module | None = None,
+                 thresholds: torch.Tensor | None = None):
         super().__init__()
         self.bases, self.slots, self.head = nn.ModuleList(bases), slots, head
         self.mirror, self.temperature, self.novelty = mirror, temperature, novelty
+        self.thresholds = thresholds  # several labels an image: (C,), with a temperature a label
 
     def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.mirror:  # the centre crop and its mirror image in one pass: (B, 3, H, W) -> (2B, 3, H, W)
@@ -77,8 +84,15 @@ class WholeClassifier(nn.Module):
             z = self.head.classify(f)
         if self.mirror:  # (2B, C) -> (B, C): the mean of the two views
             z, f = z.reshape(2, -1, z.shape[1]).mean(0), f.reshape(2, -1, f.shape[1]).mean(0)
-        out = (z, torch.softmax(z / self.temperature, 1))
-        return out if self.novelty is None else (*out, self.novelty(f, z))
+        if self.thresholds is None:
+            out = (z, torch.softmax(z / self.temperature, 1))
+        else:  # a sigmoid a label
+            out = (z, torch.sigmoid(z / self.temperature))
+        if self.novelty is not None:
+            out = (*out, self.novelty(f, z))
+        if self.thresholds is not None:  # the labels given at their thresholds
+            out = (*out, (out[1] >= self.thresholds).float())
+        return out
 
 
 @dataclass
@@ -93,9 +107,10 @@ class ExportResult:
     real_images: bool  # False: no labelled images were found, so parity was checked on noise only
     split: str = ""  # what the accuracies were measured on
     evaluated: int = 0
-    accuracy: dict[str, float] = field(default_factory=dict)  # fp32 (and int8)
+    accuracy: dict[str, float] = field(default_factory=dict)  # fp32 (and int8): ``measure``
+    measure: str = "accuracy"  # several labels an image: "micro F1", at the thresholds
     speed: dict[str, float] = field(default_factory=dict)  # images per second in ONNX Runtime, batch 8
-    agreement: float | None = None  # int8: share of images with the fp32 graph's top-1 class
+    agreement: float | None = None  # int8: share of images with the fp32 graph's top-1 class (or labels given)
 
 
 def whole_classifier(run: Loaded) -> tuple[WholeClassifier, list[dict[str, Any]]]:
@@ -108,6 +123,11 @@ def whole_classifier(run: Loaded) -> tuple[WholeClassifier, list[dict[str, Any]]
         return copy.deepcopy(module).float().cpu().to(memory_format=torch.contiguous_format).eval()
 
     novelty = None if run.novelty is None else graph_module(run.novelty)
+    temperature: float | torch.Tensor = spec.temperature
+    thresholds = None
+    if spec.multi_label:
+        temperature = torch.tensor(spec.temperatures, dtype=torch.float32)
+        thresholds = torch.tensor(spec.thresholds, dtype=torch.float32)
 
     if spec.kind == "head":
         bases = [run.extractor.base(name) for name in run.names]
@@ -117,10 +137,10 @@ def whole_classifier(run: Loaded) -> tuple[WholeClassifier, list[dict[str, Any]]
                 inputs.append(bb.preprocessing)
         module = WholeClassifier([Pooled(cpu_copy(bb.model)) for bb in bases],
                                  [inputs.index(bb.preprocessing) for bb in bases], cpu_copy(run.model),
-                                 "flip" in spec.views, spec.temperature, novelty)
+                                 "flip" in spec.views, temperature, novelty, thresholds)
         return module.eval(), inputs
-    return WholeClassifier([], [], cpu_copy(run.model), "flip" in spec.views, spec.temperature, novelty).eval(), \
-        [spec.preprocessing]
+    return WholeClassifier([], [], cpu_copy(run.model), "flip" in spec.views, temperature, novelty,
+                           thresholds).eval(), [spec.preprocessing]
 
 
 def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = False,
@@ -136,24 +156,22 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = F
     _claim(out, overwrite)
     run = load_run(run_dir, InferenceConfig(weights=weights, device="cpu", precision="fp32"),
                    RuntimeConfig(cache_dir=cache_dir), verbose=False)
-    if run.spec.multi_label:
-        raise TlearnError(f"{run_dir} gives several labels an image; exporting such a model (a sigmoid a label, "
-                          "with its thresholds) is not available yet. Predict and serve it from the run folder")
     module, inputs = whole_classifier(run)
     names = ["image"] if len(inputs) == 1 else [f"image_{i}" for i in range(len(inputs))]
     evaluation, calibration, split = _real_images(run, data)
     if int8 and not evaluation:
         raise TlearnError("--int8 needs real images to calibrate and to measure its accuracy: pass --data FOLDER "
                           "(class sub-folders), or export where the run's data folder is")
-    pictures, labels = _decode(evaluation[:MAX_EVAL_IMAGES if measure else PARITY_IMAGES])
+    pictures, labels = _decode(evaluation[:MAX_EVAL_IMAGES if measure else PARITY_IMAGES], run.spec)
     arrays = _batches(pictures, inputs) if pictures else \
         [[np.random.default_rng(0).normal(size=(4, *pp["input_size"])).astype(np.float32) for pp in inputs]]
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        outputs = ["logits", "probabilities"] + (["novelty"] if module.novelty is not None else [])
+        outputs = ["logits", "probabilities"] + (["novelty"] if module.novelty is not None else []) + \
+            (["labels"] if run.spec.multi_label else [])
         graph.write(module, [torch.from_numpy(x) for x in arrays[0]], fp32, names, outputs)
         session = graph.session(fp32)
-        (parity, novelty), checked = _parity(module, session, names, arrays)
+        (parity, novelty), checked = _parity(module, session, names, outputs, arrays)
         if not (parity < PARITY_LIMIT and novelty < NOVELTY_LIMIT):
             raise TlearnError(f"the ONNX graph's probabilities differ from PyTorch's by up to {parity:.2g} (limit "
                               f"{PARITY_LIMIT:g}), and its novelty scores by up to {novelty:.2g} (limit "
@@ -161,13 +179,15 @@ def export(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = F
         result = ExportResult(out, sidecar_path(out), "int8" if int8 else "fp32", parity, checked, bool(pictures))
         if pictures and measure:
             result.split, result.evaluated = split, len(labels)
-            reference = _measure(session, names, arrays, labels, "fp32", result)
+            reference = _measure(session, names, arrays, labels, "fp32", result, run.spec.thresholds)
         written = fp32
         if int8:
             written = int8_path = Path(tmp) / "int8.onnx"
-            _quantize(fp32, int8_path, names, _batches(_decode(calibration)[0], inputs))
-            quantized = _measure(graph.session(int8_path), names, arrays, labels, "int8", result)
-            result.agreement = float((quantized.argmax(1) == reference.argmax(1)).mean())
+            _quantize(fp32, int8_path, names, _batches(_decode(calibration, run.spec)[0], inputs))
+            quantized = _measure(graph.session(int8_path), names, arrays, labels, "int8", result,
+                                 run.spec.thresholds)
+            result.agreement = float((_decided(quantized, run.spec.thresholds) == _decided(
+                reference, run.spec.thresholds)).all(1).mean())
         with atomic_path(out) as target:
             Path(target).write_bytes(written.read_bytes())
     atomic_write_text(result.sidecar, json.dumps(_card(run, inputs, names, result), indent=2) + "\n")
@@ -193,7 +213,7 @@ def _claim(out: Path, overwrite: bool) -> None:
 def _real_images(run: Loaded, data: str | Path | DataConfig | None) -> tuple[list[Sample], list[Sample], str]:
     """(images to check and measure on, training images to calibrate int8 with, what the first are)."""
     if data is not None:
-        labelled = scan_labelled(data, run.spec.classes)
+        labelled = scan_labelled(data, run.spec.classes, run.spec.multi_label)
         for s in labelled.skipped:
             log.warning(f"skipped {s.path}: {s.reason}")
         samples = labelled.samples
@@ -209,15 +229,23 @@ def _real_images(run: Loaded, data: str | Path | DataConfig | None) -> tuple[lis
     return folder.split(split), train[:: max(1, len(train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES], split
 
 
-def _decode(samples: list[Sample]) -> tuple[list[Any], np.ndarray]:
-    pictures, labels = [], []
+def _decode(samples: list[Sample], spec: ModelSpec) -> tuple[list[Any], np.ndarray]:
+    """The pictures that decode, and their classes (N,), or their 0/1 targets (N, C) for several labels an image."""
+    pictures, kept = [], []
     for s in samples:
         try:
             pictures.append(load_image(s.path))
-            labels.append(s.label)
+            kept.append(s)
         except ImageDecodeError:
             continue  # an unreadable image is no evidence either way
-    return pictures, np.array(labels)
+    if spec.multi_label:
+        return pictures, targets([s.labels for s in kept], len(spec.classes))
+    return pictures, np.array([s.label for s in kept])
+
+
+def _decided(proba: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
+    """The classes (N, 1) of softmax probabilities, or the labels given (N, C) at their ``thresholds``."""
+    return proba.argmax(1)[:, None] if thresholds is None else decide(proba, np.array(thresholds))
 
 
 def _batches(pictures: list[Any], inputs: list[dict[str, Any]], size: int = 8) -> list[list[np.ndarray]]:
@@ -226,31 +254,39 @@ def _batches(pictures: list[Any], inputs: list[dict[str, Any]], size: int = 8) -
     return [[np.stack([t(p) for p in pictures[i:i + size]]) for t in steps] for i in range(0, len(pictures), size)]
 
 
-def _parity(module: WholeClassifier, session: Any, names: list[str], arrays: list[list[np.ndarray]]
-            ) -> tuple[tuple[float, float], int]:
-    """Max |Δ probability| and |Δ novelty| (0 without a scorer) between the module in PyTorch fp32 and the graph,
-    on up to PARITY_IMAGES images."""
+def _parity(module: WholeClassifier, session: Any, names: list[str], outputs: list[str],
+            arrays: list[list[np.ndarray]]) -> tuple[tuple[float, float], int]:
+    """Max |Δ probability| and |Δ novelty| (0 without a scorer) between the module in PyTorch fp32 and the graph
+    (whose ``outputs`` the module gives in order), on up to PARITY_IMAGES images."""
     worst, n = np.zeros(2), 0
     with torch.inference_mode():
         for batch in arrays:
             if n >= PARITY_IMAGES:
                 break
-            expected = [t.numpy() for t in module(*(torch.from_numpy(x) for x in batch))[1:]]
-            got = session.run(["probabilities", "novelty"][:len(expected)], dict(zip(names, batch, strict=True)))
-            worst = np.maximum(worst, [float(np.abs(a - b).max()) for a, b in zip(expected, got, strict=True)]
-                               + [0.0] * (2 - len(expected)))
+            expected = dict(zip(outputs, (t.numpy() for t in module(*(torch.from_numpy(x) for x in batch))),
+                                strict=True))
+            got = dict(zip(outputs, session.run(outputs, dict(zip(names, batch, strict=True))), strict=True))
+            worst = np.maximum(worst, [float(np.abs(expected[k] - got[k]).max()) if k in outputs else 0.0
+                                       for k in ("probabilities", "novelty")])
             n += len(batch[0])
     return (float(worst[0]), float(worst[1])), n
 
 
 def _measure(session: Any, names: list[str], arrays: list[list[np.ndarray]], labels: np.ndarray, precision: str,
-             result: ExportResult) -> np.ndarray:
-    """The graph's probabilities on every batch; its accuracy and images per second go into ``result``."""
+             result: ExportResult, thresholds: list[float] | None = None) -> np.ndarray:
+    """The graph's probabilities on every batch; its accuracy (several labels an image: micro F1 at the
+    ``thresholds``) and images per second go into ``result``."""
     session.run(["probabilities"], dict(zip(names, arrays[0], strict=True)))  # warm-up
     start = time.perf_counter()
     proba = np.concatenate([session.run(["probabilities"], dict(zip(names, b, strict=True)))[0] for b in arrays])
     result.speed[precision] = len(proba) / (time.perf_counter() - start)
-    result.accuracy[precision] = float((proba.argmax(1) == labels).mean())
+    if thresholds is None:
+        result.accuracy[precision] = float((proba.argmax(1) == labels).mean())
+    else:
+        decided = _decided(proba, thresholds)
+        hits = float((decided * labels).sum())
+        result.measure = "micro F1"
+        result.accuracy[precision] = 2 * hits / max(float(decided.sum() + labels.sum()), 1.0)
     return proba
 
 
@@ -296,19 +332,25 @@ def _card(run: Loaded, inputs: list[dict[str, Any]], names: list[str], result: E
                                          "images": result.parity_images, "real_images": result.real_images}}
     if result.evaluated:
         checks["measured_on"] = {"split": result.split, "images": result.evaluated}
-        checks["accuracy"] = {k: round(v, 4) for k, v in result.accuracy.items()}
+        checks[result.measure.replace(" ", "_").lower()] = {k: round(v, 4) for k, v in result.accuracy.items()}
         checks["images_per_second"] = {k: round(v, 1) for k, v in result.speed.items()}
     if result.agreement is not None:
-        checks["int8_top1_agreement"] = round(result.agreement, 4)
+        checks["int8_top1_agreement" if result.measure == "accuracy" else "int8_labels_agreement"] = \
+            round(result.agreement, 4)
     return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "precision": result.precision,
             "classes": run.spec.classes,
             "inputs": [{"name": n, "shape": ["batch", *pp["input_size"]], "dtype": "float32", "layout": "NCHW",
                         "preprocessing": pp, "how": how(pp)} for n, pp in zip(names, inputs, strict=True)],
             "outputs": {"logits": "(batch, classes) float32, averaged over the views",
-                        "probabilities": "(batch, classes) float32, softmax(logits / temperature)",
+                        **({"probabilities": "(batch, classes) float32, sigmoid(logits / temperatures), a label "
+                            "each", "labels": "(batch, classes) float32, 1 where a label's probability reaches "
+                            "its threshold"} if run.spec.multi_label else
+                           {"probabilities": "(batch, classes) float32, softmax(logits / temperature)"}),
                         **({"novelty": "(batch,) float32, higher: less like the training images; above "
                             "novelty.threshold: unknown"} if run.novelty is not None else {})},
             "temperature": run.spec.temperature, "views": run.spec.views,
+            **({"multi_label": True, "temperatures": run.spec.temperatures, "thresholds": run.spec.thresholds}
+               if run.spec.multi_label else {}),
             **({"novelty": {"threshold": run.novelty.threshold, "accept": run.novelty.accept,
                             "kind": run.novelty.kind}} if run.novelty is not None else {}),
             "source": {**run_about(read_run(run.run_dir)), "tlearn": __version__}, "checks": checks}
@@ -323,11 +365,13 @@ def summary(result: ExportResult) -> str:
     if result.evaluated:
         lines.append(f"on {result.evaluated} images of {result.split}:")
         for precision in result.accuracy:
-            agree = f", top-1 agrees with fp32 on {result.agreement:.1%}" if precision == "int8" else ""
-            lines.append(f"  {precision}: accuracy {result.accuracy[precision]:.4f}, "
+            what = "top-1" if result.measure == "accuracy" else "the labels given"
+            agree = f", {what} agrees with fp32 on {result.agreement:.1%}" if precision == "int8" else ""
+            lines.append(f"  {precision}: {result.measure} {result.accuracy[precision]:.4f}, "
                          f"{result.speed[precision]:.0f} images/s (ONNX Runtime, batch 8){agree}")
         if result.agreement is not None and result.agreement < AGREEMENT_GOAL:
-            lines.append(f"warning: int8 changes the top-1 class of {1 - result.agreement:.1%} of these images "
+            lines.append(f"warning: int8 changes {'the top-1 class' if result.measure == 'accuracy' else 'the labels'}"
+                         f" of {1 - result.agreement:.1%} of these images "
                          f"(goal: at most {1 - AGREEMENT_GOAL:.1%}); the fp32 export is the faithful one")
     return "\n".join(lines)
 

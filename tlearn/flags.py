@@ -178,8 +178,8 @@ def _predict(p: argparse.ArgumentParser) -> None:
 
 def _explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", metavar="PATH", nargs="+", help="RUN followed by image files or folders")
-    p.add_argument("--class", dest="class_name", metavar="NAME", help="show the evidence for this class (default: "
-                   "each image's predicted class)")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help="show the evidence for this class, or label "
+                   "of a model of several labels an image (default: each image's most probable one)")
     p.add_argument("--out", default="heatmaps", help="folder to write IMAGE.heatmap.png files into (default: "
                    "heatmaps); only earlier heatmaps are ever replaced")
     add_fields(p, InferenceConfig, skip=("unknown",))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tlearn.artifact import MAX_CLASS_NAME, MAX_CLASSES, MAX_CONFIG_BYTES, preprocessing_problems
+from tlearn.artifact import MAX_CLASS_NAME, MAX_CLASSES, MAX_CONFIG_BYTES, labelling_problems, preprocessing_problems
 from tlearn.config import TlearnError
 from tlearn.fileio import ONNX_OPSET, atomic_path, require_regular
 
@@ -125,6 +125,9 @@ def read_sidecar(path: Path) -> dict[str, Any]:
                 problems += preprocessing_problems(item["preprocessing"], f"inputs[{i}].preprocessing")
     if type(temperature) not in (int, float) or not (math.isfinite(temperature) and temperature > 0):
         problems.append(f"\"temperature\" must be a positive number, not {temperature!r}")
+    if card.get("multi_label"):
+        problems += labelling_problems(card.get("temperatures"), card.get("thresholds"),
+                                       len(classes) if isinstance(classes, list) else 0)
     if card.get("precision") not in ("fp32", "int8"):
         problems.append(f"\"precision\" must be fp32 or int8, not {card.get('precision')!r}")
     novelty = card.get("novelty", {"threshold": 0.0})

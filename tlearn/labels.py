@@ -11,6 +11,12 @@ Confident learning (Northcutt, Jiang and Chuang, 2021), as cleanlab's ``find_lab
 4. suspects are ranked by their probability of their own folder's class, lowest (most suspicious) first.
 The method is these few lines of NumPy; cleanlab itself would add pandas and more for them.
 
+Several labels an image are searched as cleanlab's ``find_multilabel_issues`` does: each label is its own
+two-class problem (there or not), with out-of-fold probabilities of a regression a label (shuffled folds), and
+confident learning finds, label by label, the images whose tag is likely missing (not given, but the model is
+confident it is there) or wrong (given, but confidently not there). An image is suspected when any of its labels
+is, ranked by the lowest probability its tags get for what they say.
+
 Nothing is moved or deleted: ``tlearn check DATA --labels`` lists the suspects as findings of kind ``mislabel``,
 and every training run's report shows those among its training and validation images.
 """
@@ -30,8 +36,9 @@ import numpy as np
 
 from tlearn.check import WARNING, Finding
 from tlearn.config import DataConfig, TlearnError
-from tlearn.data import ImageFolder, scan
+from tlearn.data import ImageFolder, Sample, scan
 from tlearn.fileio import atomic_write_text, file_sha256, keyed_path
+from tlearn.multilabel import sigmoid, targets
 
 if TYPE_CHECKING:
     from tlearn.extractor import Extractor
@@ -58,6 +65,38 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0)
                                  cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
 
 
+def out_of_fold_multi(X: np.ndarray, Y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+    """(N, C) probabilities of each label of each row, from a logistic regression a label (C=1, as for one label
+    an image; ``models.fit_ovr``, scikit-learn's objective solved for every label at once) fitted on the other
+    folds; a label that no image, or every image, of those folds has gets that share."""
+    from sklearn.model_selection import KFold
+
+    from tlearn.models import fit_ovr, ovr_logits  # torch: only when the search runs
+
+    folds = min(folds, len(Y))
+    if folds < 2:
+        raise TlearnError("--labels needs at least 2 images, to predict each one from the others")
+    X = X / max(float(np.sqrt(np.mean(X ** 2))), 1e-12)  # one scale for every base: RMS 1, geometry kept
+    logits = np.zeros(Y.shape)
+    for fit, held in KFold(folds, shuffle=True, random_state=seed).split(X):
+        logits[held] = ovr_logits(fit_ovr(X[fit], Y[fit], 1.0, seed), X[held])
+    return sigmoid(logits)
+
+
+def multi_label_issues(proba: np.ndarray, Y: np.ndarray) -> list[tuple[int, list[int]]]:
+    """The rows of ``Y`` (N, C) of 0/1 with a tag that confident learning doubts, label by label as a two-class
+    problem (``label_issues``), each with the labels doubted; the most suspicious first (the lowest probability
+    the doubted tags get for what they say)."""
+    doubted: dict[int, list[int]] = {}
+    for k in range(Y.shape[1]):
+        y = Y[:, k].astype(int)
+        if 0 < y.sum() < len(y):
+            for i in label_issues(np.c_[1 - proba[:, k], proba[:, k]], y):
+                doubted.setdefault(int(i), []).append(k)
+    confidence = {i: min(proba[i, k] if Y[i, k] else 1 - proba[i, k] for k in ks) for i, ks in doubted.items()}
+    return [(i, doubted[i]) for i in sorted(doubted, key=lambda i: (confidence[i], i))]
+
+
 def label_issues(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Indices of the rows whose label ``y`` confident learning doubts, most suspicious first.
 
@@ -79,7 +118,7 @@ def suspects(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir
     """The ``mislabel`` findings of a folder, most suspicious first, from ``backbone``'s cached features."""
     data, feats = _folder_features(config, backbone, cache_dir, progress)
     paths = [s.path for s in data.samples]
-    return mislabels(paths, [s.label for s in data.samples], data.classes, feats, seed=config.seed,
+    return mislabels(paths, _labels(data, data.samples), data.classes, feats, seed=config.seed,
                      given=given_as(data))
 
 
@@ -91,6 +130,10 @@ def unusual(config: DataConfig, backbone: str = "efficientnet_lite0", cache_dir:
     from tlearn.novelty import K, outliers
 
     data, feats = _folder_features(config, backbone, cache_dir, progress)
+    if data.multi_label:
+        raise TlearnError(f"{config.label_file or config.path} gives several labels an image, and --outliers looks "
+                          "for images unlike the rest of their one class: drop --outliers (--labels searches such "
+                          "data)")
     rows = [i for i, s in enumerate(data.samples) if s.path not in feats.failed]
     keep = [data.samples[i] for i in rows]
     y = np.array([s.label for s in keep])
@@ -114,10 +157,6 @@ def _folder_features(config: DataConfig, backbone: str, cache_dir: str | None, p
     from tlearn.extractor import Extractor  # torch and timm: only when the search runs
 
     data = scan(config)
-    if data.multi_label:
-        raise TlearnError(f"{config.label_file or config.path} gives several labels an image; the search for "
-                          "suspected mislabels and outliers is not available for such data yet: drop --labels and "
-                          "--outliers")
     settings = BackboneConfig(backbone=backbone), TrainConfig(), RuntimeConfig(cache_dir=cache_dir)
     validate(*settings)
     extractor = Extractor(*settings, verbose=progress)
@@ -132,7 +171,7 @@ def run_mislabels(folder: ImageFolder, extractor: Extractor, seed: int, cache_di
     paths, name = [s.path for s in samples], extractor.names()[0]
     if extractor.missing(paths, name, "center"):
         return []
-    start, labels = time.perf_counter(), [s.label for s in samples]
+    start, labels = time.perf_counter(), _labels(folder, samples)
     key = {"what": "mislabels", "version": 1, "given": given_as(folder),
            "features": extractor.namespace(name, "center"),
            "rows": [[file_sha256(p), y] for p, y in zip(paths, labels, strict=True)], "classes": folder.classes,
@@ -148,32 +187,56 @@ def run_mislabels(folder: ImageFolder, extractor: Extractor, seed: int, cache_di
     return found
 
 
+def _labels(data: ImageFolder, samples: list[Sample]) -> list[int] | list[tuple[int, ...]]:
+    """Each image's class, or (several labels an image) its labels."""
+    return [s.labels if data.multi_label else s.label for s in samples]
+
+
 def given_as(data: ImageFolder) -> str:
     """How an image's label was given, as the findings say it: its class folder, or a label file's row."""
     return "labelled" if data.layout.startswith("label file") else "in folder"
 
 
-def mislabels(paths: list[Path], labels: list[int], classes: list[str], feats: Features, seed: int = 0,
-              memo: Path | None = None, given: str = "in folder") -> list[Finding]:
-    """The ``mislabel`` findings among ``paths`` (with their folders' ``labels``; ``given`` says how, "in folder"
-    or "labelled"), most suspicious first, from their features (rows of the images ``feats`` could not read are
-    left out). ``memo`` is a file keyed by everything the result depends on: found there, the result is read
-    back instead of searched for again."""
+def mislabels(paths: list[Path], labels: list[int] | list[tuple[int, ...]], classes: list[str], feats: Features,
+              seed: int = 0, memo: Path | None = None, given: str = "in folder") -> list[Finding]:
+    """The ``mislabel`` findings among ``paths`` (with their folders' ``labels``, or each image's tuple of labels;
+    ``given`` says how, "in folder" or "labelled"), most suspicious first, from their features (rows of the images
+    ``feats`` could not read are left out). ``memo`` is a file keyed by everything the result depends on: found
+    there, the result is read back instead of searched for again."""
     remembered = _recall(memo, len(paths))
     if remembered is not None:
         return [Finding("mislabel", WARNING, str(paths[i]), detail) for i, detail in remembered]
     keep = [i for i, p in enumerate(paths) if p not in feats.failed]
-    X, y = feats.X[keep], np.array([labels[i] for i in keep])
-    proba = out_of_fold(X, y, seed=seed)
-    own, found = "its folder's class" if given == "in folder" else "its label", []
-    for i in label_issues(proba, y):
-        believed = int(proba[i].argmax())
-        found.append((keep[i], f"{given} {classes[y[i]]!r}, but a model that never saw it believes "
-                               f"{classes[believed]!r} ({proba[i, believed]:.2f}); {own} has {proba[i, y[i]]:.2f}"))
+    search = _multi_mislabels if keep and isinstance(labels[keep[0]], tuple) else _mislabels
+    found = [(keep[i], detail) for i, detail in search(feats.X[keep], [labels[i] for i in keep], classes, seed, given)]
     if memo is not None:
         with contextlib.suppress(TlearnError):  # a read-only cache folder: searched again next time
             atomic_write_text(memo, json.dumps([[int(i), detail] for i, detail in found]))
     return [Finding("mislabel", WARNING, str(paths[i]), detail) for i, detail in found]
+
+
+def _mislabels(X: np.ndarray, labels: list[int], classes: list[str], seed: int, given: str) -> list[tuple[int, str]]:
+    y = np.array(labels)
+    proba = out_of_fold(X, y, seed=seed)
+    own, found = "its folder's class" if given == "in folder" else "its label", []
+    for i in label_issues(proba, y):
+        believed = int(proba[i].argmax())
+        found.append((int(i), f"{given} {classes[y[i]]!r}, but a model that never saw it believes "
+                              f"{classes[believed]!r} ({proba[i, believed]:.2f}); {own} has {proba[i, y[i]]:.2f}"))
+    return found
+
+
+def _multi_mislabels(X: np.ndarray, labels: list[tuple[int, ...]], classes: list[str], seed: int, given: str
+                     ) -> list[tuple[int, str]]:
+    Y = targets(labels, len(classes))
+    proba = out_of_fold_multi(X, Y, seed=seed)
+    found = []
+    for i, doubted in multi_label_issues(proba, Y):
+        missing = [f"{classes[k]!r} is there ({proba[i, k]:.2f})" for k in doubted if not Y[i, k]]
+        wrong = [f"{classes[k]!r} is not ({1 - proba[i, k]:.2f})" for k in doubted if Y[i, k]]
+        tags = ";".join(classes[k] for k in labels[i]) or "nothing"
+        found.append((i, f"{given} {tags!r}, but a model that never saw it believes {' and '.join(missing + wrong)}"))
+    return found
 
 
 def _recall(memo: Path | None, n: int) -> list[tuple[int, str]] | None:

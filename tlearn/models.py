@@ -6,6 +6,7 @@ are never updated (the mistake Keras users keep hitting), whether its weights ar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -324,3 +325,42 @@ def logreg_linear(clf: Any, num_classes: int, scaler: Any = None) -> nn.Linear:
         linear.weight.copy_(torch.from_numpy(coef))
         linear.bias.copy_(torch.from_numpy(bias))
     return linear
+
+
+Linear = tuple[np.ndarray, np.ndarray]  # (weights (C, F), biases (C,)) of one regression per label
+
+
+def fit_ovr(X: np.ndarray, Y: np.ndarray, C: float, seed: int) -> Linear:
+    """One L2-regularised logistic regression per label column of ``Y`` (0/1), all solved at once: the objective
+    of scikit-learn's ``LogisticRegression(C)`` for each label (C x the summed log-loss + half the squared weights,
+    the bias not penalised), divided by C x N and summed over labels, minimised by L-BFGS in float64. A constant
+    column gets its smoothed log-odds and no weights."""
+    n = len(Y)
+    W, b = np.zeros((Y.shape[1], X.shape[1])), np.zeros(Y.shape[1])
+    positives = Y.sum(0)
+    varied = np.flatnonzero((positives > 0) & (positives < n))
+    b[positives == 0], b[positives == n] = math.log(0.5 / (n + 0.5)), math.log((n + 0.5) / 0.5)
+    if not len(varied):
+        return W, b
+    Xt, Yt = torch.from_numpy(np.asarray(X, dtype=np.float64)), torch.from_numpy(np.asarray(Y[:, varied], np.float64))
+    weights = torch.zeros(len(varied), X.shape[1], dtype=torch.float64, requires_grad=True)
+    rate = (Yt.mean(0) * n + 0.5) / (n + 1.0)
+    bias = torch.log(rate / (1 - rate)).clone().requires_grad_(True)
+    solver = torch.optim.LBFGS([weights, bias], lr=1.0, max_iter=1000, tolerance_grad=1e-7, tolerance_change=1e-12,
+                               history_size=20, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        solver.zero_grad()
+        z = Xt @ weights.T + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, Yt, reduction="sum") / n \
+            + (weights ** 2).sum() / (2 * C * n)
+        loss.backward()
+        return loss
+
+    solver.step(objective)
+    W[varied], b[varied] = weights.detach().numpy(), bias.detach().numpy()
+    return W, b
+
+
+def ovr_logits(linear: Linear, X: np.ndarray) -> np.ndarray:
+    return X @ linear[0].T + linear[1]

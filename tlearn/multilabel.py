@@ -49,6 +49,13 @@ def fit_temperatures(y: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return out
 
 
+def calibrated_bce(y: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Each image's binary cross-entropy (mean over labels) after each label's temperature fitted on all of
+    ``logits``: how two models' validation scores compare once each is calibrated, image by image."""
+    z = logits / fit_temperatures(y, logits)
+    return (np.logaddexp(0.0, z) - y * z).mean(axis=1)
+
+
 def fit_thresholds(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """Each label's decision threshold where its F1 score on held-out probabilities is best (the midpoint between
     that probability and the next lower one, so a little noise does not flip the decision);

@@ -130,7 +130,7 @@ def sample_rows(y: np.ndarray, most: int, seed: int) -> np.ndarray:
 
 
 def fit(train_X: np.ndarray, train_y: np.ndarray, val_X: np.ndarray, val_logits: np.ndarray, accept: float,
-        seed: int = 0, cap_bytes: int = CAP_BYTES) -> Novelty:
+        seed: int = 0, cap_bytes: int = CAP_BYTES, with_energy: bool = True) -> Novelty:
     """A scorer whose reference is (a per-class sample of) the training features ``train_X``, standardised and
     thresholded on the validation split's features and logits (a head fitted on the training split alone).
 
@@ -142,13 +142,14 @@ def fit(train_X: np.ndarray, train_y: np.ndarray, val_X: np.ndarray, val_logits:
         raise TlearnError("novelty needs training and validation images")
     rows = sample_rows(train_y, cap_rows(train_X.shape[1], cap_bytes), seed)
     reference = normalised(train_X[rows]).astype(np.float16)
-    scorer = Novelty(reference, accept=accept)
+    scorer = Novelty(reference, accept=accept, with_energy=with_energy)
     d, e = knn_distance(reference, val_X, scorer.k), energy(val_logits)
     if len(val_X) >= MIN_VALIDATION:
         scorer.center = [float(d.mean()), float(e.mean())]
         scorer.scale = [float(max(d.std(), 1e-6)), float(max(e.std(), 1e-6))]
         scorer.threshold = float(np.quantile(scorer.score(val_X, val_logits), accept))
-        scorer.fitted_on = f"{len(val_X)} validation images, scored by the model trained on the training split"
+        scorer.fitted_on = f"{len(val_X)} validation images, scored by the model trained on the training split" + (
+            "" if with_energy else ", on the distance alone (several labels an image: no softmax energy)")
         return scorer
     pooled = np.r_[d, knn_distance(reference, reference, scorer.k, exclude_self=True)] if len(rows) > 1 else d
     scorer.with_energy, scorer.center, scorer.scale = False, [float(pooled.mean()), 0.0], \
@@ -162,23 +163,25 @@ def fit(train_X: np.ndarray, train_y: np.ndarray, val_X: np.ndarray, val_logits:
 
 
 def fit_run(outputs_of: PathsOutputs, train: list[Sample], classes: list[str], validation: Scored, accept: float,
-            seed: int, cap_bytes: int = CAP_BYTES, most: int | None = None
+            seed: int, cap_bytes: int = CAP_BYTES, most: int | None = None, multi_label: bool = False
             ) -> tuple[Novelty | None, list[tuple[Path, str, float]]]:
     """The novelty stage after training: the scorer of a trained model (``outputs_of``: its
     ``Predictor.paths_outputs``), on (a per-class sample of, at most ``most`` images and ``cap_bytes``) the
     ``train`` split's features, thresholded on the ``validation`` split as scored by the model trained on the
     training split alone (its logits and features); and the training images least like the rest of their class,
-    most unusual first. The log says what it did."""
+    most unusual first. Several labels an image (``multi_label``): the distance alone, a sample of all the
+    training images, and no class to be unlike. The log says what it did."""
     from tlearn.evaluate import score
 
     if validation.features is None or not len(validation.y):
         log.warning("novelty: no validation image to set the threshold on, so predictions carry no novelty")
         return None, []
-    start, y = time.perf_counter(), np.array([s.label for s in train])
+    start, y = time.perf_counter(), np.array([0 if multi_label else s.label for s in train])
     rows = sample_rows(y, min(cap_rows(validation.features.shape[1], cap_bytes), most or len(y)), seed)
     reference = score(outputs_of, [train[i] for i in rows])
-    scorer = fit(reference.features, reference.y, validation.features, validation.logits, accept, seed, cap_bytes)
-    odd = outliers(reference.features, reference.y)
+    scorer = fit(reference.features, reference.y if not multi_label else np.zeros(len(rows), dtype=int),
+                 validation.features, validation.logits, accept, seed, cap_bytes, with_energy=not multi_label)
+    odd = outliers(reference.features, reference.y) if not multi_label else np.array([])
     order = [i for i in np.argsort(-np.nan_to_num(odd, nan=-np.inf)) if np.isfinite(odd[i])][:OUTLIERS]
     size = scorer.reference.nbytes / (1 << 20)
     log.info(f"novelty: reference features of {len(scorer.reference)} of {len(train)} training images "

@@ -408,15 +408,18 @@ def compare_curves(histories: dict[str, dict[str, list]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def compare_bars(rows: list[dict[str, Any]], path: Path, chance: float) -> Path:
-    """Accuracy and training time per model, side by side, with the chance level marked."""
+def compare_bars(rows: list[dict[str, Any]], path: Path, chance: float, score: str = "accuracy") -> Path:
+    """A score (accuracy, or mean average precision) and training time per model, side by side, with the chance
+    level marked."""
     plt = pyplot()
     names = [r["model"] for r in rows]
+    what = score.replace("_", " ")
     fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2))
-    bars = ax_acc.barh(names, [r["accuracy"] for r in rows], color="tab:blue")
-    ax_acc.bar_label(bars, labels=[f"{r['accuracy']:.1%}" for r in rows], padding=3)
+    bars = ax_acc.barh(names, [r[score] for r in rows], color="tab:blue")
+    ax_acc.bar_label(bars, labels=[f"{r[score]:.1%}" for r in rows], padding=3)
     ax_acc.axvline(chance, color="grey", ls=":")
-    ax_acc.set(xlim=(0, 1.12), xlabel=f"{rows[0]['split']} accuracy (dotted: chance, {chance:.0%})", title="Accuracy")
+    ax_acc.set(xlim=(0, 1.12), xlabel=f"{rows[0]['split']} {what} (dotted: chance, {chance:.0%})",
+               title=what.capitalize())
     ax_acc.invert_yaxis()
     bars = ax_time.barh(names, [r["train_seconds"] for r in rows], color="tab:orange")
     ax_time.bar_label(bars, labels=[f"{r['train_seconds']:.0f} s" for r in rows], padding=3)

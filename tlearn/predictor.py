@@ -84,8 +84,12 @@ class Predictor:
 
     def __init__(self, classes: list[str], inputs: list[dict[str, Any]], forward: Forward, *, temperature: float = 1.0,
                  views: list[str] | None = None, backend: str = "onnx", about: dict[str, Any] | None = None,
-                 spec: ModelSpec | None = None, novelty: Novelty | None = None, threshold: float | None = None):
+                 spec: ModelSpec | None = None, novelty: Novelty | None = None, threshold: float | None = None,
+                 labelling: tuple[Sequence[float], Sequence[float]] | None = None):
         self.classes, self.inputs, self.forward = classes, inputs, forward
+        # several labels an image: each label's temperature and decision threshold (None: one class an image)
+        self.temperatures, self.thresholds = (None, None) if labelling is None else \
+            (np.asarray(labelling[0], dtype=np.float64), np.asarray(labelling[1], dtype=np.float64))
         self.novelty = novelty  # the scorer, where this process computes the score
         self.threshold = novelty.threshold if novelty is not None else threshold  # None: no novelty
         self.temperature, self.views = temperature, views or ["center"]
@@ -145,7 +149,7 @@ class Predictor:
 
         return cls(spec.classes, [b["identity"]["preprocessing"] for b in spec.bases], forward,
                    temperature=spec.temperature, views=spec.views, backend="onnx", about=run_about(saved), spec=spec,
-                   novelty=novelty)
+                   novelty=novelty, labelling=labelling(spec))
 
     @classmethod
     def _torch(cls, run_dir: Path, inference: InferenceConfig, runtime: RuntimeConfig, verbose: bool) -> Predictor:
@@ -187,7 +191,7 @@ class Predictor:
                 return out[0][:, :classes].numpy(), out[0][:, classes:].numpy()
 
         predictor = cls(spec.classes, inputs, forward, temperature=spec.temperature, views=spec.views,
-                        backend="torch", about=about, spec=spec, novelty=novelty)
+                        backend="torch", about=about, spec=spec, novelty=novelty, labelling=labelling(spec))
         predictor.stack = (model, extractor, engines, names)
         return predictor
 
@@ -231,7 +235,8 @@ class Predictor:
         # the graph averages its own views (the centre crop and, where trained so, its mirror image)
         return cls(card["classes"], [i["preprocessing"] for i in card["inputs"]], forward,
                    temperature=card["temperature"], views=["center"], backend="exported", about=about,
-                   threshold=card["novelty"]["threshold"] if scored else None)
+                   threshold=card["novelty"]["threshold"] if scored else None,
+                   labelling=(card["temperatures"], card["thresholds"]) if card.get("multi_label") else None)
 
     # --- prediction ----------------------------------------------------------------------------------------
 
@@ -282,16 +287,11 @@ class Predictor:
         views with ``tta``)."""
         return self.run(self.prepare(images, tta)).logits
 
-    @property
-    def thresholds(self) -> np.ndarray | None:
-        """Several labels an image: each label's decision threshold (None: one class an image)."""
-        return np.array(self.spec.thresholds) if self.spec is not None and self.spec.multi_label else None
-
     def probabilities(self, logits: np.ndarray, calibration: bool = True) -> np.ndarray:
         """Softmax probabilities of the classes, or (several labels an image) a sigmoid probability a label, with
         the temperature scaling fitted on held-out images unless ``calibration`` is False."""
         if self.thresholds is not None:
-            return sigmoid(logits / np.array(self.spec.temperatures)) if calibration else sigmoid(logits)
+            return sigmoid(logits / self.temperatures) if calibration else sigmoid(logits)
         return calibrated(logits, self.temperature if calibration else 1.0)
 
     def predict_images(self, images: list[Image.Image], top_k: int = 3, *, calibration: bool = True,
@@ -381,6 +381,11 @@ class Predictor:
         result = self.outputs(np.stack(logits), np.stack(extra))
         result.failed = failed
         return result
+
+
+def labelling(spec: ModelSpec) -> tuple[list[float], list[float]] | None:
+    """A model of several labels an image: each label's temperature and threshold (None: one class an image)."""
+    return (spec.temperatures, spec.thresholds) if spec.multi_label else None
 
 
 def _dense(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

@@ -21,7 +21,7 @@ from tlearn.backbones import REGISTRY, larger_offline
 from tlearn.calibrate import calibrated_losses
 from tlearn.recipes.features import Found, head_result, probe_features
 from tlearn.recipes.images import finetune_stage, val_logits
-from tlearn.recipes.job import Job, Trained, head_views, record
+from tlearn.recipes.job import Job, Trained, head_views, labels_of, record
 from tlearn.recipes.plan import (
     Clock,
     Measured,
@@ -62,7 +62,7 @@ def train_auto(job: Job) -> Trained:
         job.extractor.features_views(train_val, names, head_views(job), top=True)
     first = probe_features(job, names)
     job = job.without(first[3])  # the next steps work on the images that decoded
-    y_val = np.array([s.label for s in job.data.split("validation")])
+    y_val = labels_of(job, job.data.split("validation"))
     best = _Best(_losses(steps[0], first[0].val_logits, y_val), names, first)
     record(steps[0], "kept", start, first[0])
     for step in steps[1:]:

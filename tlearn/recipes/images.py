@@ -25,7 +25,7 @@ from tlearn.data import Sample
 from tlearn.features import Features, ImageFiles, collate, cpu_cores, default_workers, extract
 from tlearn.images import eval_transform
 from tlearn.models import SCRATCH, Classifier, PixelLinear, fold_logreg, unfreeze_groups
-from tlearn.recipes.job import Job, Trained, by_split, cached_features, weight
+from tlearn.recipes.job import Job, Trained, by_split, cached_features, labels_of, weight
 from tlearn.recipes.plan import REPORT_SECONDS
 from tlearn.runtime import FrozenFeatures
 from tlearn.train import CPU, Batches, History, Stage, evaluate, fit, fit_head, make_head, tensor_batches
@@ -46,7 +46,7 @@ def _image_batches(job: Job, samples: list[Sample], transform: Callable, failed:
     if generator is None and dist.active():
         samples = dist.shard(samples)
     files = ImageFiles([s.path for s in samples], transform)
-    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    labels = torch.from_numpy(labels_of(job, samples))
     workers = job.runtime.workers if job.runtime.workers is not None else default_workers()
     sampler = DistributedSampler(files, world, dist.rank(), shuffle=True) if generator is not None and world > 1 \
         else None

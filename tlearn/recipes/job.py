@@ -21,7 +21,7 @@ from torch import nn
 
 from tlearn.artifact import ModelSpec
 from tlearn.config import AugmentConfig, BackboneConfig, Decision, RuntimeConfig, TrainConfig
-from tlearn.data import ImageFolder
+from tlearn.data import ImageFolder, Sample
 from tlearn.extractor import Extractor
 from tlearn.features import Features
 from tlearn.models import parameter_counts
@@ -116,11 +116,18 @@ def by_split(job: Job, get: Callable[[list[Path], tuple[str, ...]], list[Feature
         feats = get([s.path for s in samples], views)
         bad = {p: reason for f in feats for p, reason in f.failed.items()}
         keep = np.array([s.path not in bad for s in samples], dtype=bool)
-        y = targets([s.labels for s in samples], len(job.data.classes)) if job.data.multi_label else \
-            np.array([s.label for s in samples], dtype=np.int64)
+        y = labels_of(job, samples)
         out[split] = [f.X if keep.all() else f.X[keep] for f in feats], y[keep]
         failed.update(bad)
     return out, failed
+
+
+def labels_of(job: Job, samples: list[Sample]) -> np.ndarray:
+    """What the loss is taken against: the class indices (N,), or (N, C) 0/1 targets for several labels an
+    image."""
+    if job.data.multi_label:
+        return targets([s.labels for s in samples], len(job.data.classes))
+    return np.array([s.label for s in samples], dtype=np.int64)
 
 
 def cached_features(job: Job) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[Path, str]]:

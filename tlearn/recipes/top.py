@@ -23,7 +23,7 @@ from torch import nn
 from tlearn.calibrate import calibrated_loss
 from tlearn.config import parse_lr_mult
 from tlearn.models import Classifier, TopStage, split_top
-from tlearn.recipes.job import Job, Trained, head_views, weight
+from tlearn.recipes.job import Job, Trained, head_views, labels_of, weight
 from tlearn.train import CPU, History, Stage, fit, tensor_batches
 
 log = logging.getLogger("tlearn")
@@ -88,8 +88,7 @@ def finetune_top(job: Job, head: nn.Module, history: History, bar: float, shape:
     failed = {**failed, **failed_val}
     keep = np.array([s.path not in failed for s in train])
     keep_val = np.array([s.path not in failed for s in val])
-    y = np.array([s.label for s in train], dtype=np.int64)
-    y_val = np.array([s.label for s in val], dtype=np.int64)
+    y, y_val = labels_of(job, train), labels_of(job, val)
     acts, val_acts, y, y_val = [a[keep] for a in acts], val_acts[keep_val], y[keep], y_val[keep_val]
 
     base = copy.deepcopy(bb.model).cpu().float()  # the pretrained base stays untouched for cached features
