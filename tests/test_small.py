@@ -185,15 +185,15 @@ def test_compare_table_cells() -> None:
 
 
 def test_curves_of_one_epoch_have_whole_number_ticks() -> None:
-    from tlearn.plots import _epoch_axis, pyplot
+    from tlearn.plots import _epoch_axis, figure
 
-    fig, ax = pyplot().subplots()
+    fig = figure()
+    ax = fig.subplots()
     ax.plot([1], [0.5], "o")
     _epoch_axis(ax, 1)
-    fig.canvas.draw()
+    fig.draw_without_rendering()
     assert ax.get_xlim() == (0.5, 1.5)
     assert all(float(t).is_integer() for t in ax.get_xticks() if 0.5 <= t <= 1.5)
-    pyplot().close(fig)
 
 
 def test_a_run_that_fails_after_the_split_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

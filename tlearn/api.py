@@ -39,6 +39,7 @@ from tlearn.config import (
 )
 from tlearn.configio import from_dict, to_dict
 from tlearn.data import ImageFolder, data_root, expand_inputs, recorded_split, scan, scan_labelled, write_manifest
+from tlearn.display import Explanations, Metrics, Predictions
 from tlearn.evaluate import PathsOutputs, Scored, against_others, assess, assess_multi, metrics_of, score, top_classes
 from tlearn.extractor import Extractor, load_run
 from tlearn.labels import run_mislabels
@@ -220,7 +221,7 @@ class ImageClassifier:
         return Predictor.of(self.spec, self.model, self.extractor, novelty=self.novelty)
 
     def evaluate(self, data: str | Path | DataConfig | None = None, tta: bool = False,
-                 unknown: str | Path | None = None, **data_options: Any) -> dict[str, Any]:
+                 unknown: str | Path | None = None, **data_options: Any) -> Metrics:
         """Metrics on ``data`` (a folder of class sub-folders, a split folder's test/, or a label file read as
         ``data_options``, :class:`DataConfig`'s fields, say). With no argument: the
         test split of the fitted data, or of a loaded run's recorded split (validation when there is no test).
@@ -249,10 +250,10 @@ class ImageClassifier:
             out = {"split": split, **metrics_of(scored, self.classes, self.spec.temperature, tta, threshold)}
         if unknown is not None:  # novelty is scored on the model's own views, with or without ``tta``
             out["unknown"] = against_others(outputs_of, scored, unknown, threshold)
-        return out
+        return Metrics(out)
 
     def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
-                tta: bool = False, unknown: bool = True) -> list[dict[str, Any]]:
+                tta: bool = False, unknown: bool = True) -> Predictions:
         """Top-k classes with probabilities for image files and the images in folders, in order: ``{"path",
         "predictions": [{"class", "probability"}, ...], "novelty", "unknown"}``, or ``{"path", "error"}`` for a
         file that could not be read. Probabilities are temperature-scaled unless ``calibration`` is False; ``tta``
@@ -261,12 +262,13 @@ class ImageClassifier:
         return self.predictor().predict(inputs, top_k, calibration=calibration, tta=tta, unknown=unknown)
 
     def explain(self, inputs: str | Path | Iterable[str | Path], class_name: str | None = None, top_k: int = 3, *,
-                calibration: bool = True) -> list[dict[str, Any]]:
+                calibration: bool = True) -> Explanations:
         """Where the evidence for the predicted class (or ``class_name``) lies in each image: Grad-CAM on the
         model's last convolutional feature map (``tlearn.explain``). Each result is ``{"path", "class",
         "probability", "heatmap", "predictions"}``: ``heatmap`` is a float array of the image's height x width, in
         [0, 1] and zero outside the crop the model saw. A file that cannot be read gets ``{"path", "error"}``."""
-        return list(self.explainer().explain(expand_inputs(inputs), class_name, top_k, calibration=calibration))
+        return Explanations(self.explainer().explain(expand_inputs(inputs), class_name, top_k,
+                                                     calibration=calibration))
 
     def explainer(self) -> Explainer:
         """The ``tlearn.explain.Explainer`` of this model (its frozen bases loaded for a head)."""
@@ -289,6 +291,38 @@ class ImageClassifier:
                                                   self.findings, self.metrics, self.predictions, base,
                                                   self.output.tensorboard, cache, self.novelty, self.outliers),
                          overwrite=self.output.overwrite)
+
+    def summary(self) -> dict[str, Any]:
+        """What this classifier is, in a few values: its base and mode (and why), classes, and held-out scores."""
+        about: dict[str, Any] = {"model": self.describe() if self.model is not None else "not trained yet"}
+        if self.decision is not None:
+            about["why"] = self.decision.reason
+        for split, m in self.metrics.items():
+            score = "mean_average_precision" if "per_label" in m else "accuracy"
+            about[f"{split} {score.replace('_', ' ')}"] = round(m[score], 4)
+        if self.run_dir is not None:
+            about["run"] = str(self.run_dir)
+        return {**about, "classes": self.classes}
+
+    def __repr__(self) -> str:
+        about = self.summary()
+        return f"ImageClassifier({about.pop('model')}, {len(about.pop('classes'))} classes" + "".join(
+            f", {k}: {v}" for k, v in about.items() if k != "why") + ")"
+
+    def _repr_html_(self) -> str:  # in a notebook: the summary as a table
+        from tlearn.display import classifier_html, safely
+
+        return safely(classifier_html, self.summary())
+
+    def show_report(self, run_dir: str | Path | None = None, height: int = 800) -> Any:
+        """The run's ``report.html`` in the notebook (a frame holding the self-contained file, so it shows in an
+        exported notebook too); ``run_dir``: where the run was written (default: where it was loaded from)."""
+        from tlearn.display import Frame
+
+        report_file = Path(run_dir or self.run_dir or "") / "report.html"
+        if not report_file.is_file():
+            raise TlearnError(f"no report at {report_file}: fit(DATA, out=RUN) writes one, then show_report(RUN)")
+        return Frame(report_file, height)
 
     def describe(self) -> str:
         """A short name: backbone and mode, or the scratch model."""

@@ -75,6 +75,11 @@ class Report:
     def blocking(self) -> list[Finding]:
         return [f for f in self.findings if f.kind in BLOCKING]
 
+    def _repr_html_(self) -> str:  # in a notebook: the summary, the counts and the first findings as tables
+        from tlearn.display import report_html, safely
+
+        return safely(report_html, self)
+
     def to_dict(self) -> dict[str, Any]:
         return {"root": str(self.root), "layout": self.layout, "classes": self.classes, "counts": self.counts,
                 "files": self.files, "images": self.images, "summary": self.summary(),
@@ -196,7 +201,7 @@ def check(config: DataConfig, min_size: int = 0, near_threshold: int = 4, progre
     >>> report.summary()                                        # doctest: +SKIP
     {}
     """
-    from tqdm import tqdm
+    from tlearn.progress import tqdm
 
     if config.label_file or labelfile.is_label_file(config.path):  # the files its rows name, and its bad rows
         table = labelfile.read(config)

@@ -121,9 +121,9 @@ def augment_preview(args: argparse.Namespace) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """Inspect every file of an image folder: undecodable, odd and duplicate files, leakage, class balance."""
-    from tlearn.check import check as run_check
     from tlearn.check import format_report, quarantine_rows
     from tlearn.fileio import atomic_write_csv
+    from tlearn.survey import check_data
 
     data = config(DataConfig, args)
     validate(data)
@@ -132,19 +132,8 @@ def check(args: argparse.Namespace) -> None:
         from tlearn.backbones import preprocessing_of
 
         min_size = preprocessing_of(args.backbone)["input_size"][-1]
-    report = run_check(data, min_size=min_size, near_threshold=args.near_threshold, progress=not args.json)
-    if args.labels:
-        from tlearn.labels import suspects
-
-        found = suspects(data, backbone=args.backbone or BackboneConfig.backbone, progress=not args.json)
-        report.findings += found
-        report.notes.append(f"suspected mislabels (--labels): {len(found)} found among the labelled images")
-    if args.outliers:
-        from tlearn.labels import unusual
-
-        found = unusual(data, backbone=args.backbone or BackboneConfig.backbone, progress=not args.json)
-        report.findings += found
-        report.notes.append(f"outliers (--outliers): {len(found)} image(s) unlike the rest of their class")
+    report = check_data(data, labels=args.labels, outliers=args.outliers, backbone=args.backbone, min_size=min_size,
+                        near_threshold=args.near_threshold, progress=not args.json)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     if args.fix_report:
         atomic_write_csv(Path(args.fix_report), ["path", "reason"], quarantine_rows(report))

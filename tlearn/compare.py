@@ -19,14 +19,33 @@ from pathlib import Path
 from typing import Any
 
 from tlearn import plots
-from tlearn.config import DataConfig, OutputConfig, TlearnError
+from tlearn.config import DataConfig, OutputConfig, TlearnError, route_options, validate
 from tlearn.data import data_root, scan
+from tlearn.display import safely
 from tlearn.fileio import atomic_write_csv, atomic_write_text, read_csv_rows, safe_name
 from tlearn.models import SCRATCH
 from tlearn.pages import CSS, html_table, png_tag
 
 log = logging.getLogger("tlearn")
 BACKBONE_MODES = ("auto", "features", "frozen", "finetune")
+
+
+def compare_models(data: str | Path | DataConfig, models: str, out: str | Path, *, verbose: bool = True,
+                   **options: Any) -> Comparison:
+    """Train each of ``models`` (as ``tlearn compare --models``: "small-cnn,efficientnet_lite0:features") on one
+    split of ``data`` (a folder, a label file, or a :class:`DataConfig`) into ``out``; ``options`` are the settings
+    they share, by the fields' names (``epochs=5``, ``seed=1``, a label file's ``images``, ...); ``verbose=False``
+    trains them without logs or progress bars. Returns a row a model, shown as a table and bars in a notebook."""
+    from tlearn.api import CONFIGS
+
+    given = [data] if isinstance(data, DataConfig) else []
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    train_fields = {f.name for cls in CONFIGS for f in dataclasses.fields(cls)}  # ``seed`` is in both
+    (config,) = route_options((DataConfig,), {**({} if given else {"path": str(data)}),
+                                              **{k: v for k, v in options.items() if k in data_fields}}, given)
+    configs = route_options(CONFIGS, {k: v for k, v in options.items() if k in train_fields or k not in data_fields})
+    validate(config, *configs)
+    return compare(config, models, Path(out), configs, verbose=verbose)
 
 
 def parse_models(text: str) -> list[dict[str, str]]:
@@ -47,7 +66,7 @@ def parse_models(text: str) -> list[dict[str, str]]:
     return models
 
 
-def compare(data: DataConfig, models: str, out: Path, configs: Sequence[Any]) -> list[dict[str, Any]]:
+def compare(data: DataConfig, models: str, out: Path, configs: Sequence[Any], verbose: bool = True) -> Comparison:
     """Train each model into ``out/<name>`` on one split and write ``compare.csv``, ``compare.md``,
     ``compare.png`` and ``compare.html``. ``configs`` are the settings every model shares (``ImageClassifier``'s);
     each model sets its own backbone, mode and scratch model. Returns one row per model."""
@@ -66,7 +85,7 @@ def compare(data: DataConfig, models: str, out: Path, configs: Sequence[Any]) ->
     for spec in parse_models(models):
         name = spec.get("model") or f"{spec['backbone']}:{spec['mode']}"
         log.info(f"--- {name} ---")
-        clf = ImageClassifier(configs=configs, **spec)
+        clf = ImageClassifier(configs=configs, verbose=verbose, **spec)
         folder = safe_name(name.replace(":", "-"))  # a name never becomes a path of its own
         folder = folder if folder not in used else f"{folder}-{len(rows) + 1}"
         used.add(folder)
@@ -87,7 +106,7 @@ def compare(data: DataConfig, models: str, out: Path, configs: Sequence[Any]) ->
     write_table(rows, out, chance)
     plots.compare_bars(rows, out / "compare.png", chance, scores(multi)[0])
     log.info(f"comparison report: {build_compare(out, rows, chance)}")
-    return rows
+    return Comparison(rows, out)
 
 
 def scores(multi: bool) -> tuple[str, ...]:
@@ -150,3 +169,26 @@ def build_compare(out: Path, rows: list[dict[str, Any]], chance: float) -> Path:
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")
     atomic_write_text(out / "compare.html", page)
     return out / "compare.html"
+
+
+class Comparison(list):
+    """``compare_models()``'s result: a row a model (as ``compare.csv``), shown in a notebook as the table and the
+    bars of ``out/compare.png``."""
+
+    def __init__(self, rows: list[dict[str, Any]], out: Path):
+        super().__init__(rows)
+        self.out = Path(out)
+
+    def _repr_html_(self) -> str:
+        return safely(comparison_html, self)
+
+
+def comparison_html(rows: Comparison) -> str:
+    if not rows:
+        return "<p>No model compared.</p>"
+    shown = columns(list(rows))
+    bars = rows.out / "compare.png"
+    return (html_table([[r[c] if r[c] != "" else "–" for c in shown] for r in rows], [c.replace("_", " ")
+                                                                                       for c in shown])
+            + (png_tag(bars) if bars.is_file() else "") + f'<p class="muted">written to {html.escape(str(rows.out))}'
+            "</p>")

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from tlearn.backbones import Backbone
 from tlearn.fileio import atomic_path, atomic_write_text, default_cache_dir, file_sha256, identity_key
 from tlearn.images import ImageDecodeError, load_image
+from tlearn.progress import tqdm
 
 # Bump when decoding or preprocessing code changes in a way that changes features.
 PIPELINE_VERSION = "pil-2"

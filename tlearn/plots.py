@@ -1,4 +1,8 @@
-"""Every figure tlearn draws, with matplotlib on its file-only Agg backend, written atomically as PNG.
+"""Every figure tlearn draws, written atomically as PNG.
+
+The figures are matplotlib ``Figure`` objects made without pyplot, so tlearn never selects or changes the
+process's matplotlib backend (a notebook keeps its own) and never leaves a figure open in pyplot's state; a
+``Figure`` renders itself to PNG whatever the backend.
 
 Axes are labelled, and class names stay readable however long they are or however many classes there are:
 long names are wrapped or shortened, and fonts and figure sizes follow the class count.
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import itertools
 import os
 import textwrap
@@ -22,24 +27,30 @@ from tlearn.fileio import atomic_path, atomic_write_bytes, keyed_path, open_regu
 
 if TYPE_CHECKING:
     from tlearn.calibrate import Reliability
-    from tlearn.train import History
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only, never a window), imported on first use."""
-    import matplotlib
+def figure(**options: Any):
+    """A new matplotlib ``Figure`` (``options``: its figsize and so on), outside pyplot, imported on first use;
+    shown as a PNG when a notebook displays it, whatever matplotlib's backend there."""
+    return _shown_figure()(**options)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+@functools.lru_cache(maxsize=1)
+def _shown_figure() -> type:
+    from matplotlib.figure import Figure
+
+    class Shown(Figure):
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, dpi=90, format="png", bbox_inches="tight")
+            return buffer.getvalue()
+
+    return Shown
 
 
 def _save(fig, path: Path) -> Path:
-    plt = pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
-    plt.close(fig)
     return Path(path)
 
 
@@ -74,11 +85,17 @@ def label(name: str, width: int = 18) -> str:
         " ".join(lines[1:]), width, placeholder="…")
 
 
-def curves(history: History, path: Path, title: str = "") -> Path:
-    """Accuracy and loss, train vs validation, per epoch; the best epoch and stage boundaries are marked."""
-    plt = pyplot()
+def curves(history: Any, path: Path, title: str = "") -> Path:
+    """``curves_figure`` written to ``path``."""
+    return _save(curves_figure(history, title), path)
+
+
+def curves_figure(history: Any, title: str = ""):
+    """Accuracy and loss of a ``train.History``, train vs validation, per epoch; the best epoch and stage
+    boundaries are marked. (The History is not imported here: it draws itself with this, ``History.plot``.)"""
     h = history.history
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = figure(figsize=(11, 4))
+    ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         ax.plot(history.epoch, h[key], "o-", ms=3, label=f"training {key}")
         ax.plot(history.epoch, h[f"val_{key}"], "s-", ms=3, label=f"validation {key}")
@@ -95,7 +112,7 @@ def curves(history: History, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def _epoch_axis(ax, epochs: int) -> None:
@@ -111,16 +128,20 @@ def _epoch_axis(ax, epochs: int) -> None:
 
 
 def confusion(matrix: Sequence[Sequence[int]], classes: list[str], path: Path) -> Path:
+    """``confusion_figure`` written to ``path``."""
+    return _save(confusion_figure(matrix, classes), path)
+
+
+def confusion_figure(matrix: Sequence[Sequence[int]], classes: list[str]):
     """Two heatmaps: counts, and rates normalised per true class (each row sums to 1), both annotated."""
-    plt = pyplot()
     cm = np.asarray(matrix, dtype=float)
     rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(classes)
     size = max(4.5, 0.5 * n + 2.5)
     font = 9 if n <= 10 else max(6, 10 - n // 8)
     stacked = n > 8  # many classes: one heatmap above the other, each as wide as the page
-    fig, axes = plt.subplots(2 if stacked else 1, 1 if stacked else 2,
-                             figsize=(size + 1, 2 * size) if stacked else (2 * size + 1, size))
+    fig = figure(figsize=(size + 1, 2 * size) if stacked else (2 * size + 1, size))
+    axes = fig.subplots(2 if stacked else 1, 1 if stacked else 2)
     names = [label(c, 16) for c in classes]
     for ax, values, what, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], rates, "rate per true class",
                                                                       "{:.2f}")):
@@ -137,15 +158,15 @@ def confusion(matrix: Sequence[Sequence[int]], classes: list[str], path: Path) -
                     ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=font,
                             color="white" if dark else "black")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def pr_curves(y: np.ndarray, proba: np.ndarray, classes: list[str], path: Path) -> Path:
     """The precision-recall curve of each label with a positive image, its average precision in the legend."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5.5))
+    fig = figure(figsize=(7, 5.5))
+    ax = fig.subplots()
     for k, name in enumerate(classes):
         if y[:, k].any():
             precision, recall, _ = precision_recall_curve(y[:, k], proba[:, k])
@@ -160,8 +181,8 @@ def pr_curves(y: np.ndarray, proba: np.ndarray, classes: list[str], path: Path) 
 def reliability_diagram(before: Reliability, after: Reliability, temperature: float, path: Path) -> Path:
     """Accuracy against confidence per bin, before and after temperature scaling, with each bin's mean confidence,
     its number of predictions, and the diagonal of perfect calibration."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    fig = figure(figsize=(10, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, rel, name in ((axes[0], before, "uncalibrated"), (axes[1], after, f"temperature {temperature:.2f}")):
         width = rel.edges[1] - rel.edges[0]
         centres = rel.edges[:-1] + width / 2
@@ -184,8 +205,8 @@ def reliability_diagram(before: Reliability, after: Reliability, temperature: fl
 def novelty_histogram(scores: dict[str, list[float]], threshold: float, path: Path) -> Path:
     """The novelty scores of each split as overlaid histograms, with the threshold above which images are called
     unknown."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig = figure(figsize=(7, 3.4))
+    ax = fig.subplots()
     values = [v for vs in scores.values() for v in vs] + [threshold]
     bins = np.linspace(min(values), max(values), 31)
     for split, vs in scores.items():
@@ -371,11 +392,10 @@ def prediction_charts(results: list[dict[str, Any]], path: Path, most: int) -> P
 
 def prediction_chart(results: list[tuple[np.ndarray, str, list[dict[str, Any]]]], path: Path) -> Path:
     """Per image: the picture beside a horizontal bar chart of its top-k class probabilities."""
-    plt = pyplot()
     k = max(len(preds) for _, _, preds in results)
     height = max(2.6, 0.42 * k + 1)
-    fig, axes = plt.subplots(len(results), 2, figsize=(10, height * len(results)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1.6]})
+    fig = figure(figsize=(10, height * len(results)))
+    axes = fig.subplots(len(results), 2, squeeze=False, gridspec_kw={"width_ratios": [1, 1.6]})
     for (image, name, preds), (ax_img, ax_bar) in zip(results, axes, strict=True):
         ax_img.imshow(image)
         ax_img.axis("off")
@@ -393,8 +413,8 @@ def prediction_chart(results: list[tuple[np.ndarray, str, list[dict[str, Any]]]]
 
 def compare_curves(histories: dict[str, dict[str, list]], path: Path) -> Path:
     """Each model's validation accuracy and loss per epoch, overlaid."""
-    plt = pyplot()
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig = figure(figsize=(12, 4.2))
+    ax_acc, ax_loss = fig.subplots(1, 2)
     for name, h in histories.items():
         ax_acc.plot(h["epoch"], h["val_accuracy"], "o-", ms=2.5, label=name)
         ax_loss.plot(h["epoch"], h["val_loss"], "o-", ms=2.5, label=name)
@@ -411,10 +431,10 @@ def compare_curves(histories: dict[str, dict[str, list]], path: Path) -> Path:
 def compare_bars(rows: list[dict[str, Any]], path: Path, chance: float, score: str = "accuracy") -> Path:
     """A score (accuracy, or mean average precision) and training time per model, side by side, with the chance
     level marked."""
-    plt = pyplot()
     names = [r["model"] for r in rows]
     what = score.replace("_", " ")
-    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2))
+    fig = figure(figsize=(11, 0.6 * len(rows) + 2))
+    ax_acc, ax_time = fig.subplots(1, 2)
     bars = ax_acc.barh(names, [r[score] for r in rows], color="tab:blue")
     ax_acc.bar_label(bars, labels=[f"{r[score]:.1%}" for r in rows], padding=3)
     ax_acc.axvline(chance, color="grey", ls=":")

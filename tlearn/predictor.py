@@ -45,6 +45,7 @@ from tlearn.artifact import MODEL_FILE, NOVELTY_TENSOR, ModelSpec, read_run
 from tlearn.calibrate import calibrated
 from tlearn.config import TlearnError
 from tlearn.data import expand_inputs
+from tlearn.display import Predictions
 from tlearn.evaluate import top_classes
 from tlearn.fileio import file_sha256, onnx_export_path, require_regular
 from tlearn.graph import read_sidecar, sidecar_path
@@ -307,17 +308,18 @@ class Predictor:
             *((out.novelty, self.threshold) if unknown else (None, None)), labels=self.thresholds)]
 
     def predict(self, inputs: str | Path | Iterable[str | Path], top_k: int = 3, *, calibration: bool = True,
-                tta: bool = False, unknown: bool = True) -> list[dict[str, Any]]:
+                tta: bool = False, unknown: bool = True) -> Predictions:
         """Top-k classes with probabilities for image files and the images in folders, in order: ``{"path",
         "predictions": [{"class", "probability"}, ...], "novelty", "unknown"}``, or ``{"path", "error"}`` for a
         file that could not be read. ``novelty`` (higher: less like the training data) and ``unknown`` (above the
         model's threshold) are there where the model scores novelty, unless ``unknown`` is False."""
         paths = expand_inputs(inputs)
         if not paths:
-            return []
+            return Predictions()
         out = self.paths_outputs(paths, tta)
-        return top_classes(paths, out.failed, self.probabilities(out.logits, calibration), self.classes, top_k,
-                           *((out.novelty, self.threshold) if unknown else (None, None)), labels=self.thresholds)
+        return Predictions(top_classes(paths, out.failed, self.probabilities(out.logits, calibration), self.classes,
+                                       top_k, *((out.novelty, self.threshold) if unknown else (None, None)),
+                                       labels=self.thresholds))
 
     def paths_outputs(self, paths: list[Path], tta: bool = False, cache: bool = False) -> Outputs:
         """The ``Outputs`` of the images at ``paths``: (N, C) uncalibrated logits, the mean over the model's views

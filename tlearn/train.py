@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from tlearn import dist
 from tlearn.config import TlearnError, TrainConfig
 from tlearn.models import fold_logreg, make_head
+from tlearn.progress import tqdm
 
 log = logging.getLogger("tlearn")
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (x, y) batches per call
@@ -66,6 +66,18 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "history": self.history, "stage": self.stage, "best_epoch": self.best_epoch,
                 "closed_form": self.closed_form}
+
+    def plot(self, title: str = "") -> Any:
+        """The accuracy and loss curves, train against validation, with the best epoch and the start of each
+        stage marked (the report's figure): a matplotlib ``Figure``, shown as a picture in a notebook."""
+        from tlearn.plots import curves_figure
+
+        return curves_figure(self, title)
+
+    def _repr_html_(self) -> str:  # in a notebook: the curves and the last epochs
+        from tlearn.display import history_html, safely
+
+        return safely(history_html, self)
 
 
 class DevicePlacementError(RuntimeError):
