@@ -118,8 +118,19 @@ def test_bad_uploads_get_a_clear_status_and_message(client: TestClient, case: st
 def test_wrong_method_route_or_form_get_http_errors(client: TestClient) -> None:
     assert client.get("/predict").status_code == 405
     assert client.get("/nowhere").status_code == 404
-    assert client.post("/predict").status_code == 422  # no files
+    empty = client.post("/predict")  # no files
+    assert empty.status_code == 422 and "multipart form field 'files' (or 'file' or 'image')" in empty.text
     assert client.post("/predict", data={"files": "not a file"}).status_code == 422
+
+
+def test_the_image_may_come_as_files_file_or_image(client: TestClient) -> None:
+    """The usual curl examples name the field ``file``; each name gives the same answer, and several fields in one
+    request come back in the order files, file, image."""
+    red, blue = ("red.png", png((210, 40, 40)), "image/png"), ("blue.png", png((30, 60, 200)), "image/png")
+    answers = [client.post("/predict", files={name: red}).json()["results"] for name in ("files", "file", "image")]
+    assert answers[0] == answers[1] == answers[2] and answers[0][0]["predictions"][0]["class"] == "red"
+    both = client.post("/predict", files=[("image", blue), ("file", red)]).json()["results"]
+    assert [r["filename"] for r in both] == ["red.png", "blue.png"]
 
 
 def test_health_model_page_and_offline_docs(client: TestClient, predictor: Predictor) -> None:

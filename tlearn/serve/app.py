@@ -1,8 +1,9 @@
 """The web service: a FastAPI app around one loaded ``Predictor``.
 
-- ``POST /predict``: one or more images as multipart ``files`` → each one's top-k classes, the model id and the
-  server's latency. A request larger than ``max_upload_bytes`` gets 413, bytes that are not an image 415, an
-  image that cannot be decoded (truncated, or a decompression bomb) 422; each names the file.
+- ``POST /predict``: one or more images as multipart ``files`` (or ``file``, or ``image``) → each one's top-k
+  classes, the model id and the server's latency. A request larger than ``max_upload_bytes`` gets 413, bytes
+  that are not an image 415, an image that cannot be decoded (truncated, or a decompression bomb) 422; each
+  names the file.
 - ``GET /health``, ``GET /model`` (classes, backbone, metrics, when it was trained), ``GET /`` (the page, with no
   external assets), and the OpenAPI docs at ``/docs``, whose assets come from the swagger-ui-bundle package, so
   they work offline too.
@@ -166,7 +167,10 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
                 "novelty_threshold": predictor.threshold if scored else None}
 
     @app.post("/predict", max_body_size=max_upload_bytes, form_limits={"max_files": max_files})
-    async def predict(files: Annotated[list[UploadFile], File(description="one or more image files")],
+    async def predict(files: Annotated[list[UploadFile] | None, File(description="one or more image files")] = None,
+                      file: Annotated[list[UploadFile] | None, File(description="the same, as curl's examples "
+                                                                     "name the field")] = None,
+                      image: Annotated[list[UploadFile] | None, File(description="the same")] = None,
                       top_k: Annotated[int, Query(ge=1, description="classes per image (at most the model's "
                                                   "classes)")] = min(default_top_k, most)) -> dict[str, Any]:
         """Each uploaded image's top-k classes and their probabilities, most probable first, with its ``novelty``
@@ -176,6 +180,10 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
         file's status (415 or 422)."""
         start = time.perf_counter()
         top_k = min(top_k, most)  # as the CLI and the API cap it
+        files = [*(files or []), *(file or []), *(image or [])]  # whichever field name the client used
+        if not files:
+            raise HTTPException(422, "no image in the request: send one or more as multipart form field 'files' "
+                                     "(or 'file' or 'image'), e.g. curl -F files=@photo.jpg URL/predict")
         uploads = [((f.filename or f"file {i + 1}")[:MAX_FILENAME], await f.read()) for i, f in enumerate(files)]
         pictures, prepared = await run_in_threadpool(_prepare, predictor, uploads)
         out = await run_in_threadpool(batcher.submit, prepared)
