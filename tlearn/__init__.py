@@ -12,14 +12,11 @@ __all__ = ["BackboneConfig", "DataConfig", "ImageClassifier", "RuntimeConfig", "
 
 def __getattr__(name: str) -> Any:
     """``ImageClassifier`` and ``predict_imagenet`` import torch, so they load on first use (PEP 562): commands
-    that need neither, such as ``tlearn check``, start in a fraction of the time. ``check_data`` (``tlearn check``
-    as a function) loads on first use too. (``tlearn compare`` as a function is ``tlearn.compare.compare_models``.)"""
-    if name in ("ImageClassifier", "predict_imagenet"):
+    that need neither, such as ``tlearn check``, start in a fraction of the time. So does ``check_data`` (``tlearn
+    check`` as a function, from ``survey.py``), through the API. (``tlearn compare`` as a function is
+    ``tlearn.compare.compare_models``.)"""
+    if name in ("ImageClassifier", "predict_imagenet", "check_data"):
         from tlearn import api
 
         return getattr(api, name)
-    if name == "check_data":
-        from tlearn.survey import check_data
-
-        return check_data
     raise AttributeError(f"module 'tlearn' has no attribute {name!r}")

@@ -53,6 +53,7 @@ from tlearn.recipes.job import model_spec
 from tlearn.recipes.plan import DERIVED, Clock, budget_seconds, choose, format_table
 from tlearn.run import RunResult, claim_out, sections, write_run
 from tlearn.samples import images_of
+from tlearn.survey import check_data as check_data  # the Python API's ``tlearn check``: ``tlearn.check_data``
 from tlearn.train import History, Precision
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import log_softmax, softmax
 
-from tlearn.multilabel import calibrated_bce
+from tlearn.multilabel import calibrated_bce, sigmoid
 
 BINS = 15
 
@@ -69,6 +69,16 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     result = minimize_scalar(lambda log_t: nll(logits, y, float(np.exp(log_t))), bounds=(np.log(0.05), np.log(20)),
                              method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0, temperatures: np.ndarray | None = None,
+                  calibration: bool = True) -> np.ndarray:
+    """What prediction gives: the softmax of ``logits / temperature`` over the classes or, several labels an image
+    (``temperatures``, one a label), a sigmoid a label of the logits divided by that label's temperature; the
+    temperatures are left out when ``calibration`` is False."""
+    if temperatures is None:
+        return calibrated(logits, temperature if calibration else 1.0)
+    return sigmoid(logits / temperatures if calibration else logits)
 
 
 def calibrated_losses(logits: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -133,15 +133,28 @@ def metrics_html(m: dict[str, Any]) -> str:
 
 
 def predictions_html(results: list[dict[str, Any]]) -> str:
-    """Each image beside bars of its top-k probabilities; a file that could not be read as a placeholder."""
-    parts = [_prediction(r) for r in results[:MAX_IMAGES]]
+    """Each image beside bars of its top-k probabilities."""
+    return per_image(results, _prediction)
+
+
+def explanations_html(results: list[dict[str, Any]]) -> str:
+    """Each photo beside itself under its heatmap."""
+    return per_image(results, _explanation)
+
+
+def per_image(results: list[dict[str, Any]], show: Callable[[dict[str, Any]], tuple[str, str]]) -> str:
+    """A row for each of the first ``MAX_IMAGES`` results: its picture and file name, then what ``show`` says of
+    it (``show``: a result → its picture, and the HTML under the name); a file that could not be read as a
+    placeholder with the reason."""
+    parts = []
+    for r in results[:MAX_IMAGES]:
+        name = html.escape(Path(str(r.get("path", ""))).name)
+        picture, body = (_placeholder(r["error"]), ": skipped") if "error" in r else show(r)
+        parts.append(f'<div class="pred">{picture}<div><b>{name}</b>{body}</div></div>')
     return "".join(parts) + more(len(parts), len(results), "images")
 
 
-def _prediction(r: dict[str, Any]) -> str:
-    name = html.escape(Path(str(r.get("path", ""))).name)
-    if "error" in r:
-        return f'<div class="pred">{_placeholder(r["error"])}<div><b>{name}</b>: skipped</div></div>'
+def _prediction(r: dict[str, Any]) -> tuple[str, str]:
     bars = "".join(f'<tr><td>{html.escape(str(p["class"]))}</td><td><span class="bar" style="width:'
                    f'{200 * p["probability"]:.0f}px"></span> {p["probability"]:.3f}</td></tr>'
                    for p in r["predictions"])
@@ -150,31 +163,20 @@ def _prediction(r: dict[str, Any]) -> str:
         given = "<p>labels: " + (", ".join(html.escape(str(p["class"])) for p in r["labels"]) or "none") + "</p>"
     unknown = f'<p style="color:#a00">unknown: unlike the training images (novelty {r["novelty"]:.2f})</p>' \
         if r.get("unknown") else ""
-    return (f'<div class="pred">{thumbnail(r.get("path", ""))}<div><b>{name}</b>{unknown}{given}'
-            f"<table>{bars}</table></div></div>")
+    return thumbnail(r.get("path", "")), f"{unknown}{given}<table>{bars}</table>"
 
 
-def explanations_html(results: list[dict[str, Any]]) -> str:
-    parts = [_explanation(r) for r in results[:MAX_IMAGES]]
-    return "".join(parts) + more(len(parts), len(results), "images")
-
-
-def _explanation(r: dict[str, Any]) -> str:
+def _explanation(r: dict[str, Any]) -> tuple[str, str]:
     import numpy as np
 
     from tlearn.images import ImageDecodeError, load_image
     from tlearn.plots import side_by_side
 
-    name = html.escape(Path(str(r.get("path", ""))).name)
-    if "error" in r:
-        return f'<div class="pred">{_placeholder(r["error"])}<div><b>{name}</b>: skipped</div></div>'
     try:
-        pair = side_by_side(np.asarray(load_image(Path(r["path"]))), r["heatmap"], 2 * THUMBNAIL)
-        picture = _jpeg_tag(pair)
+        picture = _jpeg_tag(side_by_side(np.asarray(load_image(Path(r["path"]))), r["heatmap"], 2 * THUMBNAIL))
     except (ImageDecodeError, OSError, ValueError) as e:
         picture = _placeholder(str(e))
-    return (f'<div class="pred">{picture}<div><b>{name}</b><p>evidence for {html.escape(str(r["class"]))} '
-            f'({r["probability"]:.3f})</p></div></div>')
+    return picture, f'<p>evidence for {html.escape(str(r["class"]))} ({r["probability"]:.3f})</p>'
 
 
 def _jpeg_tag(image: Any) -> str:

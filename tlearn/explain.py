@@ -38,12 +38,11 @@ from torch.nn import functional as F
 
 from tlearn.artifact import ModelSpec, load_model, read_run
 from tlearn.backbones import Backbone, load_recorded
-from tlearn.calibrate import calibrated
+from tlearn.calibrate import probabilities
 from tlearn.config import RuntimeConfig, TlearnError
 from tlearn.evaluate import top_classes
 from tlearn.extractor import Extractor
 from tlearn.images import VIEWS, ImageDecodeError, crop_box, eval_transform, load_image
-from tlearn.multilabel import sigmoid
 
 CPU = torch.device("cpu")
 BATCH = 8  # images per forward pass; their heatmaps have the photos' size, so they are made a few at a time
@@ -164,8 +163,8 @@ class Explainer:
         with GradCAM(self.net, [f"maps.{i}" for i in range(len(self.net.parts))]) as cam, torch.enable_grad():
             scores = self.net(self._inputs(images))  # (N * V, C): each view's logits
             logits = scores.reshape(len(images), v, -1).mean(1)  # (N, C), as prediction averages them
-            wanted = self._calibrated(logits.detach().cpu().numpy()).argmax(1) if class_index is None else \
-                np.full(len(images), class_index)
+            wanted = np.full(len(images), class_index) if class_index is not None else probabilities(
+                logits.detach().cpu().numpy(), self.spec.temperature, self.temperatures).argmax(1)
             wanted = torch.as_tensor(wanted, device=logits.device)
             if self.thresholds is None:
                 margin = _margin(logits / self.spec.temperature, wanted)  # (N,)
@@ -205,7 +204,7 @@ class Explainer:
                     failed[path] = str(e)
             if decoded:
                 logits, heats = self.heatmaps(list(decoded.values()), wanted)
-                proba = self._calibrated(logits, calibration)
+                proba = probabilities(logits, self.spec.temperature, self.temperatures, calibration)
             row_of = {path: i for i, path in enumerate(decoded)}  # rows of logits, heats and proba
             for path in paths[start:start + BATCH]:
                 if path in failed:
@@ -217,12 +216,6 @@ class Explainer:
                 yield {"path": str(path), "class": classes[k], "probability": float(proba[i, k]),
                        "heatmap": heats[i], **{key: v for key, v in row.items() if key != "path"},
                        **({"image": decoded[path]} if with_image else {})}
-
-    def _calibrated(self, logits: np.ndarray, calibration: bool = True) -> np.ndarray:
-        """The probabilities prediction gives: softmax over the classes, or a sigmoid a label."""
-        if self.thresholds is None:
-            return calibrated(logits, self.spec.temperature if calibration else 1.0)
-        return sigmoid(logits / self.temperatures) if calibration else sigmoid(logits)
 
 
 def run_explainer(run_dir: Path, model: nn.Module | None = None, base: Backbone | None = None,

@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from tlearn import graph
+from tlearn import calibrate, graph
 from tlearn.artifact import MODEL_FILE, NOVELTY_TENSOR, ModelSpec, read_run
-from tlearn.calibrate import calibrated
 from tlearn.config import TlearnError
 from tlearn.data import expand_inputs
 from tlearn.display import Predictions
@@ -50,7 +49,6 @@ from tlearn.evaluate import top_classes
 from tlearn.fileio import file_sha256, onnx_export_path, require_regular
 from tlearn.graph import read_sidecar, sidecar_path
 from tlearn.images import VIEWS, ImageDecodeError, crop_resize_fits, eval_transform, load_image, tta_views
-from tlearn.multilabel import sigmoid
 from tlearn.novelty import Novelty, of_run
 
 if TYPE_CHECKING:
@@ -291,9 +289,7 @@ class Predictor:
     def probabilities(self, logits: np.ndarray, calibration: bool = True) -> np.ndarray:
         """Softmax probabilities of the classes, or (several labels an image) a sigmoid probability a label, with
         the temperature scaling fitted on held-out images unless ``calibration`` is False."""
-        if self.thresholds is not None:
-            return sigmoid(logits / self.temperatures) if calibration else sigmoid(logits)
-        return calibrated(logits, self.temperature if calibration else 1.0)
+        return calibrate.probabilities(logits, self.temperature, self.temperatures, calibration)
 
     def predict_images(self, images: list[Image.Image], top_k: int = 3, *, calibration: bool = True,
                        tta: bool = False, unknown: bool = True) -> list[dict[str, Any]]:

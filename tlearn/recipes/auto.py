@@ -146,7 +146,7 @@ def _auto_tune(job: Job, step: Step, first: Found, bar: float, m: Measured, left
     if step.kind == "top":
         tuned, logits, scores = finetune_top(quick, probe.head, history, bar, shape, deadline, epochs)
     else:
-        y_train = np.array([s.label for s in job.data.split("train")])
+        y_train = labels_of(job, job.data.split("train"))
         tuned = finetune_stage(quick, copy.deepcopy(probe.head), history, y_train, first[3], deadline,
                                shape=shape, epochs=epochs, bar=probe.val_loss)
         # epochs are kept on the raw validation loss against the head they start from, then compared calibrated

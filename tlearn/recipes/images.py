@@ -185,7 +185,7 @@ def train_scratch(job: Job) -> Trained:
         return _logreg_pixels(job, preprocessing)
     failed: dict[Path, str] = {}
     model = entry.build(num_classes)
-    y_train = np.array([s.label for s in job.data.split("train")])
+    y_train = labels_of(job, job.data.split("train"))
     stage = _image_stage(job, "scratch", model, [{"params": list(model.parameters()), "lr": job.train.lr}],
                          preprocessing, failed)
     history = History()
