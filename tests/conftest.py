@@ -44,6 +44,16 @@ def make_folder(root: Path, per_class: int = 10, classes: tuple[str, ...] = ("bl
     return root
 
 
+def tiny_run(tmp: Path, per_class: int = 10) -> tuple[Path, Path]:
+    """A tiny head on features, trained on a generated folder under ``tmp``: (the run, the folder)."""
+    from tlearn import ImageClassifier
+
+    data = make_folder(tmp / "photos", per_class=per_class)
+    ImageClassifier(**TINY, verbose=False, workers=0, mode="features", head="dense",
+                    cache_dir=str(tmp / "cache")).fit(data, out=tmp / "run")
+    return tmp / "run", data
+
+
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "photos", per_class=12)

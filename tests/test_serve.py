@@ -18,8 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.conftest import TINY, make_folder
-from tlearn import ImageClassifier
+from tests.conftest import tiny_run
 from tlearn.cli import main
 from tlearn.predictor import Outputs, Predictor
 from tlearn.serve import load_predictor
@@ -31,10 +30,7 @@ LIMIT = 300_000  # bytes per request in these tests
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("serve")
-    data = make_folder(tmp / "photos", per_class=10)
-    ImageClassifier(**TINY, verbose=False, workers=0, mode="features", head="dense",
-                    cache_dir=str(tmp / "cache")).fit(data, out=tmp / "run")
-    return tmp / "run", data
+    return tiny_run(tmp)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +171,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(predictor:
     answers: list[Outputs | None] = [None] * len(pictures)
 
     def ask(i: int) -> None:
-        answers[i] = batcher.submit(predictor.prepare([pictures[i]]))
+        answers[i] = batcher.submit(predictor.prepare([pictures[i]])).result()
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(pictures))]
     for t in threads:

@@ -69,8 +69,7 @@ def _launch(args: argparse.Namespace, data: DataConfig) -> None:
         raise TlearnError(f"--devices {n}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if not args.out and not args.resume:  # one name for every process, chosen here
         args.argv += ["--out", _default_out(data)]
-    argv = [a for i, a in enumerate(args.argv) if not a.startswith("--devices") and
-            (i == 0 or args.argv[i - 1] != "--devices")]
+    argv = _without_devices(args.argv)
     print(f"training on {n} {'GPUs' if cuda else 'CPU processes (gloo)'}: --batch-size {args.batch_size} is the "
           f"effective batch, {max(1, args.batch_size // n)} images per process", file=sys.stderr)
     try:
@@ -80,6 +79,11 @@ def _launch(args: argparse.Namespace, data: DataConfig) -> None:
         raise TlearnError(f"training process {e.rank} of {n} stopped ({e.how}), so the others were stopped too; "
                           f"`tlearn train {data.path} --resume {where} --devices {n}` continues from the last "
                           "finished epoch") from None
+
+
+def _without_devices(argv: list[str]) -> list[str]:
+    """The command's arguments without ``--devices N`` (or ``--devices=N``), for each launched process."""
+    return [a for i, a in enumerate(argv) if not a.startswith("--devices") and (i == 0 or argv[i - 1] != "--devices")]
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -127,6 +131,12 @@ def check(args: argparse.Namespace) -> None:
 
     data = config(DataConfig, args)
     validate(data)
+    if args.fix_report:
+        from tlearn.data import data_root
+        from tlearn.fileio import claim_file
+
+        claim_file(args.fix_report, [data_root(data)], overwrite=args.overwrite, flag="--fix-report",
+                   ours=lambda path: path.read_bytes()[:13] == b"path,reason\r\n")
     min_size = DEFAULT_INPUT_SIZE  # the default backbone's, without importing timm (about 4 s)
     if args.backbone:
         from tlearn.backbones import preprocessing_of
@@ -169,33 +179,96 @@ def report_(args: argparse.Namespace) -> None:
 
 
 def predict(args: argparse.Namespace) -> None:
-    """Top-k predictions for images and folders: `tlearn predict RUN IMAGES...`, or `--imagenet IMAGES...`."""
+    """Top-k predictions for images and folders: `tlearn predict RUN IMAGES...`, or `--imagenet IMAGES...`; with
+    --out, streamed to a file (see tlearn.stream)."""
     inference, runtime = _inference(args)
+    from tlearn.stream import claim_outputs, listed
+
+    inputs = args.paths[0 if args.imagenet else 1:] + (listed(Path(args.from_list)) if args.from_list else [])
+    if args.out and args.imagenet:
+        raise TlearnError("--out writes a run's predictions; --imagenet prints its results")
+    if (args.resume or args.devices > 1) and not args.out:
+        raise TlearnError(f"{'--resume' if args.resume else '--devices'} goes with --out FILE, which it continues "
+                          "or writes in parts")
+    claimed = claim_outputs(args.out, args.plot, [p for p in inputs if Path(p).expanduser().is_dir()],
+                            overwrite=args.overwrite, resume=args.resume)
+    if args.devices > 1:
+        return _launch_predict(args)
     if args.imagenet:
         from tlearn.api import predict_imagenet
 
-        results = predict_imagenet(args.paths, backbone=args.backbone, weights=args.weights, top_k=inference.top_k)
+        results = predict_imagenet(inputs, backbone=args.backbone, weights=args.weights, top_k=inference.top_k)
     else:
+        from tlearn import dist
         from tlearn.predictor import Predictor  # inference only: ONNX Runtime and NumPy where it can
 
-        if len(args.paths) < 2:
-            raise TlearnError("usage: tlearn predict RUN IMAGE [IMAGE ...] (or tlearn predict --imagenet IMAGE ...)")
-        model = Predictor.load(args.paths[0], verbose=not inference.json, configs=(inference, runtime))
-        results = model.predict(args.paths[1:], top_k=inference.top_k, calibration=not args.no_calibration,
-                                tta=args.tta, unknown=inference.unknown)
+        if not inputs:
+            raise TlearnError("usage: tlearn predict RUN IMAGE [IMAGE ...] (or --from-list TXT, or tlearn predict "
+                              "--imagenet IMAGE ...)")
+        if dist.active() and inference.device in ("auto", "cuda") and _cuda():  # one GPU a process
+            inference = dataclasses.replace(inference, device=f"cuda:{dist.local_rank()}")
+        model = Predictor.load(args.paths[0], verbose=not inference.json and dist.is_main(),
+                               configs=(inference, runtime))
         if args.tta and not inference.json:
             print(f"with test-time augmentation: each image's probabilities come from the mean logits of "
                   f"{len(model.tta_views())} views ({', '.join(model.tta_views())})", file=sys.stderr)
+        if args.out:
+            return _predict_to_file(args, model, inference, inputs, claimed)
+        results = model.predict(inputs, top_k=inference.top_k, calibration=not args.no_calibration,
+                                tta=args.tta, unknown=inference.unknown)
     print(json.dumps(results, indent=2) if inference.json else report.format_predictions(results))
-    if args.plot:
-        from tlearn.plots import prediction_charts
-
-        chart = prediction_charts(results, Path(args.plot), MAX_PLOTTED)
-        if chart:
-            print(f"chart written to {chart}" + (f" (the first {MAX_PLOTTED} images)" if len(results) > MAX_PLOTTED
-                                                 else ""), file=sys.stderr)
+    _chart(results, claimed)
     if results and all("error" in r for r in results):
         raise TlearnError("no image could be read")
+
+
+def _chart(results: list[dict], claimed: dict[str, Path]) -> None:
+    if "plot" not in claimed:
+        return
+    from tlearn.plots import prediction_charts
+
+    chart = prediction_charts(results, claimed["plot"], MAX_PLOTTED)
+    if chart:
+        print(f"chart written to {chart}" + (f" (the first {MAX_PLOTTED} images)" if len(results) > MAX_PLOTTED
+                                             else ""), file=sys.stderr)
+
+
+def _predict_to_file(args: argparse.Namespace, model: object, inference: InferenceConfig, inputs: list[str],
+                     claimed: dict[str, Path]) -> None:
+    from tlearn import dist
+    from tlearn.stream import predict_to_file
+
+    written = predict_to_file(model, inputs, claimed["out"], top_k=inference.top_k,
+                              calibration=not args.no_calibration, tta=args.tta, unknown=inference.unknown,
+                              resume=args.resume, keep_first=MAX_PLOTTED if args.plot else 0,
+                              progress=not inference.json)
+    if not dist.is_main():
+        return
+    print(written.summary(), file=sys.stderr)
+    _chart(written.first, claimed)
+    if written.skipped and not written.predicted and not written.resumed:
+        raise TlearnError("no image could be read")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _launch_predict(args: argparse.Namespace) -> None:
+    """``predict --out FILE --devices N``: this same command as N processes (as ``train --devices``), each taking
+    every N-th image; rank 0 merges the parts into --out."""
+    from tlearn import dist
+    from tlearn.features import cpu_cores
+
+    n = args.devices
+    print(f"predicting in {n} processes", file=sys.stderr)
+    try:
+        dist.launch(n, _without_devices(args.argv), threads=cpu_cores() // n)
+    except dist.ProcessFailed as e:
+        raise TlearnError(f"prediction process {e.rank} of {n} stopped ({e.how}), so the others were stopped too; "
+                          f"the same command with --resume continues where they were") from None
 
 
 def explain(args: argparse.Namespace) -> None:
@@ -253,13 +326,16 @@ def serve(args: argparse.Namespace) -> None:
 
     Example: tlearn serve runs/demo --port 8000  (then open http://127.0.0.1:8000/, or
     curl -F files=@photo.jpg http://127.0.0.1:8000/predict)"""
+    from tlearn.serve import ServeOptions
     from tlearn.serve import serve as run_server
 
     inference = config(InferenceConfig, args)
     validate(inference)
-    run_server(args.run, host=args.host, port=args.port, runtime=args.runtime, device=inference.device,
-               weights=inference.weights, cache_dir=args.cache_dir, max_upload_mb=args.max_upload_mb,
-               top_k=inference.top_k, unknown=inference.unknown)
+    options = ServeOptions(args.run, runtime=args.runtime, device=inference.device, weights=inference.weights,
+                           cache_dir=args.cache_dir, max_upload_mb=args.max_upload_mb, top_k=inference.top_k,
+                           unknown=inference.unknown, api_key_file=args.api_key_file, max_queue=args.max_queue,
+                           timeout=args.timeout, log_names=args.log_names)
+    run_server(options, host=args.host, port=args.port, processes=args.processes, no_auth=args.no_auth)
 
 
 def split(args: argparse.Namespace) -> None:

@@ -9,7 +9,8 @@ group (NCCL on GPUs, one process per GPU; gloo on CPUs) and everything else here
 If a process dies, the launcher stops the others; the collectives also give up after ``TIMEOUT`` seconds, so no
 process waits forever.
 
-This module imports nothing of tlearn.
+This module imports nothing of tlearn, and PyTorch only where a function needs it (which process this is can be
+asked without it).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import datetime
 import gc
 import os
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
-import torch.distributed as td
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 TIMEOUT = int(os.environ.get("TLEARN_DIST_TIMEOUT", "600"))  # seconds a collective waits for the other processes
@@ -55,6 +56,9 @@ def is_main() -> bool:
 def init(device: torch.device) -> torch.device:
     """Join the launcher's process group (once) and return the device this process trains on: ``cuda:LOCAL_RANK``
     on GPUs, else ``device``."""
+    import torch
+    import torch.distributed as td
+
     if not active():
         return device
     if device.type == "cuda":
@@ -80,12 +84,17 @@ def owns(key: str) -> bool:
 
 def barrier() -> None:
     """Wait until every process gets here."""
+    import torch.distributed as td
+
     if td.is_initialized():
         td.barrier()
 
 
 def all_sum(values: Sequence[float]) -> list[float]:
     """Each value summed over the processes (in float64, on the CPU or the process's GPU)."""
+    import torch
+    import torch.distributed as td
+
     if not td.is_initialized():
         return [float(v) for v in values]
     device = torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
@@ -96,6 +105,9 @@ def all_sum(values: Sequence[float]) -> list[float]:
 
 def gather(t: torch.Tensor) -> list[torch.Tensor]:
     """``t`` (the same shape and dtype on every process) from every process, in rank order, on every process."""
+    import torch
+    import torch.distributed as td
+
     if not td.is_initialized():
         return [t]
     device = torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
@@ -107,6 +119,8 @@ def gather(t: torch.Tensor) -> list[torch.Tensor]:
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` is a collective failing because another process stopped (its connection closed), as gloo
     and NCCL report it."""
+    import torch.distributed as td
+
     text = str(e).lower()
     return td.is_initialized() and isinstance(e, RuntimeError) and \
         any(word in text for word in ("connection reset", "connection closed", "gloo", "nccl", "timed out"))
@@ -115,6 +129,8 @@ def lost_peer(e: BaseException) -> bool:
 def finish() -> None:
     """Leave the process group, every process together (at the end of training, after which rank 0 evaluates
     and writes alone)."""
+    import torch.distributed as td
+
     global _left
     if td.is_initialized():
         gc.collect()  # a DistributedDataParallel wrapper no longer used still holds work of the group: free it first

@@ -19,7 +19,7 @@ import sqlite3
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +289,34 @@ def onnx_export_path(cache_dir: str | Path | None, name: str, identity: dict[str
     exporter = {"exporter": f"torch {importlib.metadata.version('torch')}", "opset": ONNX_OPSET}
     key = identity_key({**identity, **exporter})
     return Path(cache_dir or default_cache_dir()) / "onnx" / f"{safe_name(name)}-{key}.onnx"
+
+
+def outside_data(out: Path, data_root: Path | str, flag: str, what: str) -> None:
+    """Refuse ``out`` inside (or holding) the data folder ``data_root``: ``what`` would be read as data next time,
+    and tlearn never writes into the user's data."""
+    where, data = out.resolve(), Path(data_root).expanduser().resolve()
+    if where == data or data in where.parents:
+        raise TlearnError(f"{flag} {out} is inside the data folder {data_root}: {what} would be read as images next "
+                          "time, and tlearn never writes into your data. Choose a place outside it")
+    if where in data.parents:
+        raise TlearnError(f"{flag} {out} holds the data folder {data_root}; choose a new place")
+
+
+def claim_file(out: Path | str, data_roots: Sequence[Path | str], *, overwrite: bool, flag: str,
+               ours: Callable[[Path], bool]) -> Path:
+    """Check, before any work, that a file (``predict --out``, ``--plot``, ``check --fix-report``) may be written
+    to ``out``: outside the data folders read, and, where something is there already, one that tlearn wrote
+    (``ours``) or ``overwrite``. Makes its folder. Returns ``out``."""
+    out = Path(out).expanduser()
+    for root in data_roots:
+        outside_data(out, root, flag, "the file")
+    if out.is_dir():
+        raise TlearnError(f"{flag} {out} is a folder; give a file name")
+    if out.exists() and not overwrite and not ours(out):
+        raise TlearnError(f"{flag} {out} exists and was not written by tlearn; choose a new file, or pass --overwrite "
+                          "to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TlearnError(f"cannot create the folder of {flag} {out}: {e.strerror or e}") from e
+    return out

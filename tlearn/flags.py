@@ -123,6 +123,7 @@ def _check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="exit with status 2 when there are blocking findings")
     p.add_argument("--fix-report", metavar="CSV", help="write the files worth setting aside to this CSV, with "
                    "--labels' suspects among them (nothing is moved)")
+    p.add_argument("--overwrite", action="store_true", help="replace --fix-report even if tlearn did not write it")
     p.add_argument("--backbone", help="flag images smaller than this backbone's input (default: "
                    f"{DEFAULT_INPUT_SIZE} px, {BackboneConfig.backbone}'s)")
     p.add_argument("--labels", action="store_true", help="also list suspected mislabels: images whose folder "
@@ -164,13 +165,24 @@ def _report(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", metavar="PATH", nargs="+", help="RUN followed by image files or folders")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="RUN followed by image files or folders (with "
+                   "--from-list, RUN alone will do)")
     p.add_argument("--imagenet", action="store_true", help="use the backbone's own ImageNet head, not a run")
     p.add_argument("--plot", metavar="PNG", help="also draw each image beside a bar chart of its top-k classes")
     p.add_argument("--no-calibration", action="store_true", help="raw softmax probabilities, without the run's "
                    "temperature scaling")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: mean logits of the centre crop, its "
                    "mirror image and four corner crops")
+    p.add_argument("--out", metavar="FILE", help="write one row an image to FILE (.csv, .jsonl, or .parquet with "
+                   "pyarrow) as it goes, in input order, with a progress bar, instead of printing the results")
+    p.add_argument("--resume", action="store_true", help="with --out: continue the file, predicting only the images "
+                   "not already in it")
+    p.add_argument("--from-list", metavar="TXT", help="also predict the paths listed in TXT, one a line (relative "
+                   "ones from TXT's folder; blank lines and lines starting with # skipped)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out or --plot even if tlearn did not write it")
+    p.add_argument("--devices", type=whole(1, 1024), default=1, help="with --out: predict in this many processes "
+                   "(one a GPU with CUDA, else CPU processes sharing the cores), each taking every N-th image; "
+                   "the parts are merged into --out in input order")
     add_fields(p, InferenceConfig, skip=("weights",))  # BackboneConfig's --weights: the same file
     add_fields(p, BackboneConfig, skip=("pretrained",))
     add_fields(p, RuntimeConfig)
@@ -211,6 +223,20 @@ def _serve(p: argparse.ArgumentParser) -> None:
                    "torch: PyTorch (default: auto)")
     p.add_argument("--max-upload-mb", type=number, default=20, help="largest request body in MiB; larger ones get "
                    "HTTP 413 (default: 20)")
+    p.add_argument("--api-key-file", metavar="FILE", help="accept only requests that carry one of the keys in FILE "
+                   "(one a line) as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'; the environment variable "
+                   "TLEARN_API_KEY adds one. The page and /health stay open")
+    p.add_argument("--no-auth", action="store_true", help="serve without a key on an address reachable from the "
+                   "network (refused otherwise)")
+    p.add_argument("--max-queue", type=whole(1, 1_000_000), metavar="N", help="images that may wait in one server "
+                   "process; a request beyond them gets HTTP 503 with Retry-After at once (default: about 3 s of "
+                   "work, measured at the start)")
+    p.add_argument("--timeout", type=number, default=30, metavar="S", help="seconds to answer a request, after "
+                   "which it gets HTTP 504 and its work is dropped (default: 30)")
+    p.add_argument("--processes", type=whole(1, 256), default=1, metavar="N", help="server processes sharing the "
+                   "port, each with the model loaded once and its share of the cores (default: 1)")
+    p.add_argument("--log-names", action="store_true", help="name the uploaded files in the access log (left out "
+                   "by default)")
     add_fields(p, InferenceConfig, only=("weights", "device", "top_k", "unknown"), defaults={"top_k": 5})
     add_fields(p, RuntimeConfig, only=("cache_dir",))
 

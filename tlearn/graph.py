@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,12 +35,15 @@ def sidecar_path(onnx_file: str | Path) -> Path:
 def session(path: str | Path, threads: int | None = None, *, inter_threads: int | None = None) -> Any:
     """An ONNX Runtime session on the CPU of the graph at ``path``. Its own log is kept to errors (it would note
     each constant it prunes from an exported graph on the terminal, bypassing tlearn's output), and idle threads
-    sleep instead of spinning. ``threads``: its intra-op threads (default: ONNX Runtime's choice)."""
+    sleep instead of spinning. ``threads``: its intra-op threads (default: ``OMP_NUM_THREADS`` where it is set, as
+    ``tlearn serve --processes`` and ``--devices`` set it to share the cores out, else ONNX Runtime's choice)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():  # a share of the cores, as for PyTorch
+        threads = int(os.environ["OMP_NUM_THREADS"])
     if threads is not None:
         options.intra_op_num_threads = threads
     if inter_threads is not None:

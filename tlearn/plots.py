@@ -48,9 +48,9 @@ def _shown_figure() -> type:
     return Shown
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, metadata: dict[str, str] | None = None) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight", metadata=metadata)
     return Path(path)
 
 
@@ -408,7 +408,7 @@ def prediction_chart(results: list[tuple[np.ndarray, str, list[dict[str, Any]]]]
         ax_bar.set(xlim=(0, 1.15), xlabel="probability", title=f"Top {len(preds)} classes")
         ax_bar.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, {"Software": "tlearn predict --plot"})  # how --plot knows a chart it may replace
 
 
 def compare_curves(histories: dict[str, dict[str, list]], path: Path) -> Path:

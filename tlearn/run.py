@@ -34,7 +34,7 @@ from tlearn.checkpoint import CHECKPOINT_FILE
 from tlearn.config import TlearnError
 from tlearn.configio import to_dict
 from tlearn.data import ImageFolder, write_manifest
-from tlearn.fileio import UMASK, atomic_write_text, default_cache_dir, is_partial
+from tlearn.fileio import UMASK, atomic_write_text, default_cache_dir, is_partial, outside_data
 from tlearn.htmlreport import build_report
 from tlearn.train import History
 
@@ -93,14 +93,8 @@ def claim_out(out: Path | str, data_root: Path | str | None = None, *, overwrite
     """Check, before any work, that a run (``kind`` "run") or a comparison ("compare") may be written to ``out``;
     tidy what a killed earlier write left beside it. Returns ``out``."""
     out = Path(out).expanduser()
-    where = out.resolve()
     if data_root is not None:
-        data = Path(data_root).expanduser().resolve()
-        if where == data or data in where.parents:
-            raise TlearnError(f"{flag} {out} is inside the data folder {data_root}: the run's files would be read as "
-                              "images next time, and tlearn never writes into your data. Choose a folder outside it")
-        if where in data.parents:
-            raise TlearnError(f"{flag} {out} holds the data folder {data_root}; choose a new folder for the run")
+        outside_data(out, data_root, flag, "the run's files")
     _tidy(out)
     if not out.exists() and not out.is_symlink():
         return out

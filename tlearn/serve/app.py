@@ -4,21 +4,27 @@
   classes, the model id and the server's latency. A request larger than ``max_upload_bytes`` gets 413, bytes
   that are not an image 415, an image that cannot be decoded (truncated, or a decompression bomb) 422; each
   names the file.
+- ``GET /metrics``: Prometheus' text format (``tlearn.serve.metrics``).
 - ``GET /health``, ``GET /model`` (classes, backbone, metrics, when it was trained), ``GET /`` (the page, with no
   external assets), and the OpenAPI docs at ``/docs``, whose assets come from the swagger-ui-bundle package, so
   they work offline too.
 
 The model is loaded once. Decoding and inference run in Starlette's thread pool (ONNX Runtime and PyTorch
 release the GIL), so the event loop keeps accepting requests; concurrent requests are gathered into one batch
-per model call by ``Batcher``. An error response never carries a traceback: the server's log has it.
+per model call by ``Batcher``, which also bounds the queue (503 and ``Retry-After`` beyond it). API keys, the
+time limit and the access log are the middleware of ``tlearn.serve.guard``. An error response never carries a
+traceback: the server's log has it.
 """
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations, which name local values.
 
 
+import asyncio
 import io
 import logging
+import math
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from importlib import resources
 from typing import Annotated, Any
@@ -26,7 +32,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +41,8 @@ from tlearn import __version__
 from tlearn.evaluate import novelty_fields
 from tlearn.images import ImageDecodeError, load_image
 from tlearn.predictor import Outputs, Predictor
+from tlearn.serve.guard import Observe, RequireKey, TimeLimit
+from tlearn.serve.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("tlearn")
 MAX_UPLOAD_BYTES = 20 << 20  # one request: all its files and the multipart framing
@@ -43,41 +51,78 @@ MAX_FILENAME = 255  # characters of an uploaded file's name echoed back
 Prepared = list[list[np.ndarray]]  # per view, one (B, 3, H, W) batch per model input
 
 
+class Busy(Exception):
+    """The queue is full: the request is turned away at once, to retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"busy: retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 class Batcher:
-    """Gathers the prepared pictures of concurrent requests into one model call: while one batch runs, the next
-    one fills.
+    """Admits requests up to a bounded queue, and gathers the prepared pictures of concurrent requests into one
+    model call: while one batch runs, the next one fills.
 
+    ``admit`` counts a request's images in (``Busy`` beyond ``max_queue`` images admitted and not yet answered;
+    a request is always admitted into an empty queue, whatever its size) and ``release`` counts them out.
     Requests decode and preprocess their pictures on their own pool threads (``Predictor.prepare``), in parallel;
-    ``submit`` then blocks until the model has run on them. One model call at a time uses every core (ONNX
-    Runtime's and PyTorch's own threads), and batching amortises each call's fixed cost."""
+    ``submit`` queues them and returns a ``Future``, which one runner thread fulfils. One model call at a time
+    uses every core (ONNX Runtime's and PyTorch's own threads), and batching amortises each call's fixed cost. A
+    future cancelled before its batch starts (its request ran out of time) is dropped from the queue unrun."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = 8):
-        self.predictor, self.max_batch = predictor, max_batch  # 8: while one batch runs, the next requests decode
-        self.lock = threading.Lock()  # guards ``waiting``
-        self.running = threading.Lock()  # held by the thread that runs the model
-        self.waiting: list[tuple[Prepared, int, Future]] = []
+    def __init__(self, predictor: Predictor, max_batch: int = 8, max_queue: int | None = None,
+                 metrics: Metrics | None = None):
+        self.predictor, self.max_batch, self.max_queue, self.metrics = predictor, max_batch, max_queue, metrics
+        self.lock = threading.Lock()  # guards everything below
+        self.waiting: deque[tuple[Prepared, int, Future]] = deque()
+        self.runner: threading.Thread | None = None  # started when work arrives, ends when none is left
+        self.admitted = 0  # images admitted and not yet answered
+        self.per_image = 0.05  # seconds of model time an image, updated as batches run (for Retry-After)
 
-    def submit(self, prepared: Prepared) -> Outputs:
-        """The ``Outputs`` (logits, novelty) of ``prepared`` (``Predictor.prepare``'s output for B pictures)."""
+    def admit(self, n: int) -> None:
+        with self.lock:
+            if self.max_queue is not None and self.admitted and self.admitted + n > self.max_queue:
+                if self.metrics:
+                    self.metrics.rejected.labels("busy").inc()
+                raise Busy(max(1, math.ceil(self.admitted * self.per_image)))
+            self.admitted += n
+        if self.metrics:
+            self.metrics.queue.inc(n)
+
+    def release(self, n: int) -> None:
+        with self.lock:
+            self.admitted -= n
+        if self.metrics:
+            self.metrics.queue.dec(n)
+
+    def submit(self, prepared: Prepared) -> Future:
+        """A future of the ``Outputs`` (logits, novelty) of ``prepared`` (``Predictor.prepare``'s output for B
+        pictures)."""
         done: Future = Future()
         with self.lock:
             self.waiting.append((prepared, len(prepared[0][0]), done))
-        while not done.done():
-            if self.running.acquire(timeout=0.05):  # whoever holds it runs everything waiting, this one included
-                try:
-                    self._run_waiting()
-                finally:
-                    self.running.release()
-        return done.result()
+            if self.runner is None:
+                self.runner = threading.Thread(target=self._run, name="tlearn-batcher", daemon=True)
+                self.runner.start()
+        return done
 
-    def _run_waiting(self) -> None:
-        with self.lock:
-            batch, size = [], 0
-            while self.waiting and (not batch or size + self.waiting[0][1] <= self.max_batch):
-                batch.append(self.waiting.pop(0))
-                size += batch[-1][1]
-        if not batch:
-            return
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                batch, size = [], 0
+                while self.waiting and (not batch or size + self.waiting[0][1] <= self.max_batch):
+                    prepared, n, done = self.waiting.popleft()
+                    if done.set_running_or_notify_cancel():  # False: cancelled while it waited
+                        batch.append((prepared, n, done))
+                        size += n
+                if not batch and not self.waiting:
+                    self.runner = None
+                    return
+            if batch:
+                self._run_batch(batch, size)
+
+    def _run_batch(self, batch: list[tuple[Prepared, int, Future]], size: int) -> None:
+        start = time.perf_counter()
         try:  # per view, per input: the requests' arrays one after another
             joined = [[np.concatenate(arrays) for arrays in zip(*per_view, strict=True)]
                       for per_view in zip(*(prepared for prepared, _, _ in batch), strict=True)]
@@ -86,6 +131,9 @@ class Batcher:
             for _, _, done in batch:
                 done.set_exception(e)
             return
+        self.per_image = 0.8 * self.per_image + 0.2 * (time.perf_counter() - start) / size
+        if self.metrics:
+            self.metrics.batch.observe(size)
         start = 0
         for _, n, done in batch:
             done.set_result(Outputs(out.logits[start:start + n], None,
@@ -133,14 +181,21 @@ def _decode(name: str, data: bytes) -> Image.Image | HTTPException:
 
 
 def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_files: int = MAX_FILES,
-               default_top_k: int = 5, unknown: bool = True) -> FastAPI:
+               default_top_k: int = 5, unknown: bool = True, keys: list[str] | None = None,
+               max_queue: int | None = None, timeout: float | None = None, log_names: bool = False) -> FastAPI:
     """The app serving ``predictor``; ``max_upload_bytes`` bounds one request's body. Each result carries its
-    ``novelty`` and whether it is ``unknown`` where the model scores novelty, unless ``unknown`` is False."""
+    ``novelty`` and whether it is ``unknown`` where the model scores novelty, unless ``unknown`` is False.
+
+    With ``keys``, every route but the page and ``/health`` needs one of them (``guard.RequireKey``). At most
+    ``max_queue`` images wait in this process: a request beyond them gets 503 with ``Retry-After`` at once. A
+    request not answered within ``timeout`` seconds gets 504 and its work is dropped. Each request is logged in
+    one line (its file names too with ``log_names``) and counted in the metrics at ``/metrics``."""
     about = predictor.about
+    metrics = Metrics(about, predictor.backend)
     app = FastAPI(title="tlearn", version=__version__, docs_url=None, redoc_url=None,
                   description=f"An image classifier trained with tlearn: {len(predictor.classes)} classes "
                               f"({about.get('backbone', 'unknown backbone')}, {about.get('kind', predictor.backend)})")
-    batcher = Batcher(predictor)
+    batcher = Batcher(predictor, max_queue=max_queue, metrics=metrics)
     page = resources.files("tlearn.serve").joinpath("page.html").read_text(encoding="utf-8")
     most = len(predictor.classes)
     scored = unknown and predictor.threshold is not None
@@ -159,6 +214,10 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
         """Whether the model is loaded and answering."""
         return {"status": "ok", "model_id": about.get("model_id")}
 
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
+
     @app.get("/model")
     def model() -> dict[str, Any]:
         """The served model: its classes, backbone, kind, held-out metrics and when it was trained."""
@@ -167,7 +226,8 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
                 "novelty_threshold": predictor.threshold if scored else None}
 
     @app.post("/predict", max_body_size=max_upload_bytes, form_limits={"max_files": max_files})
-    async def predict(files: Annotated[list[UploadFile] | None, File(description="one or more image files")] = None,
+    async def predict(request: Request,
+                      files: Annotated[list[UploadFile] | None, File(description="one or more image files")] = None,
                       file: Annotated[list[UploadFile] | None, File(description="the same, as curl's examples "
                                                                      "name the field")] = None,
                       image: Annotated[list[UploadFile] | None, File(description="the same")] = None,
@@ -185,8 +245,18 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
             raise HTTPException(422, "no image in the request: send one or more as multipart form field 'files' "
                                      "(or 'file' or 'image'), e.g. curl -F files=@photo.jpg URL/predict")
         uploads = [((f.filename or f"file {i + 1}")[:MAX_FILENAME], await f.read()) for i, f in enumerate(files)]
-        pictures, prepared = await run_in_threadpool(_prepare, predictor, uploads)
-        out = await run_in_threadpool(batcher.submit, prepared)
+        request.state.images, request.state.names = len(uploads), [name for name, _ in uploads]
+        try:
+            batcher.admit(len(uploads))
+        except Busy as e:
+            raise HTTPException(503, f"the server is busy ({batcher.max_queue} images queued, tlearn serve "
+                                     f"--max-queue): retry after {e.retry_after} s",
+                                headers={"Retry-After": str(e.retry_after)}) from None
+        try:
+            pictures, prepared = await run_in_threadpool(_prepare, predictor, uploads)
+            out = await asyncio.wrap_future(batcher.submit(prepared))  # cancelled on a timeout: dropped unrun
+        finally:
+            batcher.release(len(uploads))
         proba, thresholds = iter(predictor.probabilities(out.logits)), predictor.thresholds
         novelty = iter(out.novelty if scored else [])
         results = []
@@ -208,6 +278,11 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
                 "results": results}
 
     app.add_middleware(DeclaredSizeLimit, limit=max_upload_bytes)
+    if timeout is not None:
+        app.add_middleware(TimeLimit, seconds=timeout)
+    if keys:
+        app.add_middleware(RequireKey, keys=keys)
+    app.add_middleware(Observe, metrics=metrics, names=log_names)  # the outermost: refusals are counted too
     swagger = resources.files("swagger_ui_bundle") / "vendor"
     assets = next(d for d in swagger.iterdir() if d.name.startswith("swagger-ui"))
     app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
