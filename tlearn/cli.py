@@ -256,6 +256,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def _launch_predict(args: argparse.Namespace) -> None:
     """``predict --out FILE --devices N``: this same command as N processes (as ``train --devices``), each taking
     every N-th image; rank 0 merges the parts into --out."""
@@ -263,6 +269,9 @@ def _launch_predict(args: argparse.Namespace) -> None:
     from tlearn.features import cpu_cores
 
     n = args.devices
+    if args.device in ("auto", "cuda") and _cuda() and n > _gpus():
+        raise TlearnError(f"--devices {n}: this machine has {_gpus()} CUDA device(s); use --device cpu for CPU "
+                          "processes")
     print(f"predicting in {n} processes", file=sys.stderr)
     try:
         dist.launch(n, _without_devices(args.argv), threads=cpu_cores() // n)
