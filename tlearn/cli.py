@@ -57,16 +57,13 @@ def _launch(args: argparse.Namespace, data: DataConfig) -> None:
     --standalone --nproc-per-node N`` runs): one process per GPU with CUDA, else N CPU processes (gloo), each with
     its share of the cores. If one fails, the launcher stops the others; the checkpoint of the last finished
     epoch stays for ``--resume``."""
-    import torch
 
     from tlearn import dist
     from tlearn.features import cpu_cores
 
     n = args.devices
     check_parallel(args.mode, n)  # before any process starts
-    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    if cuda and n > torch.cuda.device_count():
-        raise TlearnError(f"--devices {n}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    cuda = _gpu_processes(n, args.device)
     if not args.out and not args.resume:  # one name for every process, chosen here
         args.argv += ["--out", _default_out(data)]
     argv = _without_devices(args.argv)
@@ -136,7 +133,7 @@ def check(args: argparse.Namespace) -> None:
         from tlearn.fileio import claim_file
 
         claim_file(args.fix_report, [data_root(data)], overwrite=args.overwrite, flag="--fix-report",
-                   ours=lambda path: path.read_bytes()[:13] == b"path,reason\r\n")
+                   ours=lambda path: path.open("rb").read(13) == b"path,reason\r\n")  # its header
     min_size = DEFAULT_INPUT_SIZE  # the default backbone's, without importing timm (about 4 s)
     if args.backbone:
         from tlearn.backbones import preprocessing_of
@@ -256,10 +253,16 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _gpus() -> int:
+def _gpu_processes(n: int, device: str) -> bool:
+    """Whether ``--devices n`` runs one process a GPU (CUDA is there and ``device`` allows it); more processes than
+    GPUs are refused before any starts."""
     import torch
 
-    return torch.cuda.device_count()
+    cuda = _cuda() and device in ("auto", "cuda")
+    if cuda and n > torch.cuda.device_count():
+        raise TlearnError(f"--devices {n}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                          "--device cpu for CPU processes")
+    return cuda
 
 
 def _launch_predict(args: argparse.Namespace) -> None:
@@ -269,9 +272,7 @@ def _launch_predict(args: argparse.Namespace) -> None:
     from tlearn.features import cpu_cores
 
     n = args.devices
-    if args.device in ("auto", "cuda") and _cuda() and n > _gpus():
-        raise TlearnError(f"--devices {n}: this machine has {_gpus()} CUDA device(s); use --device cpu for CPU "
-                          "processes")
+    _gpu_processes(n, args.device)
     print(f"predicting in {n} processes", file=sys.stderr)
     try:
         dist.launch(n, _without_devices(args.argv), threads=cpu_cores() // n)

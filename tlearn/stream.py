@@ -85,9 +85,7 @@ class Sink:
         head = self._first_line()
         if head is None:
             return set()
-        if self._names_of(head) != self.names:
-            raise TlearnError(f"--resume: {self.path} has other columns ({', '.join(self._names_of(head)[:6])}, ...) "
-                              "than this prediction would write: use the same model and --top-k, or a new --out")
+        self._same_columns(self._names_of(head))
         with open(self.path, "rb+" if cut else "rb") as f:
             text = f.read()
             if cut:
@@ -107,8 +105,14 @@ class Sink:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    def rows(self) -> Iterator[dict[str, Any]]:
-        raise NotImplementedError
+    def key(self, path: str) -> str:
+        """``path`` as the file holds it."""
+        return path
+
+    def _same_columns(self, found: list[str]) -> None:
+        if found != self.names:
+            raise TlearnError(f"--resume: {self.path} has other columns ({', '.join(found[:6])}, ...) than this "
+                              "prediction would write: use the same model and --top-k, or a new --out")
 
     # each format's own
     def _first_line(self) -> str | None:
@@ -149,7 +153,7 @@ class CsvSink(Sink):
         return buffer.getvalue()
 
     def key(self, path: str) -> str:
-        return csv_cell(path)
+        return csv_cell(path)  # as written
 
 
 class JsonlSink(Sink):
@@ -175,9 +179,6 @@ class JsonlSink(Sink):
             for line in f:
                 if line.endswith("\n"):
                     yield json.loads(line)
-
-    def key(self, path: str) -> str:
-        return path
 
 
 class ParquetSink(Sink):
@@ -206,10 +207,7 @@ class ParquetSink(Sink):
 
         paths = self.staging.done(cut)
         if self.path.is_file():
-            schema = pq.read_schema(self.path)
-            if schema.names != self.names:
-                raise TlearnError(f"--resume: {self.path} has other columns than this prediction would write: use "
-                                  "the same model and --top-k, or a new --out")
+            self._same_columns(pq.read_schema(self.path).names)
             paths |= set(pq.read_table(self.path, columns=["path"]).column("path").to_pylist())
         return paths
 
@@ -246,9 +244,6 @@ class ParquetSink(Sink):
     def remove(self) -> None:
         self.staging.remove()
         super().remove()
-
-    def key(self, path: str) -> str:
-        return path
 
 
 def sink(path: Path, names: list[str]) -> Sink:
@@ -320,13 +315,18 @@ class Written:
                 f"({rate:.1f} images/s){skipped}{again}")
 
 
-def _parts(out: Path) -> list[JsonlSink]:
+def _parts(out: Path, names: list[str]) -> list[JsonlSink]:
     """The part files beside ``out`` of any earlier or current group of processes."""
-    return [JsonlSink(p, []) for p in sorted(out.parent.glob(f"{out.name}.part-*-of-*.jsonl"))]
+    return [JsonlSink(p, names) for p in sorted(out.parent.glob(f"{out.name}.part-*-of-*.jsonl"))]
 
 
 def _part(out: Path, rank: int, world: int, names: list[str]) -> JsonlSink:
     return JsonlSink(out.with_name(f"{out.name}.part-{rank}-of-{world}.jsonl"), names)
+
+
+def _marker(part: JsonlSink) -> Path:
+    """The file that says a process finished ``part``; it holds the launch's id."""
+    return part.path.with_suffix(".done")
 
 
 def predict_to_file(predictor: Any, inputs: str | Path | Iterable[str | Path], out: str | Path, *, top_k: int = 3,
@@ -343,15 +343,14 @@ def predict_to_file(predictor: Any, inputs: str | Path | Iterable[str | Path], o
     names = columns(min(top_k, len(predictor.classes)), predictor.thresholds is not None, scored)
     final = sink(out, names)
     rank, world = dist.rank(), dist.world_size()
-    parts, writer = _parts(out), _part(out, rank, world, names)
-    writer.path.with_suffix(".done").unlink(missing_ok=True)
+    parts, writer = _parts(out, names), _part(out, rank, world, names)
+    _marker(writer).unlink(missing_ok=True)
+    in_final = final.done() if resume else set()
+    done = set(in_final)
     if resume:
-        done = final.done()
         for part in parts:  # the others' parts (being written now, or left by a killed run), and this one's own
-            part.names = names
             done |= part.done(cut=part.path == writer.path)
     else:
-        done = set()
         writer.remove()
         if rank == 0:
             final.remove()
@@ -384,11 +383,11 @@ def predict_to_file(predictor: Any, inputs: str | Path | Iterable[str | Path], o
         bar.update(len(chunk))
     bar.close()
     if not direct:
-        writer.path.with_suffix(".done").write_text(_launch_id())  # this process's share is complete
+        _marker(writer).write_text(_launch_id())  # this process's share is complete
         if rank != 0:
             written.seconds = time.perf_counter() - start
             return written
-        written.predicted, written.skipped = _merge(final, paths, world, resume)
+        written.predicted, written.skipped = _merge(final, paths, world, in_final if resume else None)
     final.finish()
     written.seconds = time.perf_counter() - start
     return written
@@ -399,18 +398,19 @@ def _launch_id() -> str:
     return os.environ.get("TORCHELASTIC_RUN_ID", "") + ":" + os.environ.get("MASTER_PORT", "")
 
 
-def _merge(final: Sink, paths: list[Path], world: int, resume: bool) -> tuple[int, int]:
+def _merge(final: Sink, paths: list[Path], world: int, in_final: set[str] | None) -> tuple[int, int]:
     """Rank 0: wait for every process's part, then append the parts' rows to ``final`` in input order (those
     already in ``final`` left out), and remove the parts. Process r's part holds every world-th image from r, in
-    order, so a fresh run's parts are read in turn; on ``resume`` the parts (any group's) are read into memory
-    first, keyed by path. Returns the rows appended that are predictions, and those that are skipped files."""
+    order, so a fresh run's parts are read in turn; when resuming (``in_final``: the paths ``final`` held at the
+    start) the parts, any group's, are read into memory first, keyed by path. Returns the rows appended that are
+    predictions, and those that are skipped files."""
     out = final.path
     ours = [_part(out, r, world, final.names) for r in range(world)]
-    markers = [p.path.with_suffix(".done") for p in ours]
+    markers = [_marker(p) for p in ours]
     while not all(m.is_file() and m.read_text() == _launch_id() for m in markers):  # the launcher stops every
         time.sleep(0.5)  # process if one fails
-    parts = _parts(out) if resume else ours
-    in_final = final.done() if resume else set()
+    resume = in_final is not None  # the paths ``final`` held at the start (nothing is written to it since)
+    parts = _parts(out, final.names) if resume else ours
     if resume:
         rows: dict[str, dict[str, Any]] = {}
         for part in parts:
@@ -423,7 +423,7 @@ def _merge(final: Sink, paths: list[Path], world: int, resume: bool) -> tuple[in
     chunk: list[dict[str, Any]] = []
     counts = [0, 0]
     for p, row in zip(paths, found, strict=False):
-        if row is None or final.key(str(p)) in in_final:
+        if row is None or (resume and final.key(str(p)) in in_final):
             continue
         chunk.append(row)
         counts[row["status"] != "ok"] += 1
