@@ -79,6 +79,9 @@ def test_keys_are_read_one_a_line_and_weak_or_missing_ones_are_refused(tmp_path:
     (tmp_path / "weak").write_text("secret\n")
     with pytest.raises(TlearnError, match="line 1 of --api-key-file .* too weak"):
         read_keys(tmp_path / "weak", {})
+    (tmp_path / "later").write_text(f"# rotated keys\n\n{KEY}\nsecret\n")
+    with pytest.raises(TlearnError, match="line 4 of --api-key-file .* too weak"):  # the file's own line number
+        read_keys(tmp_path / "later", {})
     with pytest.raises(TlearnError, match="TLEARN_API_KEY is too weak"):
         read_keys(None, {"TLEARN_API_KEY": "short"})
 

@@ -42,30 +42,29 @@ def read_keys(key_file: str | Path | None, environ: dict[str, str] | None = None
     """The accepted API keys: one a line of ``key_file`` (blank lines and ``#`` comments skipped; several keys let
     one be rotated without a restart of the clients), and the ``TLEARN_API_KEY`` environment variable's."""
     environ = os.environ if environ is None else environ
-    keys = []
+    found: list[tuple[str, str]] = []  # (where the key came from, the key)
     if key_file is not None:
         path = Path(key_file).expanduser()
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise TlearnError(f"--api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or e})") from e
-        keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        if not keys:
+        found = [(f"line {n} of --api-key-file {key_file}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                 if line.strip() and not line.lstrip().startswith("#")]
+        if not found:
             raise TlearnError(f"--api-key-file {key_file} holds no key: write one key a line, e.g. the output of "
                               "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
         if path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
             logging.getLogger("tlearn").warning(f"--api-key-file {key_file} can be read by other users of this "
                                                 f"machine; chmod 600 {key_file}")
     if environ.get(KEY_ENV, "").strip():
-        keys.append(environ[KEY_ENV].strip())
-    for i, key in enumerate(keys):
-        where = f"{KEY_ENV}" if i == len(keys) - 1 and environ.get(KEY_ENV, "").strip() else \
-            f"line {i + 1} of --api-key-file {key_file}"
+        found.append((KEY_ENV, environ[KEY_ENV].strip()))
+    for where, key in found:
         if len(key) < MIN_KEY_CHARS or any(c.isspace() or not c.isprintable() for c in key):
             raise TlearnError(f"the API key in {where} is too weak or malformed: a key is at least {MIN_KEY_CHARS} "
                               "printable characters without spaces; make one with python -c 'import secrets; "
                               "print(secrets.token_urlsafe(32))'")
-    return keys
+    return [key for _, key in found]
 
 
 def _digest(text: bytes) -> bytes:
